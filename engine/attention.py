@@ -1,0 +1,89 @@
+"""Attention over the paged KV cache: per-step metadata and the torch reference backend.
+
+Every sequence in a step contributes `q_len` new tokens that sit at the end of its
+`ctx_len` tokens of context (new tokens included): a decode row has q_len == 1, a
+prefill chunk q_len > 1 over a possibly non-empty prefix. New K/V are stored into the
+cache first, then attention reads everything back from the cache, so chunked and
+unchunked prefill (and int8 or not) see exactly the same keys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from engine.kv_cache import KVCache
+
+
+@dataclass
+class AttentionMetadata:
+    q_lens: list[int]  # new tokens per sequence
+    ctx_lens: list[int]  # tokens of context per sequence after this step
+    block_tables: torch.Tensor  # [B, max_pages] int64 page ids (padded with 0)
+    slots: torch.Tensor  # [T] int64 flat slot of each new token
+    ctx_lens_t: torch.Tensor  # [B] int64, ctx_lens as a tensor
+
+    @property
+    def is_decode(self) -> bool:
+        return all(q == 1 for q in self.q_lens)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.q_lens)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q [B, Hkv, G*Q, D], k/v [B, Hkv, L, D], mask [B, 1, Q*G or 1, L] bool (True = keep)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, Hkv, GQ, L]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)  # [B, Hkv, GQ, D]
+
+
+def decode_attention(q: torch.Tensor, cache: KVCache, layer: int, meta: AttentionMetadata):
+    """q [B, H, D] (one token per sequence) -> [B, H, D]."""
+    b, h, d = q.shape
+    hkv = cache.spec.num_kv_heads
+    g = h // hkv
+    max_ctx = max(meta.ctx_lens)
+    k, v = cache.gather_batch(layer, meta.block_tables, max_ctx, q.dtype)  # [B, L, Hkv, D]
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, L, D]
+    pos = torch.arange(max_ctx, device=q.device)
+    mask = (pos[None, :] < meta.ctx_lens_t[:, None]).view(b, 1, 1, max_ctx)
+    out = _attend(q.view(b, hkv, g, d), k, v, mask)  # [B, Hkv, G, D]
+    return out.reshape(b, h, d)
+
+
+def prefill_attention(q: torch.Tensor, cache: KVCache, layer: int, meta: AttentionMetadata):
+    """q [T, H, D] packed over sequences -> [T, H, D]; causal, offset by each prefix."""
+    t, h, d = q.shape
+    hkv = cache.spec.num_kv_heads
+    g = h // hkv
+    out = torch.empty_like(q)
+    start = 0
+    for i, (ql, cl) in enumerate(zip(meta.q_lens, meta.ctx_lens)):
+        pages = meta.block_tables[i, : (cl + cache.page_size - 1) // cache.page_size]
+        k, v = cache.gather(layer, pages, cl, q.dtype)  # [L, Hkv, D]
+        qi = q[start : start + ql].view(ql, hkv, g, d).permute(1, 2, 0, 3)  # [Hkv, G, Q, D]
+        # query i (absolute position cl - ql + i) sees keys 0 .. cl - ql + i
+        qpos = torch.arange(cl - ql, cl, device=q.device)
+        mask = torch.arange(cl, device=q.device)[None, :] <= qpos[:, None]  # [Q, L]
+        o = _attend(
+            qi.reshape(1, hkv, g * ql, d),
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
+            mask.repeat(g, 1).view(1, 1, g * ql, cl),
+        )  # [1, Hkv, G*Q, D]
+        out[start : start + ql] = o.view(hkv, g, ql, d).permute(2, 0, 1, 3).reshape(ql, h, d)
+        start += ql
+    return out
+
+
+def paged_attention(q: torch.Tensor, cache: KVCache, layer: int, meta: AttentionMetadata):
+    """Dispatch: all-decode steps take the batched path, anything else the per-sequence one."""
+    if meta.is_decode:
+        return decode_attention(q, cache, layer, meta)
+    return prefill_attention(q, cache, layer, meta)

@@ -1,0 +1,172 @@
+"""LLMEngine: one process, one model, continuous batching. Also the "colocated" baseline."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.errors import InvalidRequest
+from engine.kv_cache import KVCache, KVCacheSpec, resolve_kv_dtype
+from engine.loader.registry import LoadedModel, load_model
+from engine.page_pool import PAGE_SIZE, PagePool
+from engine.request import FinishReason, Request, RequestOutput
+from engine.runner import ModelRunner
+from engine.sampling import SamplingParams
+from engine.scheduler import Scheduler
+from engine.tokenizer import IncrementalDetokenizer
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    kv_dtype: str = "auto"  # auto (= model dtype) | fp32 | bf16 | fp16 | int8
+    num_pages: int = 2048  # KV capacity = num_pages * 16 tokens
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # default: the model's context length
+    max_tokens_limit: int = 8192
+
+
+@dataclass
+class Completion:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+    logprobs: list[float] | None = None
+
+
+class LLMEngine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig = EngineConfig(), device="cpu"):
+        self.loaded = loaded
+        self.model_config = cfg = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.config = config
+        self.device = torch.device(device)
+        model_dtype = next(loaded.model.parameters()).dtype
+        kv_dtype = resolve_kv_dtype(config.kv_dtype, model_dtype)
+        spec = KVCacheSpec(cfg.num_layers, config.num_pages, cfg.num_kv_heads, cfg.head_dim, kv_dtype)
+        self.cache = KVCache(spec, self.device)
+        self.pool = PagePool(config.num_pages)
+        self.max_model_len = min(config.max_model_len or cfg.max_position, cfg.max_position)
+        eos = tuple(self.tokenizer.eos_token_ids) if self.tokenizer else cfg.eos_token_ids
+        self.scheduler = Scheduler(
+            self.pool,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            self.max_model_len,
+            PAGE_SIZE,
+            eos,
+        )
+        self.runner = ModelRunner(loaded.model, self.cache, self.device)
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._stops: dict[str, tuple[str, ...]] = {}
+
+    @classmethod
+    def from_name(cls, name: str, config: EngineConfig = EngineConfig(), dtype=torch.float32,
+                  device="cpu", quiet: bool = False) -> LLMEngine:
+        return cls(load_model(name, dtype=dtype, device=device, quiet=quiet), config, device)
+
+    # ---- requests ----
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_token_ids:
+            raise InvalidRequest("prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in prompt_token_ids):
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequest(
+                f"prompt has {len(prompt_token_ids)} tokens; the context length is {self.max_model_len}"
+            )
+        params.validate(vocab, self.config.max_tokens_limit)
+        if len(prompt_token_ids) + 1 > self.pool.num_pages * PAGE_SIZE:
+            raise InvalidRequest("prompt does not fit in the KV cache")
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None) -> str:
+        self.validate(prompt_token_ids, params)
+        req = Request(list(prompt_token_ids), params, arrival=time.monotonic())
+        if request_id is not None:
+            req.request_id = request_id
+        self.scheduler.add(req)
+        if self.tokenizer is not None:
+            self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
+            self._stops[req.request_id] = params.stop
+        return req.request_id
+
+    def abort(self, request_id: str) -> bool:
+        self._detok.pop(request_id, None)
+        self._stops.pop(request_id, None)
+        return self.scheduler.abort(request_id) is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- stepping ----
+
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            if self.scheduler.waiting and not self.scheduler.running:
+                # Nothing runs and the head of the queue cannot get pages: it never will.
+                req = self.scheduler.waiting[0]
+                self.scheduler.abort(req.request_id)
+                return [RequestOutput(req.request_id, [], True, FinishReason.ABORT)]
+            return []
+        out = self.runner.execute(batch)
+        results = self.scheduler.update(batch, out)
+        for r in results:
+            self._detokenize(r)
+        return results
+
+    def _detokenize(self, r: RequestOutput) -> None:
+        detok = self._detok.get(r.request_id)
+        if detok is None:
+            return
+        for t in r.new_token_ids:
+            if r.finished and r.finish_reason is FinishReason.STOP and t in self.tokenizer.eos_token_ids:
+                continue
+            r.text += detok.push(t)
+        stops = self._stops.get(r.request_id, ())
+        if stops and not r.finished:
+            cut = _find_stop(detok.text, stops, len(r.text))
+            if cut is not None:
+                r.text = r.text[: max(0, len(r.text) - (len(detok.text) - cut))]
+                detok.text = detok.text[:cut]
+                self.scheduler.finish(r.request_id, FinishReason.STOP)
+                r.finished, r.finish_reason = True, FinishReason.STOP
+        if r.finished:
+            self._detok.pop(r.request_id, None)
+            self._stops.pop(r.request_id, None)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Run prompts as one continuous batch to completion; results in input order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        done: dict[str, Completion] = {
+            rid: Completion(rid, list(p), [], "", "") for rid, p in zip(ids, prompts)
+        }
+        logprobs: dict[str, list[float]] = {rid: [] for rid in ids}
+        while self.has_unfinished():
+            for r in self.step():
+                c = done[r.request_id]
+                c.token_ids.extend(r.new_token_ids)
+                c.text += r.text
+                if r.new_logprobs:
+                    logprobs[r.request_id].extend(r.new_logprobs)
+                if r.finished:
+                    c.finish_reason = r.finish_reason.value
+        for rid, c in done.items():
+            c.logprobs = logprobs[rid] if plist[ids.index(rid)].logprobs else None
+        return [done[rid] for rid in ids]
+
+
+def _find_stop(text: str, stops: tuple[str, ...], new_len: int) -> int | None:
+    """Index where the earliest stop string starts, searching only where new text could complete one."""
+    window = max(len(s) for s in stops) + new_len
+    start = max(0, len(text) - window)
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return min(hits) if hits else None

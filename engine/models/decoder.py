@@ -1,0 +1,144 @@
+"""Decoder-only transformer over the paged KV cache (Llama / Qwen2 / Qwen3 layouts).
+
+Tokens of every sequence in a step are packed into one flat batch `[T]`; attention
+metadata says where each sequence starts and how much context it has.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from engine.attention import AttentionMetadata, paged_attention
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+from engine.layers import GatedMLP, RMSNorm, RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.qkv = nn.Linear(cfg.hidden_size, cfg.q_size + 2 * cfg.kv_size, bias=cfg.attention_bias)
+        self.o = nn.Linear(cfg.q_size, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x, positions, rope: RotaryEmbedding, meta: AttentionMetadata, cache: KVCache):
+        c = self.cfg
+        t = x.shape[0]
+        q, k, v = self.qkv(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = q.view(t, c.num_heads, c.head_dim)  # [T, H, D]
+        k = k.view(t, c.num_kv_heads, c.head_dim)  # [T, Hkv, D]
+        v = v.view(t, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(positions, q, k)
+        cache.store(self.layer, k, v, meta.slots)
+        out = paged_attention(q, cache, self.layer, meta)  # [T, H, D]
+        return self.o(out.reshape(t, c.q_size))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_moe:
+            from engine.moe import MoEBlock
+
+            self.mlp = MoEBlock(cfg)
+        else:
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, positions, rope, meta, cache):
+        x = x + self.attn(self.attn_norm(x), positions, rope, meta, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata, cache: KVCache):
+        """input_ids, positions [T] -> final hidden states [T, hidden]."""
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.rope, meta, cache)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> [N, vocab] float32."""
+        return self.lm_head(hidden).float()
+
+    # ---- weight loading: HF parameter names -> our fused parameters ----
+
+    _SHARDS = {  # HF suffix -> (our suffix, shard index)
+        "self_attn.q_proj": ("attn.qkv", 0),
+        "self_attn.k_proj": ("attn.qkv", 1),
+        "self_attn.v_proj": ("attn.qkv", 2),
+        "mlp.gate_proj": ("mlp.gate_up", 0),
+        "mlp.up_proj": ("mlp.gate_up", 1),
+    }
+    _RENAMES = {
+        "self_attn.o_proj": "attn.o",
+        "self_attn.q_norm": "attn.q_norm",
+        "self_attn.k_norm": "attn.k_norm",
+        "mlp.down_proj": "mlp.down",
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "mlp_norm",
+    }
+
+    def _shard_offsets(self, target: str, index: int) -> tuple[int, int]:
+        c = self.cfg
+        if target == "attn.qkv":
+            sizes = [c.q_size, c.kv_size, c.kv_size]
+        else:
+            sizes = [c.intermediate_size, c.intermediate_size]
+        return sum(sizes[:index]), sizes[index]
+
+    def load_hf_weight(self, name: str, tensor: torch.Tensor, params: dict | None = None) -> None:
+        """Copy one HF-named tensor into the matching (maybe fused) parameter."""
+        params = params if params is not None else dict(self.named_parameters())
+        if name == "model.embed_tokens.weight":
+            return self._copy(params["embed.weight"], tensor, name)
+        if name == "model.norm.weight":
+            return self._copy(params["norm.weight"], tensor, name)
+        if name == "lm_head.weight":
+            if self.cfg.tie_word_embeddings:
+                return None
+            return self._copy(params["lm_head.weight"], tensor, name)
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+        if m is None:
+            raise KeyError(f"unexpected weight {name!r}")
+        layer, mod, kind = m.groups()
+        prefix = f"layers.{layer}."
+        if mod in self._SHARDS:
+            target, idx = self._SHARDS[mod]
+            off, size = self._shard_offsets(target, idx)
+            param = params[f"{prefix}{target}.{kind}"]
+            return self._copy(param.narrow(0, off, size), tensor, name)
+        if mod in self._RENAMES:
+            return self._copy(params[f"{prefix}{self._RENAMES[mod]}.{kind}"], tensor, name)
+        if self.cfg.is_moe:
+            return self.layers[int(layer)].mlp.load_hf_weight(mod, kind, tensor)
+        raise KeyError(f"unexpected weight {name!r}")
+
+    @staticmethod
+    def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+        if tuple(dst.shape) != tuple(src.shape):
+            raise ValueError(f"weight {name}: expected shape {tuple(dst.shape)}, got {tuple(src.shape)}")
+        with torch.no_grad():
+            dst.copy_(src)
