@@ -1,0 +1,1 @@
+"""protos.miniinfer: generated protobuf modules, one subpackage per API version."""
