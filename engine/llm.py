@@ -15,7 +15,7 @@ from engine.request import FinishReason, Request, RequestOutput
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
-from engine.tokenizer import IncrementalDetokenizer
+from engine.textstream import TextStream
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,7 @@ class LLMEngine:
             eos,
         )
         self.runner = ModelRunner(loaded.model, self.cache, self.device)
-        self._detok: dict[str, IncrementalDetokenizer] = {}
-        self._stops: dict[str, tuple[str, ...]] = {}
+        self._streams: dict[str, TextStream] = {}
 
     @classmethod
     def from_name(cls, name: str, config: EngineConfig = EngineConfig(), dtype=torch.float32,
@@ -93,13 +92,12 @@ class LLMEngine:
             req.request_id = request_id
         self.scheduler.add(req)
         if self.tokenizer is not None:
-            self._detok[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
-            self._stops[req.request_id] = params.stop
+            eos = () if params.ignore_eos else self.tokenizer.eos_token_ids
+            self._streams[req.request_id] = TextStream(self.tokenizer, req.prompt_token_ids, params.stop, eos)
         return req.request_id
 
     def abort(self, request_id: str) -> bool:
-        self._detok.pop(request_id, None)
-        self._stops.pop(request_id, None)
+        self._streams.pop(request_id, None)
         return self.scheduler.abort(request_id) is not None
 
     def has_unfinished(self) -> bool:
@@ -123,24 +121,15 @@ class LLMEngine:
         return results
 
     def _detokenize(self, r: RequestOutput) -> None:
-        detok = self._detok.get(r.request_id)
-        if detok is None:
+        stream = self._streams.get(r.request_id)
+        if stream is None:
             return
-        for t in r.new_token_ids:
-            if r.finished and r.finish_reason is FinishReason.STOP and t in self.tokenizer.eos_token_ids:
-                continue
-            r.text += detok.push(t)
-        stops = self._stops.get(r.request_id, ())
-        if stops and not r.finished:
-            cut = _find_stop(detok.text, stops, len(r.text))
-            if cut is not None:
-                r.text = r.text[: max(0, len(r.text) - (len(detok.text) - cut))]
-                detok.text = detok.text[:cut]
-                self.scheduler.finish(r.request_id, FinishReason.STOP)
-                r.finished, r.finish_reason = True, FinishReason.STOP
+        r.text = stream.push(r.new_token_ids, r.finished)
+        if stream.stopped and not r.finished:
+            self.scheduler.finish(r.request_id, FinishReason.STOP)
+            r.finished, r.finish_reason = True, FinishReason.STOP
         if r.finished:
-            self._detok.pop(r.request_id, None)
-            self._stops.pop(r.request_id, None)
+            self._streams.pop(r.request_id, None)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
         """Run prompts as one continuous batch to completion; results in input order."""
@@ -162,11 +151,3 @@ class LLMEngine:
         for rid, c in done.items():
             c.logprobs = logprobs[rid] if plist[ids.index(rid)].logprobs else None
         return [done[rid] for rid in ids]
-
-
-def _find_stop(text: str, stops: tuple[str, ...], new_len: int) -> int | None:
-    """Index where the earliest stop string starts, searching only where new text could complete one."""
-    window = max(len(s) for s in stops) + new_len
-    start = max(0, len(text) - window)
-    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-    return min(hits) if hits else None

@@ -1,0 +1,158 @@
+"""kernels.decode_attention: paged split-K decode vs the torch reference and engine.attention."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from engine.attention import AttentionMetadata  # noqa: E402
+from engine.attention import decode_attention as engine_decode_attention  # noqa: E402
+from engine.kv_cache import KVCache, KVCacheSpec  # noqa: E402
+from kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 3e-2)}
+
+# (B, H, Hkv, D, ctx_lens): GQA ratios 1, 3, 4, 8; lengths off the 16-token page grid
+CASES = [
+    (3, 4, 4, 32, [1, 37, 128]),
+    (2, 12, 4, 64, [17, 100]),
+    (2, 8, 2, 16, [5, 64]),
+    (2, 8, 1, 24, [33, 90]),
+]
+
+
+def _check(b, h, hkv, d, ctx_lens, kv_dtype, q_dtype, device, make_layer, make_block_tables, **kw):
+    num_pages = kw.pop("num_pages", 24)
+    max_pages = kw.pop("max_pages", max(-(-n // 16) for n in ctx_lens) + 2)
+    data, scales = make_layer(num_pages, hkv, d, kv_dtype, device)
+    tables = make_block_tables(ctx_lens, num_pages, max_pages, device, **kw.pop("table", {}))
+    ctx = torch.tensor(ctx_lens, device=device)
+    q = torch.randn(b, h, d, device=device).to(q_dtype)
+    out = decode_attention(q, data, scales, tables, ctx, **kw)
+    ref = decode_attention_reference(q, data, scales, tables, ctx)
+    assert out.shape == q.shape and out.dtype == q_dtype
+    rtol, atol = TOL[q_dtype]
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("b,h,hkv,d,ctx_lens", CASES)
+@pytest.mark.parametrize(
+    "kv_dtype,q_dtype",
+    [(torch.float32, torch.float32), (torch.int8, torch.float32), (torch.float16, torch.float16)],
+)
+def test_decode_split_k_matches_reference(
+    b, h, hkv, d, ctx_lens, kv_dtype, q_dtype, device, make_layer, make_block_tables
+):
+    # 32-token partitions: up to 4 partitions per sequence, several of them empty
+    _check(
+        b, h, hkv, d, ctx_lens, kv_dtype, q_dtype, device, make_layer, make_block_tables,
+        partition_size=32,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.int8])
+def test_decode_single_partition(kv_dtype, device, make_layer, make_block_tables):
+    _check(2, 8, 2, 32, [40, 77], kv_dtype, torch.float32, device, make_layer, make_block_tables)
+
+
+def test_decode_int64_tables_and_garbage_padding(device, make_layer, make_block_tables):
+    """Entries past a sequence's pages are never read, even when they are invalid page ids."""
+    table = {"dtype": torch.int64, "pad": 10**9}
+    _check(
+        3, 6, 2, 32, [3, 50, 20], torch.int8, torch.float32, device, make_layer,
+        make_block_tables, table=table, max_pages=8, partition_size=48,
+    )  # fmt: skip
+
+
+def test_decode_zero_length_rows_give_zeros(device, make_layer, make_block_tables):
+    data, scales = make_layer(4, 2, 16, torch.int8, device)
+    tables = make_block_tables([20, 0], 4, 3, device)
+    q = torch.randn(2, 4, 16, device=device)
+    out = decode_attention(
+        q, data, scales, tables, torch.tensor([20, 0], device=device), partition_size=16
+    )
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    ref = decode_attention_reference(
+        q[:1], data, scales, tables[:1], torch.tensor([20], device=device)
+    )
+    torch.testing.assert_close(out[:1], ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.int8])
+def test_decode_matches_engine_attention(kv_dtype, device):
+    spec = KVCacheSpec(num_layers=2, num_pages=12, num_kv_heads=2, head_dim=32, dtype=kv_dtype)
+    cache = KVCache(spec, device)
+    ctx_lens = [9, 40, 33]
+    pages = torch.randperm(12).tolist()
+    tables = torch.zeros(3, 3, dtype=torch.int64)
+    slots = []
+    for i, n in enumerate(ctx_lens):
+        used = pages[: -(-n // 16)]
+        pages = pages[len(used) :]
+        tables[i, : len(used)] = torch.tensor(used)
+        slots += [used[j // 16] * 16 + j % 16 for j in range(n)]
+    slots = torch.tensor(slots, device=device)
+    cache.store(1, torch.randn(len(slots), 2, 32), torch.randn(len(slots), 2, 32), slots)
+    meta = AttentionMetadata(
+        q_lens=[1, 1, 1],
+        ctx_lens=ctx_lens,
+        block_tables=tables.to(device),
+        slots=slots,
+        ctx_lens_t=torch.tensor(ctx_lens, device=device),
+    )
+    q = torch.randn(3, 6, 32, device=device)
+    scales = cache.scales[1] if cache.quantized else None
+    out = decode_attention(
+        q, cache.data[1], scales, meta.block_tables, meta.ctx_lens_t, partition_size=16
+    )
+    torch.testing.assert_close(
+        out, engine_decode_attention(q, cache, 1, meta), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_decode_rejects_bad_inputs(device, make_layer, make_block_tables):
+    data, scales = make_layer(4, 2, 16, torch.int8, device)
+    tables = make_block_tables([20], 4, 2, device)
+    ctx = torch.tensor([20], device=device)
+    q = torch.randn(1, 4, 16, device=device)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        decode_attention(torch.randn(1, 3, 16, device=device), data, scales, tables, ctx)
+    with pytest.raises(ValueError, match="needs scales_layer"):
+        decode_attention(q, data, None, tables, ctx)
+    with pytest.raises(ValueError, match="must have B=1 rows"):
+        decode_attention(q, data, scales, tables, torch.tensor([20, 3], device=device))
+    with pytest.raises(ValueError, match="partition_size"):
+        decode_attention(q, data, scales, tables, ctx, partition_size=24)
+    with pytest.raises(ValueError, match="int32 or int64"):
+        decode_attention(q, data, scales, tables.float(), ctx)
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize(
+    "b,h,hkv,d,ctx_lens",
+    [
+        (1, 32, 8, 128, [4099]),
+        (16, 32, 8, 128, [1, 15, 16, 17, 100, 511, 512, 513, 1000, 2047, 3000, 4096, 7, 8, 9, 333]),
+        (8, 24, 8, 64, [777] * 8),
+        (4, 64, 8, 128, [2500, 1, 64, 1800]),
+        (3, 16, 16, 80, [300, 600, 900]),
+    ],
+)
+@pytest.mark.parametrize(
+    "kv_dtype,q_dtype",
+    [
+        (torch.bfloat16, torch.bfloat16),
+        (torch.int8, torch.bfloat16),
+        (torch.float32, torch.float32),
+    ],
+)
+@pytest.mark.parametrize("partition_size", [512, 128])
+def test_decode_gpu(
+    b, h, hkv, d, ctx_lens, kv_dtype, q_dtype, partition_size, make_layer, make_block_tables
+):
+    _check(
+        b, h, hkv, d, ctx_lens, kv_dtype, q_dtype, "cuda", make_layer, make_block_tables,
+        num_pages=1024, partition_size=partition_size,
+    )  # fmt: skip

@@ -1,0 +1,144 @@
+"""The kernels as torch custom ops: registration, opcheck, torch.compile, import guards."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import kernels.ops as ops  # noqa: E402
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _paged_args(device, kv_dtype=torch.int8):
+    data = torch.randn(2, 3, 16, 2, 16, device=device)
+    scales = None
+    if kv_dtype == torch.int8:
+        scales = data.abs().amax(-1) / 127.0
+        data = torch.round(data / scales.unsqueeze(-1)).to(torch.int8)
+    tables = torch.tensor([[2, 0], [1, 0]], dtype=torch.int32, device=device)
+    return data, scales, tables
+
+
+def _op_cases(device):
+    x = torch.randn(3, 32, device=device)
+    w = torch.randn(32, device=device)
+    pos = torch.tensor([0, 4, 9], device=device)
+    cos, sin = torch.randn(16, 16, device=device), torch.randn(16, 16, device=device)
+    q, k = torch.randn(3, 4, 16, device=device), torch.randn(3, 2, 16, device=device)
+    data, scales, tables = _paged_args(device)
+    ctx = torch.tensor([20, 9], device=device)
+    m = torch.ops.miniinfer
+    return {
+        "rmsnorm": (m.rmsnorm.default, (x, w, 1e-6)),
+        "fused_add_rmsnorm": (m.fused_add_rmsnorm.default, (x, x.clone(), w, 1e-6)),
+        "rotary_embedding": (m.rotary_embedding.default, (pos, q, k, cos, sin)),
+        "rotary_embedding_": (m.rotary_embedding_.default, (pos, q.clone(), k.clone(), cos, sin)),
+        "silu_and_mul": (m.silu_and_mul.default, (x,)),
+        "store_kv": (
+            m.store_kv.default,
+            (k, k.clone(), data.clone(), scales.clone(), torch.tensor([5, -1, 40], device=device)),
+        ),
+        "decode_attention": (
+            m.decode_attention.default,
+            (torch.randn(2, 4, 16, device=device), data, scales, tables, ctx, 0.25, 16),
+        ),
+        "prefill_attention": (
+            m.prefill_attention.default,
+            (q, data, scales, tables, torch.tensor([0, 2, 3], device=device), ctx, 2, 0.25),
+        ),
+    }
+
+
+def test_every_op_is_registered():
+    for name in ops.OP_NAMES:
+        assert hasattr(torch.ops.miniinfer, name), name
+
+
+@pytest.mark.parametrize("name", ops.OP_NAMES)
+def test_opcheck(name, device):
+    """Schema, fake (meta) implementation and functionalization agree with the real op."""
+    op, args = _op_cases(device)[name]
+    torch.library.opcheck(op, args)
+
+
+def _layer_step(x, residual, weight, positions, cos, sin, q, k, data, scales, tables, ctx, slots):
+    normed, residual = ops.fused_add_rmsnorm(x, residual, weight, 1e-6)
+    q, k = ops.apply_rotary(positions, q, k, cos, sin)
+    ops.store_kv(k, k, data, scales, slots)
+    attn = ops.decode_attention(q, data, scales, tables, ctx, partition_size=16)
+    return normed, residual, attn, ops.silu_and_mul(normed)
+
+
+def _layer_inputs(device):
+    data, scales, tables = _paged_args(device)
+    return (
+        torch.randn(2, 32, device=device),
+        torch.randn(2, 32, device=device),
+        torch.randn(32, device=device),
+        torch.tensor([19, 8], device=device),
+        torch.randn(32, 16, device=device),
+        torch.randn(32, 16, device=device),
+        torch.randn(2, 4, 16, device=device),
+        torch.randn(2, 2, 16, device=device),
+        data,
+        scales,
+        tables,
+        torch.tensor([20, 9], device=device),
+        torch.tensor([2 * 16 + 3, 1 * 16 + 8], device=device),
+    )
+
+
+def _check_compiled(device, backend):
+    args = _layer_inputs(device)
+    eager_args = [a.clone() for a in args]
+    compiled = torch.compile(_layer_step, backend=backend, fullgraph=True)
+    got, want = compiled(*args), _layer_step(*eager_args)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(args[8], eager_args[8])  # the cache was written in both
+    torch.testing.assert_close(args[9], eager_args[9])
+
+
+def test_ops_trace_under_torch_compile(device):
+    _check_compiled(device, "aot_eager")
+
+
+def test_cpu_tensors_without_interpreter_raise(device, monkeypatch):
+    if device != "cpu":
+        pytest.skip("only meaningful without CUDA")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        ops.rmsnorm(torch.randn(2, 8), torch.ones(8))
+
+
+def test_import_without_triton_raises_only_on_call():
+    code = (
+        "import sys\n"
+        "sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "import torch, kernels.ops as ops\n"
+        "from kernels._triton import HAS_TRITON, TritonUnavailableError\n"
+        "assert not HAS_TRITON\n"
+        "try:\n"
+        "    ops.rmsnorm(torch.ones(2, 8), torch.ones(8))\n"
+        "except TritonUnavailableError as e:\n"
+        "    print('raised:', e)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    res = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    assert "raised: rmsnorm: this kernel needs the `triton` package" in res.stdout
+
+
+@pytest.mark.gpu
+@CUDA
+def test_ops_under_inductor_gpu():
+    _check_compiled("cuda", "inductor")
