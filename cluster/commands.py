@@ -1,7 +1,121 @@
-"""Cluster subcommands (up, down, status, apply). Filled in by the cluster work."""
+"""Cluster subcommands: up, down, status."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _state_file(port: int) -> Path:
+    return Path(tempfile.gettempdir()) / f"miniinfer-{os.getuid()}" / f"up-{port}.json"
+
 
 def add_cluster_commands(sub) -> None:
-    pass
+    up = sub.add_parser("up", help="start Ray (or join one), the workers and the router; serve")
+    up.add_argument("-c", "--config", required=True, help="cluster YAML (e.g. deploy/local.yaml)")
+    up.add_argument("--address", default=None, help="'auto' joins a running Ray cluster (ray start --head)")
+    up.add_argument("--port", type=int, default=None, help="override router.port")
+    up.set_defaults(func=cmd_up)
+    down = sub.add_parser("down", help="stop the cluster that `miniinfer up` started")
+    down.add_argument("--port", type=int, default=50051)
+    down.add_argument("--timeout", type=float, default=60.0)
+    down.set_defaults(func=cmd_down)
+    st = sub.add_parser("status", help="pools, workers and KV usage of a running cluster")
+    st.add_argument("--address", default="127.0.0.1:50051")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--timeout", type=float, default=10.0)
+    st.set_defaults(func=cmd_status)
+
+
+def cmd_up(args) -> int:
+    from cluster.cli import CLIError
+    from cluster.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as e:
+        raise CLIError(str(e)) from e
+    if args.address:
+        config = config.model_copy(update={"ray_address": args.address})
+    return asyncio.run(_up(config, args.port))
+
+
+async def _up(config, port: int | None) -> int:
+    from cluster.launch import Cluster
+
+    cluster = Cluster(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    state = None
+    try:
+        bound = await cluster.start(port)
+        state = _state_file(bound)
+        state.parent.mkdir(parents=True, exist_ok=True)
+        state.write_text(json.dumps({"pid": os.getpid(), "port": bound, "started": time.time()}))
+        print(f"[miniinfer] ready: miniinfer generate --address {config.router.host}:{bound} \"Hello\"  "
+              f"(Ctrl-C or `miniinfer down --port {bound}` to stop)", file=sys.stderr, flush=True)
+        await stop.wait()
+        print("[miniinfer] shutting down", file=sys.stderr, flush=True)
+    finally:
+        await cluster.stop()
+        if state is not None:
+            state.unlink(missing_ok=True)
+    return 0
+
+
+def cmd_down(args) -> int:
+    from cluster.cli import CLIError
+
+    state = _state_file(args.port)
+    if not state.exists():
+        raise CLIError(f"no cluster started by `miniinfer up` on port {args.port} (no {state})")
+    pid = json.loads(state.read_text())["pid"]
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        state.unlink(missing_ok=True)
+        raise CLIError(f"the cluster process {pid} is gone; removed its stale state file") from None
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"stopped cluster on port {args.port}")
+            return 0
+        time.sleep(0.2)
+    raise CLIError(f"cluster process {pid} did not stop within {args.timeout:.0f}s")
+
+
+def cmd_status(args) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from cluster.cli import CLIError
+    from protos.miniinfer.v1 import miniinfer_pb2 as pb
+    from protos.miniinfer.v1 import miniinfer_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(args.address) as ch:
+        try:
+            st = pb_grpc.MiniInferStub(ch).GetClusterStatus(pb.ClusterStatusRequest(), timeout=args.timeout)
+        except grpc.RpcError as e:
+            raise CLIError(f"cannot reach {args.address}: {e.code().name} {e.details()}") from None
+    if args.json:
+        print(json.dumps(MessageToDict(st), indent=2))
+        return 0
+    print(f"model {st.model}  kv {st.kv_dtype}  transport {st.kv_transport}  "
+          f"active {st.active_requests}  queued {st.queue_depth}")
+    print(f"{'pool':8} {'worker':8} {'state':10} {'pages used/total':>17} {'running':>8} {'waiting':>8}")
+    for pool in st.pools:
+        for w in pool.workers:
+            state = pb.WorkerState.Name(w.state).removeprefix("WORKER_STATE_")
+            print(f"{pool.name:8} {w.worker_id:8} {state:10} {w.pages_used:>8}/{w.pages_total:<8} "
+                  f"{w.running:>8} {w.waiting:>8}")
+    return 0

@@ -1,1 +1,1 @@
-"""decode."""
+"""Decode worker: receives prompts' KV pages and runs the continuous-batching decode loop."""

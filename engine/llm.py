@@ -62,6 +62,9 @@ class LLMEngine:
         )
         self.runner = ModelRunner(loaded.model, self.cache, self.device)
         self._streams: dict[str, TextStream] = {}
+        # Called with (batch, step output) after the model ran, before pages are released:
+        # the prefill worker exports finished prompts' KV pages here.
+        self.on_executed = None
 
     @classmethod
     def from_name(cls, name: str, config: EngineConfig = EngineConfig(), dtype=torch.float32,
@@ -115,6 +118,8 @@ class LLMEngine:
                 return [RequestOutput(req.request_id, [], True, FinishReason.ABORT)]
             return []
         out = self.runner.execute(batch)
+        if self.on_executed is not None:
+            self.on_executed(batch, out)
         results = self.scheduler.update(batch, out)
         for r in results:
             self._detokenize(r)

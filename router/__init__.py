@@ -1,1 +1,1 @@
-"""router."""
+"""gRPC front door: validation, tokenization, P/D choice, output fan-out, cancellation."""

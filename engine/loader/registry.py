@@ -109,6 +109,23 @@ def load_model(
     return LoadedModel(model, tokenizer, cfg, name, dt)
 
 
+def load_tokenizer(name: str = DEFAULT_MODEL) -> tuple[TextTokenizer | None, ModelConfig]:
+    """Tokenizer and config only, no weights (what the router needs)."""
+    path = resolve(name)
+    if path.is_file():
+        import gguf
+
+        from engine.loader import gguf_loader
+
+        reader = gguf.GGUFReader(str(path))
+        return TextTokenizer.from_gguf(gguf_loader.read_tokenizer(reader)), gguf_loader.read_config(reader)
+    from engine.loader import hf_loader
+
+    cfg = hf_loader.read_config(path)
+    tok = TextTokenizer.from_hf_dir(path, cfg.eos_token_ids) if (path / "tokenizer.json").exists() else None
+    return tok, cfg
+
+
 def _count_hf_tensors(path: Path) -> int:
     index = path / "model.safetensors.index.json"
     if index.exists():

@@ -1,0 +1,153 @@
+"""Bring a cluster up: Ray, the worker actors, the router. And take it down again."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from cluster.config import ClusterConfig
+from kvtransfer.worker_spec import WorkerSpec
+from router.server import Router, RouterConfig, serve
+from router.validate import Limits
+from router.workers import DEAD, READY, WorkerRef, WorkerTable, call
+
+log = logging.getLogger(__name__)
+
+
+def _say(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(f"[miniinfer] {msg}", file=sys.stderr, flush=True)
+
+
+def init_ray(config: ClusterConfig, quiet: bool = False) -> bool:
+    """Start a local Ray bound to loopback, or join `ray_address`. True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    addr = config.ray_address
+    if addr and addr != "local":
+        _say(f"joining Ray cluster at {addr}", quiet)
+        ray.init(address=addr, namespace="miniinfer", log_to_driver=not quiet)
+        return False
+    need = config.prefill.replicas * config.prefill.cpus_per_worker + config.decode.replicas * config.decode.cpus_per_worker
+    cpus = max(os.cpu_count() or 1, int(need + 0.999) + 2)
+    _say(f"starting a local Ray instance on 127.0.0.1 ({cpus} logical CPUs)", quiet)
+    ray.init(num_cpus=cpus, include_dashboard=False, namespace="miniinfer", _node_ip_address="127.0.0.1",
+             log_to_driver=not quiet, configure_logging=False)
+    return True
+
+
+def worker_spec(config: ClusterConfig, role: str) -> WorkerSpec:
+    pool = getattr(config, role)
+    return WorkerSpec(
+        model=config.model, dtype=config.dtype, kv_dtype=config.kv_dtype, device=config.device,
+        num_pages=pool.num_pages, max_num_seqs=pool.max_num_seqs,
+        max_num_batched_tokens=pool.max_num_batched_tokens, transport=config.transport,
+        torch_threads=pool.torch_threads, cluster_token=config.cluster_token,
+        transfer_timeout_s=config.limits.transfer_timeout_s,
+    )
+
+
+@dataclass
+class Cluster:
+    config: ClusterConfig
+    quiet: bool = False
+    table: WorkerTable = field(default_factory=WorkerTable)
+    router: Router | None = None
+    server: object = None
+    port: int = 0
+    started_ray: bool = False
+    _next_id: dict = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+
+    def _actor_class(self, role: str):
+        import ray
+
+        from decode.worker import DecodeWorker
+        from prefill.worker import PrefillWorker
+
+        cls = PrefillWorker if role == "prefill" else DecodeWorker
+        pool = getattr(self.config, role)
+        return ray.remote(cls).options(num_cpus=pool.cpus_per_worker, num_gpus=pool.gpus_per_worker,
+                                       max_concurrency=4096, max_restarts=0)
+
+    def spawn(self, role: str) -> WorkerRef:
+        """Create one worker actor (it loads the model in its constructor)."""
+        wid = f"{role[0]}{self._next_id[role]}"
+        self._next_id[role] += 1
+        handle = self._actor_class(role).remote(wid, worker_spec(self.config, role))
+        ref = WorkerRef(wid, role, handle)
+        self.table.add(ref)
+        return ref
+
+    async def wait_ready(self, refs: list[WorkerRef], timeout_s: float = 600.0) -> None:
+        """Start each worker (receivers, engine thread) and wait until all report ready."""
+        t0 = time.monotonic()
+        pending = {asyncio.ensure_future(call(r.handle.start.remote(), timeout_s)): r for r in refs}
+        done_count = 0
+        while pending:
+            done, _ = await asyncio.wait(pending, timeout=max(0.1, timeout_s - (time.monotonic() - t0)),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if not done:
+                raise TimeoutError(f"workers not ready after {timeout_s:.0f}s: {[r.worker_id for r in pending.values()]}")
+            for fut in done:
+                r = pending.pop(fut)
+                try:
+                    r.info = fut.result()
+                except Exception as e:
+                    r.state = DEAD
+                    raise RuntimeError(f"worker {r.worker_id} failed to start: {e}") from e
+                r.state = READY
+                done_count += 1
+                _say(f"worker {r.worker_id} ready after {time.monotonic() - t0:.1f}s "
+                     f"({done_count}/{len(refs)})", self.quiet)
+
+    async def start(self, port: int | None = None) -> int:
+        from engine.loader.registry import load_tokenizer
+
+        t0 = time.monotonic()
+        self.started_ray = await asyncio.to_thread(init_ray, self.config, self.quiet)
+        refs = [self.spawn("prefill") for _ in range(self.config.prefill.replicas)]
+        refs += [self.spawn("decode") for _ in range(self.config.decode.replicas)]
+        _say(f"starting {len(refs)} workers (model {self.config.model}, kv {self.config.kv_dtype}, "
+             f"transport {self.config.transport})", self.quiet)
+        tokenizer, mcfg = await asyncio.to_thread(load_tokenizer, self.config.model)
+        if tokenizer is None:
+            raise RuntimeError(f"model {self.config.model} has no tokenizer; the router needs one")
+        await self.wait_ready(refs)
+        lim = self.config.limits
+        limits = Limits(max_model_len=mcfg.max_position, vocab_size=mcfg.vocab_size,
+                        max_prompt_tokens=lim.max_prompt_tokens, max_tokens=lim.max_tokens,
+                        default_max_tokens=lim.default_max_tokens)
+        rcfg = RouterConfig(model=self.config.model, kv_dtype=self.config.kv_dtype,
+                            transport=self.config.transport, request_timeout_s=lim.request_timeout_s,
+                            transfer_timeout_s=lim.transfer_timeout_s,
+                            max_active_requests=lim.max_active_requests)
+        self.router = Router(rcfg, tokenizer, limits, self.table)
+        host = self.config.router.host
+        self.server, self.port = await serve(self.router, host, self.config.router.port if port is None else port)
+        _say(f"serving on {host}:{self.port} ({time.monotonic() - t0:.1f}s to ready)", self.quiet)
+        return self.port
+
+    async def stop(self) -> None:
+        import ray
+
+        if self.server is not None:
+            await self.server.stop(2.0)
+        if self.router is not None:
+            await self.router.stop()
+        for w in list(self.table.workers.values()):
+            try:
+                await call(w.handle.stop.remote(), 10)
+            except Exception:  # noqa: BLE001 - killing it anyway
+                pass
+            ray.kill(w.handle)
+            self.table.remove(w.worker_id)
+        if self.started_ray:
+            ray.shutdown()

@@ -1,0 +1,285 @@
+"""DecodeWorker (a Ray actor in the cluster): reserve pages, receive KV, decode, stream outputs.
+
+Threads: the engine steps on its own thread (EngineLoop); everything else runs on the
+actor's asyncio loop. Engine state (pool, scheduler, cache) is touched only through
+`loop.submit`, so a reservation, a commit and an abort never race with a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.loop import EngineLoop
+from engine.page_pool import pages_needed
+from engine.request import FinishReason, Request, RequestOutput
+from engine.sampling import SamplingParams
+from kvtransfer.layout import (
+    KVHeader,
+    KVPayload,
+    KVTransferError,
+    from_bytes,
+    import_pages,
+    payload_shapes,
+    validate_header,
+)
+from kvtransfer.ticket import Ticket
+from kvtransfer.worker_spec import WorkerSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Reservation:
+    ticket_id: str
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    pages: list[int]
+    deadline: float
+
+
+class DecodeWorker:
+    def __init__(self, worker_id: str, spec: WorkerSpec, epoch: int = 0) -> None:
+        self.worker_id, self.spec, self.epoch = worker_id, spec, epoch
+        self.t_start = time.monotonic()
+        self.engine = spec.build_engine()
+        self.device = torch.device(spec.device)
+        self.loop = EngineLoop(self.engine, self._on_outputs)
+        self.pending: dict[str, Reservation] = {}
+        self.by_request: dict[str, str] = {}  # request id -> ticket id while pending
+        self._outbox: list[dict] = []
+        self._wake: asyncio.Event | None = None
+        self._aio: asyncio.AbstractEventLoop | None = None
+        self._ids = itertools.count()
+        self._grpc_server = None
+        self.grpc_address = ""
+        self.store = None
+        self.store_address = ""
+        self.transfers_ok = 0
+        self.transfers_failed = 0
+        self.ready_s = 0.0
+
+    # ---- lifecycle ----
+
+    async def start(self) -> dict:
+        self._aio = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
+        if self.spec.transport == "grpc":
+            from kvtransfer.grpc_transport import KVReceiverService, start_receiver_server
+
+            svc = KVReceiverService(self._validate_header, self._commit_bytes, self._cancel_ticket,
+                                    self.spec.cluster_token)
+            self._grpc_server, self.grpc_address = await start_receiver_server(svc)
+        else:
+            from kvtransfer.torch_transport import PairGroups, new_store
+
+            self.store, self.store_address = new_store()
+            self.pairs = PairGroups(self.spec.max_pairs)
+        self.loop.start()
+        self._reaper = asyncio.create_task(self._reap_expired())
+        self.ready_s = time.monotonic() - self.t_start
+        return self.info()
+
+    def info(self) -> dict:
+        return {"worker_id": self.worker_id, "grpc_address": self.grpc_address,
+                "store_address": self.store_address, "pid": os.getpid(), "ready_s": self.ready_s}
+
+    async def stop(self) -> None:
+        self.loop.stop()
+        if self._grpc_server is not None:
+            await self._grpc_server.stop(1.0)
+
+    # ---- admission ----
+
+    async def reserve(self, request_id: str, prompt_token_ids: list[int], params: dict,
+                      timeout_s: float) -> dict:
+        """Reserve pages for the prompt's KV. -> ticket fields, or {"error": ..., "code": ...}."""
+        n = pages_needed(len(prompt_token_ids), self.engine.cache.page_size)
+        ticket_id = f"{self.worker_id}-t{next(self._ids)}"
+
+        def alloc():
+            pool = self.engine.pool
+            # keep room for every running request's next page, so admission never forces a preemption
+            headroom = len(self.engine.scheduler.running)
+            if not pool.can_allocate(n + headroom):
+                return None
+            return pool.allocate(n)
+
+        pages = await asyncio.wrap_future(self.loop.submit(alloc))
+        if pages is None:
+            return {"code": "RESOURCE_EXHAUSTED",
+                    "error": f"decode worker {self.worker_id} has no room for {n} KV pages"}
+        deadline = time.time() + timeout_s
+        self.pending[ticket_id] = Reservation(ticket_id, request_id, list(prompt_token_ids),
+                                              SamplingParams(**params), pages, deadline)
+        self.by_request[request_id] = ticket_id
+        return {"ticket_id": ticket_id, "request_id": request_id, "decode_id": self.worker_id,
+                "num_tokens": len(prompt_token_ids), "transport": "grpc" if self.grpc_address else "torch",
+                "deadline": deadline, "grpc_address": self.grpc_address,
+                "store_address": self.store_address, "epoch": self.epoch}
+
+    # ---- receiving ----
+
+    def _validate_header(self, h: KVHeader) -> None:
+        res = self.pending.get(h.ticket_id)
+        if res is None:
+            raise KVTransferError(f"unknown or expired ticket {h.ticket_id}")
+        if res.request_id != h.request_id:
+            raise KVTransferError(f"ticket {h.ticket_id} belongs to {res.request_id}, not {h.request_id}")
+        validate_header(h, self.engine.cache, len(res.prompt_token_ids))
+
+    async def _commit_bytes(self, h: KVHeader, blob: bytes) -> None:
+        tensors, off = [], 0
+        for shape, dtype in payload_shapes(self.engine.cache, h.num_tokens):
+            size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            tensors.append(from_bytes(memoryview(blob)[off : off + size], shape, dtype))
+            off += size
+        await self._commit(h, KVPayload(tensors[0], tensors[1] if len(tensors) > 1 else None))
+
+    async def _commit(self, h: KVHeader, payload: KVPayload) -> None:
+        res = self.pending.pop(h.ticket_id, None)
+        if res is None:
+            raise KVTransferError(f"ticket {h.ticket_id} expired before commit")
+        self.by_request.pop(res.request_id, None)
+
+        def commit():
+            import_pages(self.engine.cache, res.pages, payload)
+            req = Request(res.prompt_token_ids, res.params, request_id=res.request_id,
+                          output_token_ids=[h.first_token], pages=res.pages,
+                          num_computed_tokens=len(res.prompt_token_ids), arrival=time.monotonic())
+            if not res.params.greedy and req.generator is not None:
+                # the prefill worker drew once from this seed for the first token
+                torch.empty(self.engine.model_config.vocab_size).exponential_(generator=req.generator)
+            self.engine.scheduler.add_running(req)
+
+        try:
+            await asyncio.wrap_future(self.loop.submit(commit))
+        except Exception:
+            await asyncio.wrap_future(self.loop.submit(self.engine.pool.free, res.pages))
+            raise
+        self.transfers_ok += 1
+
+    def _cancel_ticket(self, ticket_id: str, reason: str) -> bool:
+        """Drop a reservation (transfer failed, timed out, or the request was aborted)."""
+        res = self.pending.pop(ticket_id, None)
+        if res is None:
+            return False
+        self.by_request.pop(res.request_id, None)
+        self.transfers_failed += 1
+        self.loop.submit(self.engine.pool.free, res.pages)
+        self._publish([{"request_id": res.request_id, "token_ids": [], "logprobs": None,
+                        "finished": True, "finish_reason": "abort", "error": reason}])
+        return True
+
+    async def cancel_ticket(self, ticket_id: str, reason: str = "cancelled") -> bool:
+        return self._cancel_ticket(ticket_id, reason)
+
+    async def _reap_expired(self) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.time()
+            for tid in [t for t, r in self.pending.items() if r.deadline < now]:
+                self._cancel_ticket(tid, "KV transfer timed out")
+
+    # torch.distributed transport: the prefill side calls these through Ray.
+
+    async def open_pair(self, key: str) -> bool:
+        from kvtransfer.torch_transport import RECEIVER, make_pair_group
+
+        g = await asyncio.to_thread(make_pair_group, self.store, key, RECEIVER, self.device,
+                                    self.spec.transfer_timeout_s)
+        self.pairs.put(key, g)
+        return True
+
+    async def recv_transfer(self, key: str, header: dict, tag: int, timeout_s: float) -> str:
+        """Post the receive for one transfer, validate, commit. -> "" or an error message."""
+        from kvtransfer.torch_transport import recv_tensors
+
+        h = KVHeader.from_dict(header)
+        try:
+            self._validate_header(h)
+            group = self.pairs.get(key)
+            if group is None:
+                raise KVTransferError(f"no pairwise group {key}")
+            shapes = payload_shapes(self.engine.cache, h.num_tokens)
+            tensors = await asyncio.to_thread(recv_tensors, group, shapes, self.device, tag, timeout_s)
+            payload = KVPayload(tensors[0], tensors[1] if len(tensors) > 1 else None)
+            if h.checksum:
+                from kvtransfer.layout import checksum
+
+                if checksum(payload) != h.checksum:
+                    raise KVTransferError("checksum mismatch")
+            await self._commit(h, payload)
+        except Exception as e:  # noqa: BLE001 - reported to the sender, pages released
+            if isinstance(e, KVTransferError) is False:
+                self.pairs.drop(key)
+            self._cancel_ticket(h.ticket_id, str(e))
+            return str(e) or type(e).__name__
+        return ""
+
+    # ---- running requests ----
+
+    def _on_outputs(self, outputs: list[RequestOutput]) -> None:
+        """Engine thread: one message per step for the whole batch."""
+        self._publish([
+            {"request_id": o.request_id, "token_ids": o.new_token_ids, "logprobs": o.new_logprobs,
+             "finished": o.finished, "finish_reason": o.finish_reason.value if o.finish_reason else None}
+            for o in outputs
+        ])
+
+    def _publish(self, items: list[dict]) -> None:
+        def put():
+            self._outbox.extend(items)
+            self._wake.set()
+
+        if self._aio is not None:
+            self._aio.call_soon_threadsafe(put)
+
+    async def poll(self, max_wait_s: float = 1.0) -> list[dict]:
+        """Long-poll: every output since the last call, waiting up to max_wait_s for one."""
+        if not self._outbox:
+            try:
+                await asyncio.wait_for(self._wake.wait(), max_wait_s)
+            except asyncio.TimeoutError:
+                pass
+        self._wake.clear()
+        out, self._outbox = self._outbox, []
+        return out
+
+    async def abort(self, request_id: str) -> bool:
+        tid = self.by_request.get(request_id)
+        if tid is not None:
+            return self._cancel_ticket(tid, "aborted")
+        return await asyncio.wrap_future(self.loop.submit(self.engine.abort, request_id))
+
+    async def status(self) -> dict:
+        def read():
+            pool, sched = self.engine.pool, self.engine.scheduler
+            return {"pages_total": pool.num_pages, "pages_free": pool.num_free,
+                    "pages_used": pool.num_used, "running": len(sched.running),
+                    "waiting": len(sched.waiting), "steps": self.loop.steps}
+
+        s = await asyncio.wrap_future(self.loop.submit(read))
+        s.update(self.info(), role="decode", pending_transfers=len(self.pending),
+                 transfers_ok=self.transfers_ok, transfers_failed=self.transfers_failed,
+                 alive=self.loop.alive and self.loop.error is None)
+        return s
+
+    async def ping(self) -> bool:
+        return self.loop.alive
+
+
+def ticket_from_dict(d: dict, handle=None) -> Ticket:
+    fields = {f.name for f in dataclasses.fields(Ticket)}
+    return Ticket(**{k: v for k, v in d.items() if k in fields}, decode_handle=handle)
+
+
+__all__ = ["DecodeWorker", "FinishReason", "ticket_from_dict"]

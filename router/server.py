@@ -1,0 +1,353 @@
+"""The router: a grpc.aio server in front of the prefill and decode pools.
+
+One request: validate -> tokenize -> pick D (free pages, batch) -> D reserves pages and
+issues a ticket -> pick P (queue) -> P prefills and returns the first token (streamed at
+once: that is TTFT) while it pushes KV to D -> D's per-step outputs arrive through one
+long-poll per decode worker and are fanned out to client streams. Cancel, deadline or
+failure: both legs are told, and the client gets a final status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.errors import InvalidRequest
+from engine.page_pool import pages_needed
+from engine.sampling import SamplingParams
+from engine.textstream import TextStream
+from engine.tokenizer import TextTokenizer
+from protos.miniinfer.v1 import miniinfer_pb2 as pb
+from protos.miniinfer.v1 import miniinfer_pb2_grpc as pb_grpc
+from router.policy import DecodeView, PrefillView, choose_decode, choose_prefill
+from router.validate import Limits, prompt_ids_from_pb, sampling_from_pb
+from router.workers import DEAD, READY, WorkerTable, call
+
+log = logging.getLogger(__name__)
+
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
+          "abort": pb.FINISH_REASON_ABORT, "error": pb.FINISH_REASON_ERROR}
+STATES = {"STARTING": pb.WORKER_STATE_STARTING, "READY": pb.WORKER_STATE_READY,
+          "DRAINING": pb.WORKER_STATE_DRAINING, "DEAD": pb.WORKER_STATE_DEAD}
+SERVICE_NAME = "miniinfer.v1.MiniInfer"
+
+
+@dataclass
+class RouterConfig:
+    model: str
+    kv_dtype: str
+    transport: str
+    request_timeout_s: float = 300.0
+    transfer_timeout_s: float = 30.0
+    call_timeout_s: float = 30.0
+    max_active_requests: int = 1024
+    status_interval_s: float = 0.5
+    poll_wait_s: float = 0.5
+
+
+@dataclass
+class Active:
+    request_id: str
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    decode_id: str = ""
+    prefill_id: str = ""
+    prefilled: bool = False
+
+
+class LegError(Exception):
+    """A worker leg failed: carries the gRPC status the client should see."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Router:
+    def __init__(self, config: RouterConfig, tokenizer: TextTokenizer, limits: Limits,
+                 table: WorkerTable) -> None:
+        self.config, self.tokenizer, self.limits, self.table = config, tokenizer, limits, table
+        self.active: dict[str, Active] = {}
+        self._pollers: dict[str, asyncio.Task] = {}
+        self._bg: list[asyncio.Task] = []
+        self.health: health.aio.HealthServicer | None = None
+        self.requests_total = 0
+
+    # ---- background: status refresh and per-decode-worker long-polls ----
+
+    async def start(self) -> None:
+        await self.table.refresh()
+        self._bg.append(asyncio.create_task(self._refresh_loop()))
+        self.ensure_pollers()
+
+    async def stop(self) -> None:
+        for t in [*self._bg, *self._pollers.values()]:
+            t.cancel()
+        await asyncio.gather(*self._bg, *self._pollers.values(), return_exceptions=True)
+
+    def ensure_pollers(self) -> None:
+        for w in self.table.pool("decode"):
+            if w.worker_id not in self._pollers and w.state != DEAD:
+                self._pollers[w.worker_id] = asyncio.create_task(self._poll(w.worker_id))
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.status_interval_s)
+            try:
+                await self.table.refresh()
+            except Exception:  # noqa: BLE001 - keep refreshing
+                log.exception("status refresh failed")
+            self._fail_dead()
+            await self._update_health()
+
+    async def _update_health(self) -> None:
+        if self.health is None:
+            return
+        ok = all(any(w.ready for w in self.table.pool(role)) for role in ("prefill", "decode"))
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+
+    def _fail_dead(self) -> None:
+        """Requests on a dead worker get an error at once instead of waiting for their deadline."""
+        dead = {w.worker_id for w in self.table.workers.values() if w.state == DEAD}
+        for a in self.active.values():
+            if a.decode_id in dead or (a.prefill_id in dead and not a.prefilled):
+                a.queue.put_nowait({"finished": True, "finish_reason": "error",
+                                    "error": f"worker {a.decode_id if a.decode_id in dead else a.prefill_id} died"})
+
+    async def _poll(self, worker_id: str) -> None:
+        w = self.table.get(worker_id)
+        while w is not None and w.state != DEAD:
+            try:
+                items = await call(w.handle.poll.remote(self.config.poll_wait_s), self.config.call_timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                log.warning("poll of %s failed: %s", worker_id, e)
+                w.state = DEAD
+                self._fail_dead()
+                break
+            for item in items:
+                a = self.active.get(item["request_id"])
+                if a is not None:
+                    a.queue.put_nowait(item)
+            w = self.table.get(worker_id)
+        self._pollers.pop(worker_id, None)
+
+    # ---- one request ----
+
+    def _deadline(self, context) -> float:
+        remaining = context.time_remaining() if context is not None else None
+        budget = self.config.request_timeout_s if remaining is None else min(remaining, self.config.request_timeout_s)
+        return time.monotonic() + budget
+
+    @staticmethod
+    async def _within(aw, deadline: float, what: str):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise asyncio.TimeoutError(what)
+        try:
+            return await asyncio.wait_for(aw, left)
+        except asyncio.TimeoutError:
+            raise asyncio.TimeoutError(what) from None
+
+    def _pick_decode(self, prompt_len: int):
+        views = [DecodeView(w.worker_id, w.ready, w.status.get("pages_free", 0), w.status.get("running", 0),
+                            w.inflight) for w in self.table.pool("decode")]
+        wid = choose_decode(views, pages_needed(prompt_len + 1))
+        return None if wid is None else self.table.get(wid)
+
+    def _pick_prefill(self):
+        views = [PrefillView(w.worker_id, w.ready, w.inflight) for w in self.table.pool("prefill")]
+        wid = choose_prefill(views)
+        return None if wid is None else self.table.get(wid)
+
+    async def run(self, rid: str, ids: list[int], params: SamplingParams, deadline: float):
+        """Async generator of output dicts for one admitted request. Raises LegError."""
+        a = self.active[rid]
+        cfg = self.config
+        d = self._pick_decode(len(ids))
+        if d is None:
+            raise LegError(grpc.StatusCode.RESOURCE_EXHAUSTED, "no decode worker has room for this prompt")
+        a.decode_id = d.worker_id
+        d.inflight += 1
+        try:
+            pdict = asdict(params)
+            ticket = await self._within(call(d.handle.reserve.remote(rid, ids, pdict, cfg.transfer_timeout_s),
+                                             cfg.call_timeout_s), deadline, "reserving KV pages")
+            if "error" in ticket:
+                raise LegError(grpc.StatusCode.RESOURCE_EXHAUSTED, ticket["error"])
+            p = self._pick_prefill()
+            if p is None:
+                await call(d.handle.cancel_ticket.remote(ticket["ticket_id"], "no prefill worker"), cfg.call_timeout_s)
+                raise LegError(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready")
+            a.prefill_id = p.worker_id
+            p.inflight += 1
+            try:
+                first = await self._within(call(p.handle.prefill.remote(rid, ids, pdict, ticket, d.handle),
+                                                cfg.request_timeout_s), deadline, "prefill")
+            finally:
+                p.inflight -= 1
+            a.prefilled = True
+            if "error" in first:
+                await call(d.handle.cancel_ticket.remote(ticket["ticket_id"], first["error"]), cfg.call_timeout_s)
+                raise LegError(grpc.StatusCode.UNAVAILABLE, first["error"])
+            reason = first["finish_reason"]
+            yield {"token_ids": [first["token"]], "logprobs": None if first["logprob"] is None else [first["logprob"]],
+                   "finished": reason is not None, "finish_reason": reason}
+            if reason is not None:
+                return
+            while True:
+                item = await self._within(a.queue.get(), deadline, "decode")
+                if item.get("error"):
+                    raise LegError(grpc.StatusCode.UNAVAILABLE, item["error"])
+                yield item
+                if item["finished"]:
+                    return
+        finally:
+            d.inflight -= 1
+
+    async def abort_legs(self, rid: str) -> None:
+        a = self.active.get(rid)
+        if a is None:
+            return
+        calls = []
+        for wid in {a.decode_id, a.prefill_id} - {""}:
+            w = self.table.get(wid)
+            if w is not None and w.state != DEAD:
+                calls.append(call(w.handle.abort.remote(rid), self.config.call_timeout_s))
+        await asyncio.gather(*calls, return_exceptions=True)
+
+
+class MiniInferService(pb_grpc.MiniInferServicer):
+    def __init__(self, router: Router) -> None:
+        self.r = router
+
+    async def Generate(self, request, context):  # noqa: N802 - gRPC method name
+        r = self.r
+        t0 = time.monotonic()
+        if request.model and request.model != r.config.model:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"model: unknown model {request.model!r}; this cluster serves {r.config.model!r}")
+        try:
+            ids = prompt_ids_from_pb(request, r.tokenizer, r.limits)
+            params = sampling_from_pb(request.sampling, r.limits)
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        rid = request.request_id or f"req-{uuid.uuid4().hex[:16]}"
+        if rid in r.active:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request_id: {rid!r} is already active")
+        if len(r.active) >= r.config.max_active_requests:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"router is at its limit of {r.config.max_active_requests} active requests")
+        deadline = r._deadline(context)
+        r.active[rid] = Active(rid)
+        r.requests_total += 1
+        eos = () if params.ignore_eos else r.tokenizer.eos_token_ids
+        stream = TextStream(r.tokenizer, ids, params.stop, eos)
+        n_out, status, first = 0, None, True
+        try:
+            async for item in r.run(rid, ids, params, deadline):
+                text = stream.push(item["token_ids"], item["finished"])
+                n_out += len(item["token_ids"])
+                finished, reason = item["finished"], item["finish_reason"]
+                if stream.stopped and not finished:
+                    await r.abort_legs(rid)
+                    finished, reason = True, "stop"
+                msg = pb.GenerateResponse(request_id=rid, token_ids=item["token_ids"], text=text,
+                                          logprobs=item.get("logprobs") or [])
+                if first:
+                    msg.ttft_s, first = time.monotonic() - t0, False
+                if finished:
+                    msg.finish_reason = FINISH.get(reason, pb.FINISH_REASON_STOP)
+                    msg.usage.prompt_tokens, msg.usage.completion_tokens = len(ids), n_out
+                    msg.e2e_s = time.monotonic() - t0
+                yield msg
+                if finished:
+                    break
+        except LegError as e:
+            await r.abort_legs(rid)
+            status = (e.code, str(e))
+        except asyncio.TimeoutError as e:
+            await r.abort_legs(rid)
+            status = (grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline exceeded during {e}")
+        except asyncio.CancelledError:
+            await asyncio.shield(r.abort_legs(rid))
+            raise
+        except Exception as e:  # noqa: BLE001 - never leave legs running behind an INTERNAL
+            log.exception("request %s failed", rid)
+            await r.abort_legs(rid)
+            status = (grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        finally:
+            r.active.pop(rid, None)
+        if status is not None:
+            await context.abort(*status)
+
+    async def Abort(self, request, context):  # noqa: N802
+        found = request.request_id in self.r.active
+        await self.r.abort_legs(request.request_id)
+        a = self.r.active.get(request.request_id)
+        if a is not None:
+            a.queue.put_nowait({"token_ids": [], "finished": True, "finish_reason": "abort"})
+        return pb.AbortResponse(found=found)
+
+    async def Tokenize(self, request, context):  # noqa: N802
+        r = self.r
+        try:
+            kind = request.WhichOneof("input")
+            if kind == "messages":
+                text = r.tokenizer.apply_chat_template([{"role": m.role, "content": m.content}
+                                                        for m in request.messages.messages])
+            elif kind == "prompt":
+                text = request.prompt
+            else:
+                raise InvalidRequest("input: set prompt or messages")
+        except InvalidRequest as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return pb.TokenizeResponse(token_ids=r.tokenizer.encode(text), text=text)
+
+    async def GetClusterStatus(self, request, context):  # noqa: N802
+        r = self.r
+        await r.table.refresh()
+        out = pb.ClusterStatus(model=r.config.model, kv_dtype=r.config.kv_dtype, kv_page_size=16,
+                               kv_transport=r.config.transport, max_model_len=r.limits.max_model_len,
+                               queue_depth=sum(w.inflight for w in r.table.pool("prefill")),
+                               active_requests=len(r.active))
+        for role in ("prefill", "decode"):
+            pool = out.pools.add(name=role, desired_replicas=len(r.table.pool(role)))
+            for w in r.table.pool(role):
+                s = w.status
+                pool.workers.add(worker_id=w.worker_id, state=STATES[w.state],
+                                 address=w.info.get("grpc_address", ""),
+                                 pages_total=s.get("pages_total", 0), pages_free=s.get("pages_free", 0),
+                                 pages_used=s.get("pages_used", 0), running=s.get("running", 0),
+                                 waiting=s.get("waiting", 0), warmup_s=w.info.get("ready_s", 0.0),
+                                 num_devices=1)
+        return out
+
+
+async def serve(router: Router, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Start the public server (MiniInfer + health + reflection). Returns it and its port."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 << 20)])
+    pb_grpc.add_MiniInferServicer_to_server(MiniInferService(router), server)
+    router.health = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(router.health, server)
+    names = (pb.DESCRIPTOR.services_by_name["MiniInfer"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind the router to {host}:{port}")
+    await router.start()
+    await router._update_health()
+    await server.start()
+    return server, bound
+
+
+__all__ = ["Router", "RouterConfig", "serve", "READY"]
