@@ -79,7 +79,7 @@ def cmd_down(args) -> int:
         raise CLIError(f"no cluster started by `miniinfer up` on port {args.port} (no {state})")
     pid = json.loads(state.read_text())["pid"]
     try:
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGINT)
     except ProcessLookupError:
         state.unlink(missing_ok=True)
         raise CLIError(f"the cluster process {pid} is gone; removed its stale state file") from None

@@ -108,11 +108,26 @@ class Cluster:
                 _say(f"worker {r.worker_id} ready after {time.monotonic() - t0:.1f}s "
                      f"({done_count}/{len(refs)})", self.quiet)
 
+    def check_resources(self) -> None:
+        """Fail at once, naming the shortfall, if the Ray cluster can never place the pools."""
+        import ray
+
+        total = ray.cluster_resources()
+        c = self.config
+        for res, need in (
+            ("CPU", c.prefill.replicas * c.prefill.cpus_per_worker + c.decode.replicas * c.decode.cpus_per_worker),
+            ("GPU", c.prefill.replicas * c.prefill.gpus_per_worker + c.decode.replicas * c.decode.gpus_per_worker),
+        ):
+            if need > total.get(res, 0) + 1e-9:
+                raise RuntimeError(f"the pools need {need:g} {res} but the Ray cluster has "
+                                   f"{total.get(res, 0):g}; lower replicas or *_per_worker")
+
     async def start(self, port: int | None = None) -> int:
         from engine.loader.registry import load_tokenizer
 
         t0 = time.monotonic()
         self.started_ray = await asyncio.to_thread(init_ray, self.config, self.quiet)
+        self.check_resources()
         refs = [self.spawn("prefill") for _ in range(self.config.prefill.replicas)]
         refs += [self.spawn("decode") for _ in range(self.config.decode.replicas)]
         _say(f"starting {len(refs)} workers (model {self.config.model}, kv {self.config.kv_dtype}, "

@@ -93,7 +93,12 @@ def test_decode_matches_engine_attention(kv_dtype, device):
         tables[i, : len(used)] = torch.tensor(used)
         slots += [used[j // 16] * 16 + j % 16 for j in range(n)]
     slots = torch.tensor(slots, device=device)
-    cache.store(1, torch.randn(len(slots), 2, 32), torch.randn(len(slots), 2, 32), slots)
+    cache.store(
+        1,
+        torch.randn(len(slots), 2, 32, device=device),
+        torch.randn(len(slots), 2, 32, device=device),
+        slots,
+    )
     meta = AttentionMetadata(
         q_lens=[1, 1, 1],
         ctx_lens=ctx_lens,

@@ -74,7 +74,12 @@ def test_prefill_matches_engine_attention(kv_dtype, device):
         row = tables[i].tolist()
         slots += [row[j // 16] * 16 + j % 16 for j in range(n)]
     slots = torch.tensor(slots, device=device)
-    cache.store(0, torch.randn(len(slots), 2, 32), torch.randn(len(slots), 2, 32), slots)
+    cache.store(
+        0,
+        torch.randn(len(slots), 2, 32, device=device),
+        torch.randn(len(slots), 2, 32, device=device),
+        slots,
+    )
     meta = AttentionMetadata(
         q_lens=q_lens,
         ctx_lens=ctx_lens,

@@ -1,0 +1,124 @@
+"""The guarded Triton import and the checks every kernel wrapper shares.
+
+Kernel files import `triton` and `tl` from here, never directly, so that `import kernels.xxx`
+works where Triton is not installed (CPU-only aarch64 wheels, minimal images): the kernels
+are then stubs that raise `TritonUnavailableError` when launched, and the wrappers raise it
+before they launch.
+"""
+
+import contextlib
+import os
+import types
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # only the launch needs triton; defining the kernels must not
+    HAS_TRITON = False
+
+
+class TritonUnavailableError(RuntimeError):
+    """Raised when a kernel is called but the `triton` package cannot be imported."""
+
+
+_NO_TRITON = (
+    "this kernel needs the `triton` package, which is not installed here; "
+    "install it (pip install triton) or use the torch reference path"
+)
+
+if not HAS_TRITON:
+
+    class _MissingKernel:
+        """Stands in for a @triton.jit function; launching it raises."""
+
+        def __init__(self, fn):
+            self.fn = fn
+            self.__name__ = getattr(fn, "__name__", "kernel")
+
+        def __getitem__(self, grid):
+            raise TritonUnavailableError(_NO_TRITON)
+
+        def __call__(self, *args, **kwargs):
+            raise TritonUnavailableError(_NO_TRITON)
+
+    def _jit(fn=None, **_kwargs):
+        return _MissingKernel(fn) if fn is not None else _MissingKernel
+
+    def _unavailable(*_args, **_kwargs):
+        raise TritonUnavailableError(_NO_TRITON)
+
+    # only what kernel definitions touch at import time: decorators and annotations
+    triton = types.SimpleNamespace(jit=_jit, cdiv=_unavailable, next_power_of_2=_unavailable)
+    tl = types.SimpleNamespace(constexpr=object)
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def check_launchable(name: str, *tensors: torch.Tensor) -> None:
+    """Raise a clear error before a launch that could only fail obscurely inside Triton."""
+    if not HAS_TRITON:
+        raise TritonUnavailableError(f"{name}: {_NO_TRITON}")
+    device = tensors[0].device
+    for t in tensors:
+        if t.device != device:
+            raise ValueError(
+                f"{name}: all tensors must be on one device, got {device} and {t.device}"
+            )
+    if device.type == "cpu" and not interpreting():
+        raise ValueError(
+            f"{name}: Triton kernels need CUDA tensors; to run them on CPU set TRITON_INTERPRET=1 "
+            "in the environment before triton is first imported"
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(
+            f"{name}: unsupported device {device}; expected cuda (or cpu + interpreter)"
+        )
+
+
+def check_last_dim_contiguous(name: str, **tensors: torch.Tensor) -> None:
+    for arg, t in tensors.items():
+        if t.shape[-1] > 1 and t.stride(-1) != 1:
+            raise ValueError(
+                f"{name}: {arg} must be contiguous in its last dimension (stride 1), "
+                f"got strides {tuple(t.stride())}; call .contiguous() first"
+            )
+
+
+def check_float(name: str, **tensors: torch.Tensor) -> None:
+    for arg, t in tensors.items():
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"{name}: {arg} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_index(name: str, **tensors: torch.Tensor) -> None:
+    for arg, t in tensors.items():
+        if t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{name}: {arg} must be int32 or int64, got {t.dtype}")
+
+
+def device_guard(t: torch.Tensor):
+    """Launch on t's GPU even when another one is current (Triton uses the current device)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+__all__ = [
+    "HAS_TRITON",
+    "TritonUnavailableError",
+    "check_float",
+    "check_index",
+    "check_last_dim_contiguous",
+    "check_launchable",
+    "device_guard",
+    "interpreting",
+    "tl",
+    "triton",
+]

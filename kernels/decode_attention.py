@@ -1,0 +1,367 @@
+"""Decode attention over the paged KV cache: one query token per sequence, split-K.
+
+Flash-decoding: the context of each sequence is cut into partitions of `partition_size`
+tokens; one program per (sequence, kv head, partition) runs an online softmax over its
+keys for all the query heads of that GQA group at once (each K/V row is read once per
+group), and writes its partial (max, sum, unnormalized output). A second kernel merges
+the partials of each (sequence, head).
+
+The number of partitions comes from block_tables.shape[1] (the largest context the table
+can describe), never from ctx_lens' values: no host sync, and the launch is the same on
+every CUDA-graph replay. Partitions past a sequence's length exit at once.
+
+int8 caches are dequantized in the kernel: scores = (q . k_int8) * k_scale and the
+value scale is folded into the probabilities. Accumulation is fp32. A sequence with
+ctx_len == 0 (CUDA-graph padding) gets a zero output (engine.attention gives NaN there).
+"""
+
+import math
+
+import torch
+
+from kernels._triton import (
+    check_float,
+    check_index,
+    check_last_dim_contiguous,
+    check_launchable,
+    device_guard,
+    tl,
+    triton,
+)
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_partition_kernel(
+    q_ptr,
+    data_ptr,
+    scales_ptr,
+    block_tables_ptr,
+    ctx_lens_ptr,
+    mid_out_ptr,
+    mid_max_ptr,
+    mid_sum_ptr,
+    q_b_stride,
+    q_h_stride,
+    d_kv_stride,
+    d_page_stride,
+    d_slot_stride,
+    d_head_stride,
+    s_kv_stride,
+    s_page_stride,
+    s_slot_stride,
+    s_head_stride,
+    bt_b_stride,
+    num_heads,
+    head_dim,
+    qk_scale,
+    GROUP: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    PARTITION_SIZE: tl.constexpr,
+    QUANTIZED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    part = tl.program_id(2)
+    num_parts = tl.num_programs(2)
+    ctx = tl.load(ctx_lens_ptr + b).to(tl.int32)
+    start = part * PARTITION_SIZE
+    end = tl.minimum(start + PARTITION_SIZE, ctx)
+
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    heads = kvh * GROUP + g  # [BLOCK_G]
+    g_mask = g < GROUP
+    d_mask = d < head_dim
+    q_ptrs = q_ptr + b * q_b_stride + heads[:, None] * q_h_stride + d[None, :]
+    q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n < end
+        page = tl.load(block_tables_ptr + b * bt_b_stride + n // PAGE_SIZE, mask=n_mask, other=0)
+        row = page.to(tl.int64) * d_page_stride + (n % PAGE_SIZE) * d_slot_stride
+        row += kvh * d_head_stride  # [BLOCK_N]
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(data_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(data_ptr + d_kv_stride + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        # [BLOCK_G, BLOCK_N] scores in log2 units
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
+        if QUANTIZED:
+            srow = page.to(tl.int64) * s_page_stride + (n % PAGE_SIZE) * s_slot_stride
+            srow += kvh * s_head_stride
+            k_scale = tl.load(scales_ptr + srow, mask=n_mask, other=0.0)  # [BLOCK_N]
+            v_scale = tl.load(scales_ptr + s_kv_stride + srow, mask=n_mask, other=0.0)
+            s = s * k_scale[None, :]
+        s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the block has a valid key
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])  # [BLOCK_G, BLOCK_N]
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if QUANTIZED:
+            p = p * v_scale[None, :]
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    mid = (b * num_heads + heads) * num_parts + part  # [BLOCK_G] row of [B, H, NP]
+    tl.store(mid_max_ptr + mid, m_i, mask=g_mask)
+    tl.store(mid_sum_ptr + mid, l_i, mask=g_mask)
+    out_ptrs = mid_out_ptr + mid[:, None] * head_dim + d[None, :]
+    tl.store(out_ptrs, acc, mask=g_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    mid_out_ptr,
+    mid_max_ptr,
+    mid_sum_ptr,
+    out_ptr,
+    out_b_stride,
+    out_h_stride,
+    num_heads,
+    num_parts,
+    head_dim,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    base = (b * num_heads + h) * num_parts
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < head_dim
+
+    m_run = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    for p0 in range(0, num_parts, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        m = tl.load(mid_max_ptr + base + p, mask=p < num_parts, other=float("-inf"))
+        m_run = tl.maximum(m_run, m)
+    # all partitions empty (ctx_len == 0): a finite stand-in keeps exp2(-inf - m_max) at 0
+    m_max = tl.max(m_run, axis=0)
+    m_max = tl.where(m_max > float("-inf"), m_max, 0.0)
+
+    denom = tl.zeros([BLOCK_P], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for p0 in range(0, num_parts, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_mask = p < num_parts
+        m = tl.load(mid_max_ptr + base + p, mask=p_mask, other=float("-inf"))
+        l_p = tl.load(mid_sum_ptr + base + p, mask=p_mask, other=0.0)
+        w = tl.exp2(m - m_max)  # [BLOCK_P]; empty partitions carry m = -inf: weight 0
+        o = tl.load(
+            mid_out_ptr + (base + p)[:, None] * head_dim + d[None, :],
+            mask=p_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # [BLOCK_P, BLOCK_D]
+        denom += l_p * w
+        acc += tl.sum(o * w[:, None], axis=0)
+    total = tl.sum(denom, axis=0)
+    out = acc / tl.where(total > 0.0, total, 1.0)
+    out_ptrs = out_ptr + b * out_b_stride + h * out_h_stride + d
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+def _blocks(device: torch.device, partition_size: int) -> tuple[int, int]:
+    """(BLOCK_N, num_warps): big tiles on GPU; 16-token tiles for the slow interpreter."""
+    if device.type == "cuda":
+        return math.gcd(partition_size, 64), 4  # a power of two that tiles the partition
+    return 16, 1
+
+
+@torch.library.custom_op("miniinfer::decode_attention", mutates_args=())
+def _decode_attention_op(
+    q: torch.Tensor,
+    data_layer: torch.Tensor,
+    scales_layer: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    sm_scale: float,
+    partition_size: int,
+) -> torch.Tensor:
+    b, h, d = q.shape
+    hkv, page_size = data_layer.shape[3], data_layer.shape[2]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if b == 0:
+        return out
+    num_parts = max(1, triton.cdiv(block_tables.shape[1] * page_size, partition_size))
+    mid_out = torch.empty((b, h, num_parts, d), dtype=torch.float32, device=q.device)
+    mid_max = torch.empty((b, h, num_parts), dtype=torch.float32, device=q.device)
+    mid_sum = torch.empty_like(mid_max)
+    quantized = scales_layer is not None
+    s_strides = scales_layer.stride() if quantized else (0, 0, 0, 0)
+    group = h // hkv
+    block_n, num_warps = _blocks(q.device, partition_size)
+    block_d = max(16, triton.next_power_of_2(d))
+    with device_guard(q):
+        _decode_partition_kernel[(b, hkv, num_parts)](
+            q,
+            data_layer,
+            scales_layer if quantized else data_layer,
+            block_tables,
+            ctx_lens,
+            mid_out,
+            mid_max,
+            mid_sum,
+            q.stride(0),
+            q.stride(1),
+            *data_layer.stride()[:4],
+            *s_strides,
+            block_tables.stride(0),
+            h,
+            d,
+            sm_scale * LOG2E,
+            GROUP=group,
+            PAGE_SIZE=page_size,
+            PARTITION_SIZE=partition_size,
+            QUANTIZED=quantized,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            BLOCK_G=max(16, triton.next_power_of_2(group)),
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+        _decode_reduce_kernel[(b, h)](
+            mid_out,
+            mid_max,
+            mid_sum,
+            out,
+            out.stride(0),
+            out.stride(1),
+            h,
+            num_parts,
+            d,
+            BLOCK_P=min(32, triton.next_power_of_2(num_parts)),
+            BLOCK_D=block_d,
+            num_warps=num_warps,
+        )
+    return out
+
+
+@_decode_attention_op.register_fake
+def _(q, data_layer, scales_layer, block_tables, ctx_lens, sm_scale, partition_size):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def check_paged_cache(name: str, q, data_layer, scales_layer, block_tables) -> None:
+    """Shared by decode and prefill: q [., H, D] against a [2, P, S, Hkv, D] layer."""
+    check_float(name, q=q)
+    check_index(name, block_tables=block_tables)
+    check_last_dim_contiguous(name, q=q, data_layer=data_layer)
+    if q.dim() != 3:
+        raise ValueError(f"{name}: q must be 3-D [tokens, H, D], got {tuple(q.shape)}")
+    h, d = q.shape[1:]
+    if data_layer.dim() != 5 or data_layer.shape[0] != 2 or data_layer.shape[4] != d:
+        raise ValueError(
+            f"{name}: data_layer must be [2, num_pages, page_size, Hkv, {d}], "
+            f"got {tuple(data_layer.shape)}"
+        )
+    hkv = data_layer.shape[3]
+    if h % hkv != 0:
+        raise ValueError(f"{name}: query heads {h} must be a multiple of kv heads {hkv}")
+    if data_layer.dtype == torch.int8:
+        if scales_layer is None or scales_layer.shape != data_layer.shape[:4]:
+            raise ValueError(
+                f"{name}: an int8 cache needs scales_layer {tuple(data_layer.shape[:4])}, got "
+                f"{None if scales_layer is None else tuple(scales_layer.shape)}"
+            )
+        if scales_layer.dtype != torch.float32:
+            raise ValueError(f"{name}: scales_layer must be float32, got {scales_layer.dtype}")
+    else:
+        check_float(name, data_layer=data_layer)
+        if scales_layer is not None:
+            raise ValueError(
+                f"{name}: scales_layer is only for int8 caches, data is {data_layer.dtype}"
+            )
+    if block_tables.dim() != 2:
+        raise ValueError(
+            f"{name}: block_tables must be [B, max_pages], got {tuple(block_tables.shape)}"
+        )
+
+
+def decode_attention(
+    q: torch.Tensor,
+    data_layer: torch.Tensor,
+    scales_layer: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    sm_scale: float | None = None,
+    partition_size: int = 512,
+) -> torch.Tensor:
+    """q [B, H, D]; block_tables [B, max_pages]; ctx_lens [B] -> out [B, H, D] in q.dtype.
+
+    Row b attends the first ctx_lens[b] tokens of its pages; ctx_lens[b] must not exceed
+    max_pages * page_size (not checked on the device).
+    """
+    name = "decode_attention"
+    tensors = [q, data_layer, block_tables, ctx_lens]
+    check_launchable(name, *tensors, *([] if scales_layer is None else [scales_layer]))
+    check_paged_cache(name, q, data_layer, scales_layer, block_tables)
+    check_index(name, ctx_lens=ctx_lens)
+    b = q.shape[0]
+    if block_tables.shape[0] != b or ctx_lens.shape != (b,):
+        raise ValueError(
+            f"{name}: block_tables [B, P] and ctx_lens [B] must have B={b} rows, got "
+            f"{tuple(block_tables.shape)} and {tuple(ctx_lens.shape)}"
+        )
+    if partition_size <= 0 or partition_size % 16 != 0:
+        raise ValueError(
+            f"{name}: partition_size must be a positive multiple of 16, got {partition_size}"
+        )
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    return _decode_attention_op(
+        q, data_layer, scales_layer, block_tables, ctx_lens, scale, int(partition_size)
+    )
+
+
+def gather_kv_reference(
+    data_layer: torch.Tensor,
+    scales_layer: torch.Tensor | None,
+    pages: torch.Tensor,
+    num_tokens: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K, V [num_tokens, Hkv, D] of one sequence, dequantized to dtype (as KVCache.gather)."""
+    _, _, _, hkv, d = data_layer.shape
+    kv = data_layer[:, pages.long()].reshape(2, -1, hkv, d)[:, :num_tokens]  # [2, L, Hkv, D]
+    if scales_layer is not None:
+        sc = scales_layer[:, pages.long()].reshape(2, -1, hkv)[:, :num_tokens]
+        kv = (kv.float() * sc.unsqueeze(-1)).to(dtype)
+    return kv[0].to(dtype), kv[1].to(dtype)
+
+
+def attend_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale):
+    """q [Q, H, D], k/v [L, Hkv, D], mask [Q, L] bool (True = keep) -> [Q, H, D]."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, L, D]
+    v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = torch.matmul(q.transpose(0, 1), k.transpose(-1, -2)) * scale  # [H, Q, L]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    return torch.matmul(probs, v).transpose(0, 1)  # [Q, H, D]
+
+
+def decode_attention_reference(
+    q: torch.Tensor,
+    data_layer: torch.Tensor,
+    scales_layer: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    sm_scale: float | None = None,
+) -> torch.Tensor:
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    page_size = data_layer.shape[2]
+    out = torch.empty_like(q)
+    for i, n in enumerate(ctx_lens.tolist()):
+        pages = block_tables[i, : (n + page_size - 1) // page_size]
+        k, v = gather_kv_reference(data_layer, scales_layer, pages, n, q.dtype)
+        mask = torch.ones(1, n, dtype=torch.bool, device=q.device)
+        out[i] = attend_reference(q[i : i + 1], k, v, mask, scale)[0]
+    return out

@@ -1,0 +1,234 @@
+"""Varlen causal prefill attention over a paged prefix (chunked prefill), online softmax.
+
+q [T, H, D] packs the new tokens of B sequences (sequence b owns rows
+cu_q_lens[b] : cu_q_lens[b + 1]). Their K/V are already in the cache, at the end of the
+sequence's ctx_lens[b] tokens, so the query i of sequence b sits at absolute position
+ctx - q_len + i and attends keys 0 .. ctx - q_len + i, all read through the block table.
+One program per (query block, sequence, head); scores live only as a
+[BLOCK_M, BLOCK_N] tile, never as a full matrix. int8 pages are dequantized in the
+kernel (key scale on the scores, value scale folded into the probabilities).
+Rows of q not covered by cu_q_lens are left unwritten in the output.
+"""
+
+import math
+
+import torch
+
+from kernels._triton import check_index, check_launchable, device_guard, tl, triton
+from kernels.decode_attention import LOG2E, attend_reference, check_paged_cache, gather_kv_reference
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    data_ptr,
+    scales_ptr,
+    block_tables_ptr,
+    cu_q_lens_ptr,
+    ctx_lens_ptr,
+    out_ptr,
+    q_t_stride,
+    q_h_stride,
+    o_t_stride,
+    o_h_stride,
+    d_kv_stride,
+    d_page_stride,
+    d_slot_stride,
+    d_head_stride,
+    s_kv_stride,
+    s_page_stride,
+    s_slot_stride,
+    s_head_stride,
+    bt_b_stride,
+    head_dim,
+    qk_scale,
+    GROUP: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    QUANTIZED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    m_blk = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    h = tl.program_id(2)
+    kvh = h // GROUP
+    q_start = tl.load(cu_q_lens_ptr + b).to(tl.int32)
+    q_len = tl.load(cu_q_lens_ptr + b + 1).to(tl.int32) - q_start
+    if m_blk * BLOCK_M >= q_len:
+        return
+    prefix = tl.load(ctx_lens_ptr + b).to(tl.int32) - q_len  # tokens before the new ones
+
+    m = m_blk * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    m_mask = m < q_len
+    d_mask = d < head_dim
+    q_pos = prefix + m  # [BLOCK_M] absolute positions
+    tok = (q_start + m).to(tl.int64)
+    q_ptrs = q_ptr + tok[:, None] * q_t_stride + h * q_h_stride + d[None, :]
+    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # the last row of this block sees keys up to its own position; rows past q_len see
+    # keys < kv_end too, so no row is ever fully masked (key 0 is visible to all)
+    kv_end = tl.minimum(prefix + (m_blk + 1) * BLOCK_M, prefix + q_len)
+    for n0 in range(0, kv_end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n < kv_end
+        page = tl.load(block_tables_ptr + b * bt_b_stride + n // PAGE_SIZE, mask=n_mask, other=0)
+        row = page.to(tl.int64) * d_page_stride + (n % PAGE_SIZE) * d_slot_stride
+        row += kvh * d_head_stride  # [BLOCK_N]
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(data_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(data_ptr + d_kv_stride + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+        if QUANTIZED:
+            srow = page.to(tl.int64) * s_page_stride + (n % PAGE_SIZE) * s_slot_stride
+            srow += kvh * s_head_stride
+            k_scale = tl.load(scales_ptr + srow, mask=n_mask, other=0.0)  # [BLOCK_N]
+            v_scale = tl.load(scales_ptr + s_kv_stride + srow, mask=n_mask, other=0.0)
+            s = s * k_scale[None, :]
+        keep = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        s = tl.where(keep, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if QUANTIZED:
+            p = p * v_scale[None, :]
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    o_ptrs = out_ptr + tok[:, None] * o_t_stride + h * o_h_stride + d[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def _blocks(device: torch.device, head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): tensor-core tiles on GPU, small ones in the interpreter."""
+    if device.type == "cuda":
+        return (64, 64, 4) if head_dim <= 128 else (64, 32, 8)
+    return 16, 16, 1
+
+
+@torch.library.custom_op("miniinfer::prefill_attention", mutates_args=())
+def _prefill_attention_op(
+    q: torch.Tensor,
+    data_layer: torch.Tensor,
+    scales_layer: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    cu_q_lens: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    max_q_len: int,
+    sm_scale: float,
+) -> torch.Tensor:
+    t, h, d = q.shape
+    num_seqs = ctx_lens.shape[0]
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if t == 0 or num_seqs == 0 or max_q_len == 0:
+        return out
+    quantized = scales_layer is not None
+    s_strides = scales_layer.stride() if quantized else (0, 0, 0, 0)
+    block_m, block_n, num_warps = _blocks(q.device, d)
+    with device_guard(q):
+        _prefill_kernel[(triton.cdiv(max_q_len, block_m), num_seqs, h)](
+            q,
+            data_layer,
+            scales_layer if quantized else data_layer,
+            block_tables,
+            cu_q_lens,
+            ctx_lens,
+            out,
+            q.stride(0),
+            q.stride(1),
+            out.stride(0),
+            out.stride(1),
+            *data_layer.stride()[:4],
+            *s_strides,
+            block_tables.stride(0),
+            d,
+            sm_scale * LOG2E,
+            GROUP=h // data_layer.shape[3],
+            PAGE_SIZE=data_layer.shape[2],
+            QUANTIZED=quantized,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=max(16, triton.next_power_of_2(d)),
+            num_warps=num_warps,
+        )
+    return out
+
+
+@_prefill_attention_op.register_fake
+def _(q, data_layer, scales_layer, block_tables, cu_q_lens, ctx_lens, max_q_len, sm_scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def cu_seqlens(q_lens: torch.Tensor) -> torch.Tensor:
+    """q_lens [B] -> cu_q_lens [B + 1] int32 (0, q0, q0 + q1, ...)."""
+    return torch.nn.functional.pad(q_lens.cumsum(0), (1, 0)).to(torch.int32)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    data_layer: torch.Tensor,
+    scales_layer: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    cu_q_lens: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    max_q_len: int | None = None,
+    sm_scale: float | None = None,
+) -> torch.Tensor:
+    """q [T, H, D]; cu_q_lens [B + 1]; ctx_lens [B]; block_tables [B, max_pages] -> [T, H, D].
+
+    ctx_lens count each sequence's tokens after this step (new ones included, already
+    stored). max_q_len sizes the grid; leave it None to read it from cu_q_lens (one host
+    sync). Lengths are not checked on the device: q_len <= ctx_len <= max_pages * page_size.
+    """
+    name = "prefill_attention"
+    tensors = [q, data_layer, block_tables, cu_q_lens, ctx_lens]
+    check_launchable(name, *tensors, *([] if scales_layer is None else [scales_layer]))
+    check_paged_cache(name, q, data_layer, scales_layer, block_tables)
+    check_index(name, cu_q_lens=cu_q_lens, ctx_lens=ctx_lens)
+    b = ctx_lens.shape[0]
+    if ctx_lens.dim() != 1 or cu_q_lens.shape != (b + 1,) or block_tables.shape[0] != b:
+        raise ValueError(
+            f"{name}: need ctx_lens [B], cu_q_lens [B + 1], block_tables [B, P]; got "
+            f"{tuple(ctx_lens.shape)}, {tuple(cu_q_lens.shape)}, {tuple(block_tables.shape)}"
+        )
+    if max_q_len is None:
+        max_q_len = int((cu_q_lens[1:] - cu_q_lens[:-1]).max()) if b > 0 else 0
+    if max_q_len < 0:
+        raise ValueError(f"{name}: max_q_len must be >= 0, got {max_q_len}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    return _prefill_attention_op(
+        q, data_layer, scales_layer, block_tables, cu_q_lens, ctx_lens, int(max_q_len), scale
+    )
+
+
+def prefill_attention_reference(
+    q: torch.Tensor,
+    data_layer: torch.Tensor,
+    scales_layer: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    cu_q_lens: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    sm_scale: float | None = None,
+) -> torch.Tensor:
+    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else sm_scale
+    page_size = data_layer.shape[2]
+    out = torch.zeros_like(q)
+    bounds = cu_q_lens.tolist()
+    for i, n in enumerate(ctx_lens.tolist()):
+        start, end = bounds[i], bounds[i + 1]
+        pages = block_tables[i, : (n + page_size - 1) // page_size]
+        k, v = gather_kv_reference(data_layer, scales_layer, pages, n, q.dtype)
+        q_pos = torch.arange(n - (end - start), n, device=q.device)
+        mask = torch.arange(n, device=q.device)[None, :] <= q_pos[:, None]  # [Q, L]
+        out[start:end] = attend_reference(q[start:end], k, v, mask, scale)
+    return out
