@@ -13,6 +13,7 @@ import argparse
 import concurrent.futures as cf
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -37,6 +38,14 @@ def summarize(name: str, batch: int, ttft: list[float], tpot: list[float], token
     return {"system": name, "batch": batch, "ttft_p50_ms": 1e3 * pct(ttft, 0.5), "ttft_p99_ms": 1e3 * pct(ttft, 0.99),
             "tpot_p50_ms": 1e3 * pct(tpot, 0.5), "tpot_p99_ms": 1e3 * pct(tpot, 0.99),
             "tok_s": tokens / wall, "requests": len(ttft)}
+
+
+def merge(name: str, batch: int, rounds: list[dict]) -> dict:
+    """Median over rounds of each figure."""
+    keys = [k for k in rounds[0] if k.endswith("_ms") or k == "tok_s"]
+    out = {"system": name, "batch": batch, "requests": sum(r["requests"] for r in rounds), "rounds": len(rounds)}
+    out.update({k: statistics.median(r[k] for r in rounds) for k in keys})
+    return out
 
 
 def run_local(engine, prompts: list[list[int]], batch: int, max_tokens: int, rounds: int) -> dict:
@@ -99,7 +108,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch-sizes", default="1,16")
     ap.add_argument("--max-tokens", type=int, default=48)
-    ap.add_argument("--rounds", type=int, default=3, help="rounds per batch size")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds per batch size")
+    ap.add_argument("--decode-threads", type=int, default=1,
+                    help="decode worker torch threads (on 2 cores, 1 leaves a core to the router)")
     ap.add_argument("--kv-dtype", default="int8")
     ap.add_argument("--transport", default="gloo", choices=["gloo", "grpc"])
     ap.add_argument("--json-out", default=None)
@@ -112,26 +123,30 @@ def main(argv=None) -> int:
     from cluster.config import parse_config
     from engine.llm import EngineConfig, LLMEngine
 
-    print(f"[bench] local engine (kv {args.kv_dtype}, {torch.get_num_threads()} threads)", file=sys.stderr)
-    engine = LLMEngine.from_name("smollm2-135m", EngineConfig(kv_dtype=args.kv_dtype, num_pages=1024), quiet=True)
-    prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
-    rows = []
-    run_local(engine, prompts, 1, 8, 1)  # warm-up
-    for b in batches:
-        rows.append(run_local(engine, prompts, b, args.max_tokens, args.rounds))
-        print(json.dumps(rows[-1]), flush=True)
-    del engine
-
-    print("[bench] starting the 1P1D cluster", file=sys.stderr)
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    print(f"[bench] starting the 1P1D cluster (decode worker: {args.decode_threads} torch threads)",
+          file=sys.stderr)
     cfg = parse_config({"kv_dtype": args.kv_dtype, "transport": args.transport, "router": {"port": 0},
-                        "prefill": {"num_pages": 1024}, "decode": {"num_pages": 2048}}, "bench")
+                        "prefill": {"num_pages": 1024},
+                        "decode": {"num_pages": 2048, "torch_threads": args.decode_threads}}, "bench")
     c = BackgroundCluster(cfg, quiet=False)
+    rows = []
     try:
-        run_cluster(c.stub, prompts, 1, 8, 1)  # warm-up (also builds the pairwise group)
+        print(f"[bench] local engine (kv {args.kv_dtype}, {torch.get_num_threads()} threads)", file=sys.stderr)
+        engine = LLMEngine.from_name("smollm2-135m", EngineConfig(kv_dtype=args.kv_dtype, num_pages=1024),
+                                     quiet=True)
+        prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
+        run_local(engine, prompts, 1, 8, 1)  # warm-ups (the cluster's also builds the pairwise group)
+        run_cluster(c.stub, prompts, 1, 8, 1)
         for b in batches:
-            rows.append(run_cluster(c.stub, prompts, b, args.max_tokens, args.rounds))
-            print(json.dumps(rows[-1]), flush=True)
+            # Alternate rounds so drift in this shared machine's speed hits both sides alike.
+            local, cluster = [], []
+            for r in range(args.rounds):
+                local.append(run_local(engine, prompts[r:] + prompts[:r], b, args.max_tokens, 1))
+                cluster.append(run_cluster(c.stub, prompts[r:] + prompts[:r], b, args.max_tokens, 1))
+            for name, rs in (("local", local), ("cluster-1p1d", cluster)):
+                rows.append(merge(name, b, rs))
+                print(json.dumps(rows[-1]), flush=True)
     finally:
         c.close()
     if args.json_out:
@@ -139,7 +154,8 @@ def main(argv=None) -> int:
             json.dump(rows, f, indent=1)
 
     print(f"\n1P1D cluster vs local engine: SmolLM2-135M, kv {args.kv_dtype}, {args.transport}, "
-          f"{args.max_tokens} tokens/request, {os.cpu_count()} CPU cores")
+          f"{args.max_tokens} tokens/request, {os.cpu_count()} CPU cores, decode worker "
+          f"{args.decode_threads} thread(s), local {torch.get_num_threads()}; medians of {args.rounds} rounds")
     print(f"{'system':14} {'batch':>5} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'tok/s':>7} {'TPOT ratio':>10}")
     local = {r["batch"]: r for r in rows if r["system"] == "local"}
     for r in rows:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -28,6 +29,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self.steps = 0
+        self.step_seconds = 0.0  # time inside engine.step(), for status and benchmarks
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     def start(self) -> None:
@@ -74,7 +76,9 @@ class EngineLoop:
                 if self._stop.is_set():
                     break
                 if self.engine.has_unfinished():
+                    t0 = time.perf_counter()
                     outputs = self.engine.step()
+                    self.step_seconds += time.perf_counter() - t0
                     self.steps += 1
                     if outputs:
                         self.on_outputs(outputs)

@@ -147,7 +147,8 @@ class PrefillWorker:
             pool, sched = self.engine.pool, self.engine.scheduler
             return {"pages_total": pool.num_pages, "pages_free": pool.num_free,
                     "pages_used": pool.num_used, "running": len(sched.running),
-                    "waiting": len(sched.waiting), "steps": self.loop.steps}
+                    "waiting": len(sched.waiting), "steps": self.loop.steps,
+                    "step_seconds": self.loop.step_seconds}
 
         s = await asyncio.wrap_future(self.loop.submit(read))
         s.update(worker_id=self.worker_id, role="prefill", pid=os.getpid(), ready_s=self.ready_s,
