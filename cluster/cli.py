@@ -7,11 +7,7 @@ import json
 import math
 import sys
 
-EXIT_USAGE = 2
-
-
-class CLIError(Exception):
-    """A user-facing error: printed as one line, exit code 2."""
+from cluster.errors import EXIT_USAGE, CLIError
 
 
 class _Parser(argparse.ArgumentParser):

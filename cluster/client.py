@@ -55,7 +55,8 @@ FINISH_NAMES = {v: k.removeprefix("FINISH_REASON_").lower() for k, v in pb.Finis
 
 
 def run_remote(args) -> int:
-    from cluster.cli import CLIError, read_prompts, sampling_from_args
+    from cluster.cli import read_prompts, sampling_from_args
+    from cluster.errors import CLIError
 
     prompts = read_prompts(args)
     sampling_from_args(args).validate()  # same checks as the server, before any traffic

@@ -34,8 +34,8 @@ def add_cluster_commands(sub) -> None:
 
 
 def cmd_up(args) -> int:
-    from cluster.cli import CLIError
     from cluster.config import ConfigError, load_config
+    from cluster.errors import CLIError
 
     try:
         config = load_config(args.config)
@@ -52,11 +52,12 @@ async def _up(config, port: int | None) -> int:
     cluster = Cluster(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     state = None
     try:
         bound = await cluster.start(port)
+        # after Ray's init, which installs handlers of its own
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         state = _state_file(bound)
         state.parent.mkdir(parents=True, exist_ok=True)
         state.write_text(json.dumps({"pid": os.getpid(), "port": bound, "started": time.time()}))
@@ -72,7 +73,7 @@ async def _up(config, port: int | None) -> int:
 
 
 def cmd_down(args) -> int:
-    from cluster.cli import CLIError
+    from cluster.errors import CLIError
 
     state = _state_file(args.port)
     if not state.exists():
@@ -85,20 +86,30 @@ def cmd_down(args) -> int:
         raise CLIError(f"the cluster process {pid} is gone; removed its stale state file") from None
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        # `up` removes its state file as the last step of a clean shutdown
+        if not state.exists() or not _alive(pid):
             print(f"stopped cluster on port {args.port}")
             return 0
         time.sleep(0.2)
     raise CLIError(f"cluster process {pid} did not stop within {args.timeout:.0f}s")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its parent) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
 def cmd_status(args) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from cluster.cli import CLIError
+    from cluster.errors import CLIError
     from protos.miniinfer.v1 import miniinfer_pb2 as pb
     from protos.miniinfer.v1 import miniinfer_pb2_grpc as pb_grpc
 
