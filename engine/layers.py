@@ -1,7 +1,8 @@
 """Building blocks of the decoder: RMSNorm, rotary embedding, gated MLP.
 
-Reference torch implementations. The GPU path swaps in Triton kernels (kernels/) behind
-the same call signatures.
+The modules hold parameters; the math goes through a `LayerOps` object chosen once per
+engine: `TorchOps` (the reference, what CPU runs) or `TritonOps` (kernels/, CUDA). Both
+take the same arguments, so the model code has one path.
 """
 
 from __future__ import annotations
@@ -19,10 +20,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor, ops: LayerOps | None = None) -> torch.Tensor:
+        return (ops or TORCH_OPS).rmsnorm(x, self.weight, self.eps)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -51,11 +50,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, ops=None):
         """positions [T]; q [T, H, D], k [T, Hkv, D] -> rotated q, k (same dtypes)."""
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return (ops or TORCH_OPS).rotary(positions, q, k, self.cos, self.sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -74,6 +71,61 @@ class GatedMLP(nn.Module):
         self.gate_up = nn.Linear(hidden, 2 * intermediate, bias=False)
         self.down = nn.Linear(intermediate, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gu = self.gate_up(x)  # [T, 2I]
-        return self.down(F.silu(gu[..., : self.intermediate]) * gu[..., self.intermediate :])
+    def forward(self, x: torch.Tensor, ops: LayerOps | None = None) -> torch.Tensor:
+        ops = ops or TORCH_OPS
+        return self.down(ops.silu_and_mul(self.gate_up(x)))  # gate_up: [T, 2I]
+
+
+class LayerOps:
+    """The element-wise math of a decoder layer; this base class is the torch reference."""
+
+    name = "torch"
+
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * xf.to(x.dtype)
+
+    def add_rmsnorm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (rmsnorm(x + residual), x + residual)."""
+        residual = x + residual
+        return self.rmsnorm(residual, weight, eps), residual
+
+    def rotary(self, positions, q, k, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T]; q [T, H, D], k [T, Hkv, D]; cos/sin [P, D] -> rotated q, k."""
+        c = cos[positions].unsqueeze(1)  # [T, 1, D]
+        s = sin[positions].unsqueeze(1)
+        return _rotate(q, c, s), _rotate(k, c, s)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return F.silu(x[..., :half]) * x[..., half:]
+
+
+TORCH_OPS = LayerOps()
+
+
+class TritonOps(LayerOps):
+    """The same math through the Triton kernels (fused residual add, in-place rotary)."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        import kernels.ops as k  # lazy: importing kernels fixes TRITON_INTERPRET for the process
+
+        self._k = k
+
+    def rmsnorm(self, x, weight, eps):
+        return self._k.rmsnorm(x, weight, eps)
+
+    def add_rmsnorm(self, x, residual, weight, eps):
+        return self._k.fused_add_rmsnorm(x, residual, weight, eps)
+
+    def rotary(self, positions, q, k, cos, sin):
+        # q, k are views into the fused qkv output: rotating in place saves two copies
+        return self._k.apply_rotary(positions, q, k, cos, sin, inplace=True)
+
+    def silu_and_mul(self, x):
+        return self._k.silu_and_mul(x)

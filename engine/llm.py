@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 import torch
 
+from engine.backend import BACKENDS, select_backend
 from engine.errors import InvalidRequest
 from engine.kv_cache import KVCache, KVCacheSpec, resolve_kv_dtype
 from engine.loader.registry import LoadedModel, load_model
@@ -17,6 +19,8 @@ from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.textstream import TextStream
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -26,6 +30,17 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # default: the model's context length
     max_tokens_limit: int = 8192
+    attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | torch | triton
+    cuda_graphs: bool = True  # on CUDA, replay decode steps from CUDA graphs captured at start
+    max_graph_batch_size: int = 256  # largest captured decode batch (capped by max_num_seqs)
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}"
+            )
+        if self.max_graph_batch_size < 1:
+            raise ValueError(f"max_graph_batch_size must be >= 1, got {self.max_graph_batch_size}")
 
 
 @dataclass
@@ -60,7 +75,9 @@ class LLMEngine:
             PAGE_SIZE,
             eos,
         )
-        self.runner = ModelRunner(loaded.model, self.cache, self.device)
+        self.backend = select_backend(self.device, config.attention_backend)
+        self.runner = ModelRunner(loaded.model, self.cache, self.device, self.backend)
+        self.warmup_seconds = self._warm_up() if self.device.type == "cuda" else 0.0
         self._streams: dict[str, TextStream] = {}
         # Called with (batch, step output) after the model ran, before pages are released:
         # the prefill worker exports finished prompts' KV pages here.
@@ -70,6 +87,27 @@ class LLMEngine:
     def from_name(cls, name: str, config: EngineConfig = EngineConfig(), dtype=torch.float32,
                   device="cpu", quiet: bool = False) -> LLMEngine:
         return cls(load_model(name, dtype=dtype, device=device, quiet=quiet), config, device)
+
+    def _warm_up(self) -> float:
+        """Compile the kernels and capture the decode graphs before any request. -> seconds."""
+        t0 = time.perf_counter()
+        if self.backend.name == "triton":
+            self.runner.warmup_prefill()
+            if self.config.cuda_graphs:
+                # The issue puts the graph runner in decode/; imported here, CUDA only.
+                from decode.graphs import CudaGraphRunner
+
+                max_bs = min(self.config.max_graph_batch_size, self.config.max_num_seqs)
+                graphs = CudaGraphRunner(
+                    self.runner.model, self.cache, self.backend, max_bs, self.max_model_len
+                )
+                graphs.capture()
+                self.runner.graphs = graphs
+        torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - t0
+        log.info("warm-up on %s (%s backend, cuda graphs %s) took %.2fs", self.device,
+                 self.backend.name, self.runner.graphs is not None, seconds)
+        return seconds
 
     # ---- requests ----
 

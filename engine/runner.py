@@ -1,15 +1,49 @@
-"""ModelRunner: turns a ScheduledBatch into tensors, runs the model, samples a StepOutput."""
+"""ModelRunner: turns a ScheduledBatch into tensors, runs the model, samples a StepOutput.
+
+A step is first collected on the host (`HostStep`, plain lists), then either copied into
+the static buffers of a captured CUDA graph (decode steps that fit a bucket, when graphs
+are attached) or turned into fresh tensors for an eager forward pass.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from engine.attention import AttentionMetadata
+from engine.backend import TORCH_BACKEND, Backend
 from engine.kv_cache import KVCache
-from engine.request import ScheduledBatch, StepOutput
+from engine.request import Request, ScheduledBatch, StepOutput
 from engine.sampling import SamplingBatch, sample
+
+
+@dataclass
+class HostStep:
+    """One step as host lists: what both the eager and the graph path start from."""
+
+    input_ids: list[int]  # [T]
+    positions: list[int]  # [T]
+    slots: list[int]  # [T]
+    q_lens: list[int]  # [B]
+    ctx_lens: list[int]  # [B]
+    tables: list[list[int]]  # [B][pages of that sequence]
+    logits_rows: list[int]  # [N] rows of the flat batch whose next token we sample
+    params: list  # [N] SamplingParams
+    generators: list  # [N] torch.Generator | None
+
+    @property
+    def is_decode(self) -> bool:
+        return all(q == 1 for q in self.q_lens)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.q_lens)
+
+    def padded_tables(self) -> list[list[int]]:
+        width = max(len(t) for t in self.tables)
+        return [t + [0] * (width - len(t)) for t in self.tables]
 
 
 @dataclass
@@ -21,57 +55,140 @@ class StepInputs:
     sampling: SamplingBatch | None
 
 
+class DecodeGraphs(Protocol):
+    """What the runner needs from a CUDA-graph runner (decode/graphs.py implements it)."""
+
+    def run(self, step: HostStep) -> torch.Tensor | None:
+        """Logits [B, V] of a decode step replayed from a graph; None when no graph fits."""
+
+
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: KVCache, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache: KVCache,
+        device: torch.device | str = "cpu",
+        backend: Backend = TORCH_BACKEND,
+    ):
         self.model = model
         self.cache = cache
         self.device = torch.device(device)
+        self.backend = backend
         self.page_size = cache.page_size
+        self.graphs: DecodeGraphs | None = None  # attached after capture (decode/graphs.py)
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        ids, pos, slots, q_lens, ctx_lens, tables, last = [], [], [], [], [], [], []
-        params, gens = [], []
-        flat = 0
+    # ---- host side ----
+
+    def collect(self, batch: ScheduledBatch) -> HostStep:
+        s = HostStep([], [], [], [], [], [], [], [], [])
+        flat, ps = 0, self.page_size
         for seq in batch.seqs:
             req, n = seq.request, seq.num_new_tokens
             start = req.num_computed_tokens
-            tokens = req.all_token_ids[start : start + n]
-            ids.extend(tokens)
-            pos.extend(range(start, start + n))
-            slots.extend(req.pages[p // self.page_size] * self.page_size + p % self.page_size for p in range(start, start + n))
-            q_lens.append(n)
-            ctx_lens.append(start + n)
-            tables.append(req.pages)
+            s.input_ids.extend(req.all_token_ids[start : start + n])
+            s.positions.extend(range(start, start + n))
+            s.slots.extend(req.pages[p // ps] * ps + p % ps for p in range(start, start + n))
+            s.q_lens.append(n)
+            s.ctx_lens.append(start + n)
+            s.tables.append(req.pages)
             flat += n
             if seq.sample:
-                last.append(flat - 1)
-                params.append(req.params)
-                gens.append(req.generator)
-        width = max(len(t) for t in tables)
-        table = [t + [0] * (width - len(t)) for t in tables]
+                s.logits_rows.append(flat - 1)
+                s.params.append(req.params)
+                s.generators.append(self._generator(req))
+        return s
 
-        def t(x):
-            return torch.tensor(x, dtype=torch.int64, device=self.device)
+    def _generator(self, req: Request) -> torch.Generator | None:
+        """A seeded request's generator, moved once to this runner's device (CPU-made)."""
+        g = req.generator
+        if g is not None and g.device != self.device:
+            g = torch.Generator(self.device).manual_seed(req.params.seed)
+            req.generator = g
+        return g
 
-        meta = AttentionMetadata(q_lens, ctx_lens, t(table), t(slots), t(ctx_lens))
-        sb = SamplingBatch.build(params, gens, self.device) if params else None
-        return StepInputs(t(ids), t(pos), meta, t(last), sb)
+    def _tensor(self, values, dtype=torch.int64) -> torch.Tensor:
+        # built on the host, copied without a stream sync (a no-op on CPU)
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+    def to_inputs(self, s: HostStep, sampling: bool = False) -> StepInputs:
+        cu = [0]
+        for q in s.q_lens:
+            cu.append(cu[-1] + q)
+        meta = AttentionMetadata(
+            s.q_lens,
+            s.ctx_lens,
+            self._tensor(s.padded_tables()),
+            self._tensor(s.slots),
+            self._tensor(s.ctx_lens),
+            cu_q_lens=self._tensor(cu, torch.int32),
+        )
+        sb = (
+            SamplingBatch.build(s.params, s.generators, self.device)
+            if sampling and s.params
+            else None
+        )
+        return StepInputs(
+            self._tensor(s.input_ids),
+            self._tensor(s.positions),
+            meta,
+            self._tensor(s.logits_rows),
+            sb,
+        )
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        return self.to_inputs(self.collect(batch), sampling=True)
+
+    # ---- device side ----
+
+    def forward(self, inp: StepInputs) -> torch.Tensor:
+        """Final hidden states [T, hidden] of an eager pass."""
+        return self.model(inp.input_ids, inp.positions, inp.meta, self.cache, self.backend)
+
+    def sampled_logits(self, s: HostStep, use_graphs: bool = True) -> torch.Tensor:
+        """Logits [N, V] float32 of the rows to sample; a captured graph when one fits."""
+        if use_graphs and self.graphs is not None and s.is_decode:
+            logits = self.graphs.run(s)  # [B, V], one row per sequence
+            if logits is not None:
+                if len(s.logits_rows) == s.num_seqs:
+                    return logits
+                return logits[self._tensor(s.logits_rows)]
+        inp = self.to_inputs(s)
+        hidden = self.forward(inp)
+        return self.model.compute_logits(hidden[inp.logits_index])  # [N, V]
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         if batch.is_empty:
             return StepOutput([])
-        inp = self.prepare(batch)
-        hidden = self.model(inp.input_ids, inp.positions, inp.meta, self.cache)  # [T, hidden]
-        if inp.sampling is None:
-            return StepOutput([])
-        logits = self.model.compute_logits(hidden[inp.logits_index])  # [N, V]
-        tokens, logprobs = sample(logits, inp.sampling)
-        return StepOutput(tokens.tolist(), None if logprobs is None else logprobs.tolist())
+        s = self.collect(batch)
+        kind = "decode" if s.is_decode else "prefill"
+        with self.backend.range(f"step {kind} seqs={s.num_seqs} tokens={len(s.input_ids)}"):
+            if not s.params:  # prefill chunks only: fill the cache, sample nothing
+                self.forward(self.to_inputs(s))
+                return StepOutput([])
+            if all(p.greedy and not p.logprobs for p in s.params):
+                tokens = self.sampled_logits(s).argmax(dim=-1)  # what sample() does then
+                return StepOutput(tokens.tolist())
+            # built before the launch: its host->device copies then find the GPU idle
+            sb = SamplingBatch.build(s.params, s.generators, self.device)
+            tokens, logprobs = sample(self.sampled_logits(s), sb)
+            return StepOutput(tokens.tolist(), None if logprobs is None else logprobs.tolist())
 
     @torch.inference_mode()
     def logits(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits of every token fed this step [T, V] (for tests against a reference)."""
-        inp = self.prepare(batch)
-        hidden = self.model(inp.input_ids, inp.positions, inp.meta, self.cache)
+        """Logits of every token fed this step [T, V], eager (for tests against a reference)."""
+        hidden = self.forward(self.to_inputs(self.collect(batch)))
         return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def warmup_prefill(self, num_tokens: int = 32) -> None:
+        """Run one throw-away prefill so that kernels compile before the first request.
+
+        Triton backend only (the torch store rejects slot -1). Slots are -1, so nothing is
+        stored, and the sequence reads page 0: no page a request owns is written.
+        """
+        n = max(1, min(num_tokens, self.cache.spec.num_pages * self.page_size))
+        pages = -(-n // self.page_size)
+        s = HostStep([0] * n, list(range(n)), [-1] * n, [n], [n], [[0] * pages], [n - 1], [], [])
+        inp = self.to_inputs(s)
+        self.model.compute_logits(self.forward(inp)[inp.logits_index])

@@ -11,7 +11,8 @@ import re
 import torch
 from torch import nn
 
-from engine.attention import AttentionMetadata, paged_attention
+from engine.attention import AttentionMetadata
+from engine.backend import TORCH_BACKEND, Backend
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
 from engine.layers import GatedMLP, RMSNorm, RotaryEmbedding
@@ -27,18 +28,18 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, rope: RotaryEmbedding, meta: AttentionMetadata, cache: KVCache):
-        c = self.cfg
+    def forward(self, x, positions, rope: RotaryEmbedding, meta: AttentionMetadata, cache: KVCache,
+                backend: Backend = TORCH_BACKEND):
+        c, ops = self.cfg, backend.ops
         t = x.shape[0]
         q, k, v = self.qkv(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = q.view(t, c.num_heads, c.head_dim)  # [T, H, D]
         k = k.view(t, c.num_kv_heads, c.head_dim)  # [T, Hkv, D]
         v = v.view(t, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
-        cache.store(self.layer, k, v, meta.slots)
-        out = paged_attention(q, cache, self.layer, meta)  # [T, H, D]
+            q, k = self.q_norm(q, ops), self.k_norm(k, ops)
+        q, k = rope(positions, q, k, ops)
+        out = backend.attn.forward(q, k, v, cache, self.layer, meta)  # [T, H, D]
         return self.o(out.reshape(t, c.q_size))
 
 
@@ -55,9 +56,21 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, positions, rope, meta, cache):
-        x = x + self.attn(self.attn_norm(x), positions, rope, meta, cache)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, residual, positions, rope, meta, cache, backend: Backend = TORCH_BACKEND):
+        """x: the previous layer's output, residual: the stream before it (None at layer 0).
+
+        -> (this layer's MLP output, the stream before it). Deferring each residual add
+        into the next norm lets the GPU fuse them; the values are the same as
+        `x = x + attn(norm(x)); x = x + mlp(norm(x))`.
+        """
+        ops = backend.ops
+        if residual is None:
+            residual, h = x, self.attn_norm(x, ops)
+        else:
+            h, residual = ops.add_rmsnorm(x, residual, self.attn_norm.weight, self.attn_norm.eps)
+        h = self.attn(h, positions, rope, meta, cache, backend)
+        h, residual = ops.add_rmsnorm(h, residual, self.mlp_norm.weight, self.mlp_norm.eps)
+        return self.mlp(h, ops), residual
 
 
 class DecoderModel(nn.Module):
@@ -72,12 +85,14 @@ class DecoderModel(nn.Module):
             self.lm_head.weight = self.embed.weight
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
 
-    def forward(self, input_ids, positions, meta: AttentionMetadata, cache: KVCache):
+    def forward(self, input_ids, positions, meta: AttentionMetadata, cache: KVCache,
+                backend: Backend = TORCH_BACKEND):
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
-        x = self.embed(input_ids)
-        for layer in self.layers:
-            x = layer(x, positions, self.rope, meta, cache)
-        return self.norm(x)
+        x, residual = self.embed(input_ids), None  # [T, hidden]
+        for i, layer in enumerate(self.layers):
+            with backend.range(f"layer {i}"):
+                x, residual = layer(x, residual, positions, self.rope, meta, cache, backend)
+        return backend.ops.add_rmsnorm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32."""

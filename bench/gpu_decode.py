@@ -1,0 +1,656 @@
+"""GPU decode: MiniInfer (Triton kernels + CUDA graphs) vs HF transformers, SDPA and the floor.
+
+One run on one GPU prints JSON lines (one per measurement), then a table. Weights are
+seeded random (bench/shapes.py shapes, built directly on the GPU in bf16); the HF model
+shares our weight tensors (views of our fused qkv / gate_up), so both run the same model.
+
+What each row measures (ms per decode step = wall time of one whole step, host included):
+- ours graph / ours eager: `ModelRunner.execute` of one decode step (inputs built on the
+  host, model, logits, greedy sampling, tokens back on the host); graph = CUDA-graph
+  replay, eager = the same kernels launched one by one.
+- HF eager / HF static / HF static+compile: `generate` with the dynamic cache, with
+  `cache_implementation="static"` and `disable_compile=True`, and with the static cache
+  and HF's automatic `torch.compile` (mode reduce-overhead); the step time is the median
+  gap between consecutive tokens handed to a streamer (each gap is one decode step).
+- floor: bytes a step must read (every weight once, LM head included, the embedding row
+  only, plus the KV of every sequence) / device copy bandwidth, measured here by timing a
+  large `copy_` and counting bytes read + written.
+- decode attention: `kernels.decode_attention` on one layer; bandwidth = KV (+ scales)
+  bytes / time. prefill attention: causal FLOPs (2 * B * H * S^2 * D) / time, ours over a
+  paged cache vs SDPA's flash and cuDNN backends on contiguous tensors.
+
+    python bench/gpu_decode.py [--no-cuda-graph] [--quick] [--profile-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+if __package__ in (None, ""):  # run as a script: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import JsonLines, format_table, progress
+from bench.shapes import llama3_8b, smollm2_135m
+from engine.attention import decode_partition_size
+from engine.config import ModelConfig
+from engine.llm import EngineConfig, LLMEngine
+from engine.loader.registry import LoadedModel, random_model
+from engine.request import Request, ScheduledBatch, ScheduledSeq
+from engine.sampling import SamplingParams
+
+ROWS: list[list] = []  # the final table
+OUT = JsonLines(os.environ.get("GPU_DECODE_JSON"))
+T0 = time.perf_counter()
+
+
+def emit(section: str, name: str, **fields) -> None:
+    OUT.emit({"section": section, "name": name, **fields})
+
+
+def row(what: str, value: float | None, unit: str, note: str = "") -> None:
+    ROWS.append([what, value, unit, note])
+    path = os.environ.get("GPU_DECODE_TABLE")
+    if path:  # the table so far, in case the run is cut short
+        with open(path, "w") as f:
+            f.write(format_table(["measurement", "value", "unit", "note"], ROWS) + "\n")
+
+
+def guarded(label: str, fn, *args, **kwargs):
+    """Run one measurement; a failing baseline is reported, not fatal."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - report and go on
+        progress(f"{label} failed: {exc!r}")
+        traceback.print_exc(file=sys.stderr)
+        emit("error", label, error=repr(exc)[:500])
+        row(label, None, "", f"FAILED: {type(exc).__name__}")
+        return None
+
+
+def sync() -> None:
+    torch.cuda.synchronize()
+
+
+def median_ms(fn, iters: int, warmup: int = 2) -> float:
+    """Median wall time of fn() in ms; fn must end with a host sync (or we add one)."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def event_ms(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Median device time of fn() in ms, from CUDA events around each call."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+# ---- floor ----
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large device copy, counting bytes read plus bytes written."""
+    n = 1 << 30  # 1 GiB each way
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = event_ms(lambda: dst.copy_(src), iters=20)
+    return 2 * n / (ms * 1e-3)
+
+
+def step_bytes(cfg: ModelConfig, dtype_bytes: int, batch: int, ctx: int, kv_bytes: float) -> float:
+    """Bytes one decode step must move: weights once + KV read for every sequence."""
+    c = cfg
+    per_layer = c.hidden_size * (c.q_size + 2 * c.kv_size) + c.q_size * c.hidden_size
+    per_layer += 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
+    weights = c.num_layers * per_layer + c.vocab_size * c.hidden_size + c.hidden_size
+    embed_rows = batch * c.hidden_size  # only the looked-up rows of the embedding
+    kv = batch * ctx * c.num_layers * 2 * c.num_kv_heads * kv_bytes
+    return (weights + embed_rows) * dtype_bytes + kv
+
+
+def kv_bytes_per_elem(kv_dtype: str, head_dim: int) -> float:
+    """KV bytes per (token, layer, K-or-V, head) element row, scales included, per element."""
+    return 1.0 + 4.0 / head_dim if kv_dtype == "int8" else 2.0
+
+
+# ---- our engine ----
+
+
+def build_engine(
+    cfg: ModelConfig, model, args, kv_dtype="auto", num_pages=1024, max_seqs=8, graphs: bool = True
+) -> LLMEngine:
+    config = EngineConfig(
+        kv_dtype=kv_dtype,
+        num_pages=num_pages,
+        max_num_seqs=max_seqs,
+        max_num_batched_tokens=8192,
+        cuda_graphs=graphs and not args.no_cuda_graph,
+        max_graph_batch_size=max_seqs,
+    )
+    return LLMEngine(LoadedModel(model, None, cfg, "random", 0.0), config, "cuda")
+
+
+def mode(engine: LLMEngine) -> str:
+    return "graph" if engine.runner.graphs is not None else "eager"
+
+
+def fill_cache_random(engine: LLMEngine) -> None:
+    """Never time attention over zeros: random K/V (and scales) in every page."""
+    c = engine.cache
+    if c.quantized:
+        c.data.random_(-127, 128)
+        c.scales.uniform_(0.005, 0.02)
+    else:
+        c.data.normal_()
+
+
+def decode_batch(engine: LLMEngine, batch: int, ctx: int, seed: int = 0) -> ScheduledBatch:
+    """`batch` requests already holding ctx - 1 tokens of KV, each fed its last token."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = engine.model_config.vocab_size
+    seqs = []
+    for _ in range(batch):
+        req = Request(torch.randint(3, vocab, (ctx,), generator=g).tolist(), SamplingParams())
+        req.pages = engine.pool.allocate(-(-ctx // 16))
+        req.num_computed_tokens = ctx - 1
+        seqs.append(ScheduledSeq(req, 1, True))
+    return ScheduledBatch(seqs)
+
+
+def release(engine: LLMEngine, batch: ScheduledBatch) -> None:
+    for s in batch.seqs:
+        engine.pool.free(s.request.pages)
+        s.request.pages = []
+
+
+def ours_step_ms(engine: LLMEngine, batch: int, ctx: int, iters: int, graphs: bool = True) -> float:
+    sb = decode_batch(engine, batch, ctx)
+    saved = engine.runner.graphs
+    if not graphs:
+        engine.runner.graphs = None
+    try:
+        return median_ms(lambda: engine.runner.execute(sb), iters)
+    finally:
+        engine.runner.graphs = saved
+        release(engine, sb)
+
+
+def first_request(engine: LLMEngine, prompt_len: int = 128, new_tokens: int = 48) -> dict:
+    """Wall time of every engine.step() of the first request after warm-up."""
+    g = torch.Generator().manual_seed(7)
+    prompt = torch.randint(3, engine.model_config.vocab_size, (prompt_len,), generator=g).tolist()
+    engine.add_request(prompt, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+    steps = []
+    while engine.has_unfinished():
+        t0 = time.perf_counter()
+        engine.step()
+        steps.append(time.perf_counter() - t0)
+    ms = [1e3 * s for s in steps]
+    return {
+        "prefill_ms": ms[0],
+        "first_decode_ms": ms[1],
+        "second_decode_ms": ms[2],
+        "steady_decode_ms": statistics.median(ms[len(ms) // 2 :]),
+    }
+
+
+def profile_steps(engine: LLMEngine, out_dir: str, steps: int) -> str:
+    """A torch profiler (chrome) trace of `steps` decode steps, with NVTX step/layer ranges."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.makedirs(out_dir, exist_ok=True)
+    sb = decode_batch(engine, 8, 512, seed=3)
+    engine.runner.execute(sb)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.runner.execute(sb)
+        sync()
+    path = os.path.join(out_dir, "decode_trace.json")
+    prof.export_chrome_trace(path)
+    release(engine, sb)
+    return path
+
+
+# ---- HF transformers on the same weights ----
+
+
+def hf_model(ours, shape: dict):
+    """A LlamaForCausalLM whose parameters are views of ours (no second copy)."""
+    from torch import nn
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = {k: v for k, v in shape.items() if k not in ("architectures", "model_type")}
+    hcfg = LlamaConfig(**kw, attn_implementation="sdpa")
+    with torch.device("meta"):
+        hf = LlamaForCausalLM(hcfg)
+    c = ours.cfg
+
+    def put(path: str, tensor: torch.Tensor) -> None:
+        hf.get_submodule(path).weight = nn.Parameter(tensor, requires_grad=False)
+
+    put("model.embed_tokens", ours.embed.weight)
+    for i, layer in enumerate(ours.layers):
+        p = f"model.layers.{i}."
+        q, k, v = layer.attn.qkv.weight.split([c.q_size, c.kv_size, c.kv_size])  # row views
+        gate, up = layer.mlp.gate_up.weight.split([c.intermediate_size] * 2)
+        for name, t in (
+            ("self_attn.q_proj", q),
+            ("self_attn.k_proj", k),
+            ("self_attn.v_proj", v),
+            ("self_attn.o_proj", layer.attn.o.weight),
+            ("mlp.gate_proj", gate),
+            ("mlp.up_proj", up),
+            ("mlp.down_proj", layer.mlp.down.weight),
+            ("input_layernorm", layer.attn_norm.weight),
+            ("post_attention_layernorm", layer.mlp_norm.weight),
+        ):
+            put(p + name, t)
+    put("model.norm", ours.norm.weight)
+    put("lm_head", ours.lm_head.weight)
+    device = ours.embed.weight.device
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(hcfg).to(device)  # its buffers were meta
+    left = [n for n, t in [*hf.named_parameters(), *hf.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"HF model still has meta tensors: {left[:5]}")
+    return hf.eval()
+
+
+class StepClock:
+    """A generate() streamer that timestamps every token handed to it (one per step)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())  # generate moved the tokens to the host: synced
+
+    def end(self) -> None:
+        pass
+
+    def decode_ms(self) -> float:
+        gaps = [b - a for a, b in zip(self.times[1:], self.times[2:])]  # [0]=prompt, [1]=prefill
+        return 1e3 * statistics.median(gaps[1:] if len(gaps) > 2 else gaps)
+
+
+def hf_step_ms(hf, batch: int, ctx: int, new_tokens: int, vocab: int, mode: str) -> dict:
+    """mode: eager (dynamic cache) | static (static cache, no compile) | compile."""
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, vocab, (batch, ctx - 1), generator=g).cuda()
+    kw = dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        attention_mask=torch.ones_like(ids),
+        pad_token_id=0,
+    )
+    if mode != "eager":
+        kw["cache_implementation"] = "static"
+    if mode == "static":
+        kw["disable_compile"] = True
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        hf.generate(ids, **kw)  # warm-up; with mode=compile this is where it compiles
+        sync()
+        first_s = time.perf_counter() - t0
+        clock = StepClock()
+        hf.generate(ids, streamer=clock, **kw)
+        sync()
+    return {"step_ms": clock.decode_ms(), "first_call_s": first_s}
+
+
+# ---- kernels ----
+
+
+def decode_attention_bw(cfg: ModelConfig, batch: int, ctx: int, kv: str, psize: int) -> dict:
+    from kernels.ops import decode_attention
+
+    pages = batch * ctx // 16
+    shape = (2, pages, 16, cfg.num_kv_heads, cfg.head_dim)
+    if kv == "int8":
+        data = torch.randint(-127, 128, shape, dtype=torch.int8, device="cuda")
+        scales = torch.empty(shape[:4], device="cuda").uniform_(0.005, 0.02)
+    else:
+        data, scales = torch.randn(shape, dtype=torch.bfloat16, device="cuda"), None
+    q = torch.randn(batch, cfg.num_heads, cfg.head_dim, dtype=torch.bfloat16, device="cuda")
+    tables = torch.randperm(pages, device="cuda").view(batch, ctx // 16).to(torch.int32)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    ms = event_ms(
+        lambda: decode_attention(q, data, scales, tables, lens, partition_size=psize), iters=30
+    )
+    nbytes = data.numel() * data.element_size() + (0 if scales is None else scales.numel() * 4)
+    return {"ms": ms, "bytes": nbytes, "gbps": nbytes / (ms * 1e-3) / 1e9}
+
+
+def sdpa_decode_ms(cfg: ModelConfig, batch: int, ctx: int) -> float:
+    import torch.nn.functional as F
+
+    q = torch.randn(batch, cfg.num_heads, 1, cfg.head_dim, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(batch, cfg.num_kv_heads, ctx, cfg.head_dim, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    return event_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), iters=30)
+
+
+def prefill_tflops(batch=4, seq=4096, heads=32, head_dim=128) -> dict:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kernels.ops import prefill_attention
+
+    flops = 2.0 * batch * heads * seq * seq * head_dim  # causal: half of 4 * B * H * S^2 * D
+    dev, bf16 = "cuda", torch.bfloat16
+    q = torch.randn(batch * seq, heads, head_dim, dtype=bf16, device=dev)  # [T, H, D]
+    pages_per_seq = seq // 16
+    data = torch.randn(2, batch * pages_per_seq, 16, heads, head_dim, dtype=bf16, device=dev)
+    tables = torch.randperm(batch * pages_per_seq, device=dev).view(batch, -1).to(torch.int32)
+    cu = torch.arange(0, batch + 1, device=dev, dtype=torch.int32) * seq
+    lens = torch.full((batch,), seq, dtype=torch.int32, device=dev)
+    out = {}
+    ms = event_ms(lambda: prefill_attention(q, data, None, tables, cu, lens, seq), iters=10)
+    out["ours_paged"] = flops / (ms * 1e-3) / 1e12
+    qs = torch.randn(batch, heads, seq, head_dim, dtype=bf16, device=dev)
+    ks, vs = torch.randn_like(qs), torch.randn_like(qs)
+    for name, backend in (
+        ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
+        ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
+    ):
+        try:
+            with sdpa_kernel(backend):
+                ms = event_ms(
+                    lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True), iters=10
+                )
+            out[name] = flops / (ms * 1e-3) / 1e12
+        except Exception as exc:  # noqa: BLE001 - a backend missing on this build
+            progress(f"{name} unavailable: {exc!r}")
+            out[name] = None
+    return out
+
+
+# ---- sections ----
+
+
+def section_smollm2(args, bw: float, hf_jobs: list) -> None:
+    shape = smollm2_135m()
+    cfg = ModelConfig.from_hf(shape)
+    model = random_model(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
+    engine = build_engine(cfg, model, args, num_pages=2048, max_seqs=args.max_graph_bs)
+    graphs = engine.runner.graphs
+    nb = len(graphs.buckets) if graphs else 0
+    emit("warmup", "smollm2", warmup_s=engine.warmup_seconds, buckets=nb)
+    row("SmolLM2 warm-up (kernels + capture)", engine.warmup_seconds, "s", f"{nb} graph buckets")
+    first = first_request(engine)
+    emit("first_request", "smollm2", **first)
+    row(
+        "SmolLM2 first request: prefill 128 tok",
+        first["prefill_ms"],
+        "ms",
+        "first step after warm-up",
+    )
+    row("SmolLM2 first request: 1st decode step", first["first_decode_ms"], "ms", "")
+    row("SmolLM2 first request: steady decode", first["steady_decode_ms"], "ms", "median, 2nd half")
+    fill_cache_random(engine)
+    ctx = args.ctx
+    g = ours_step_ms(engine, 1, ctx, args.iters)
+    e = ours_step_ms(engine, 1, ctx, args.iters, graphs=False)
+    floor = step_bytes(cfg, 2, 1, ctx, kv_bytes_per_elem("bf16", cfg.head_dim) * cfg.head_dim) / bw
+    emit("smollm2_b1", "ours", graph_ms=g, eager_ms=e, floor_ms=1e3 * floor, ctx=ctx)
+    row(
+        f"SmolLM2 b1 ctx{ctx}: ours {mode(engine)}", g, "ms/step", f"{g / (1e3 * floor):.2f}x floor"
+    )
+    row(f"SmolLM2 b1 ctx{ctx}: ours eager", e, "ms/step", "")
+    row(f"SmolLM2 b1 ctx{ctx}: floor", 1e3 * floor, "ms/step", "bytes / copy bw")
+    if args.profile_dir:
+        path = guarded("profile", profile_steps, engine, args.profile_dir, args.profile_steps)
+        if path:
+            emit("profile", "smollm2", path=path)
+    if not args.skip_hf:
+        hf = guarded("HF model (SmolLM2)", hf_model, model, shape)
+        if hf is not None:
+            r = guarded(
+                "SmolLM2 HF eager", hf_step_ms, hf, 1, ctx, args.hf_tokens, cfg.vocab_size, "eager"
+            )
+            if r:
+                emit("smollm2_b1", "hf_eager", **r)
+                row(
+                    f"SmolLM2 b1 ctx{ctx}: HF eager",
+                    r["step_ms"],
+                    "ms/step",
+                    f"ours graph {r['step_ms'] / g:.1f}x faster",
+                )
+            hf_jobs.append(("SmolLM2", hf, cfg, g))
+    del engine
+    free()
+
+
+def section_8b(args, bw: float, hf_jobs: list) -> None:
+    shape = llama3_8b()
+    cfg = ModelConfig.from_hf(shape)
+    t0 = time.perf_counter()
+    model = random_model(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
+    sync()
+    progress(f"8B weights on GPU in {time.perf_counter() - t0:.1f}s")
+    big_b, big_ctx = 32, args.long_ctx
+    pages = max(big_b * big_ctx, 128 * 1024) // 16 + 256
+    engine = build_engine(cfg, model, args, num_pages=pages, max_seqs=128)
+    nb = len(engine.runner.graphs.buckets) if engine.runner.graphs else 0
+    emit("warmup", "llama3_8b", warmup_s=engine.warmup_seconds, buckets=nb)
+    row("8B warm-up (kernels + capture)", engine.warmup_seconds, "s", f"{nb} graph buckets")
+    fill_cache_random(engine)
+    ctx = args.ctx
+    g = ours_step_ms(engine, 1, ctx, args.iters)
+    e = ours_step_ms(engine, 1, ctx, args.iters, graphs=False)
+    floor = 1e3 * step_bytes(cfg, 2, 1, ctx, 2.0 * cfg.head_dim) / bw
+    emit("8b_b1", "ours", graph_ms=g, eager_ms=e, floor_ms=floor, ctx=ctx)
+    row(f"8B b1 ctx{ctx}: ours {mode(engine)}", g, "ms/step", f"{g / floor:.2f}x floor")
+    row(f"8B b1 ctx{ctx}: ours eager", e, "ms/step", "")
+    row(f"8B b1 ctx{ctx}: floor", floor, "ms/step", "bytes / copy bw")
+    hf = None if args.skip_hf else guarded("HF model (8B)", hf_model, model, shape)
+    if hf is not None:
+        r = guarded("8B HF eager", hf_step_ms, hf, 1, ctx, args.hf_tokens, cfg.vocab_size, "eager")
+        if r:
+            emit("8b_b1", "hf_eager", **r)
+            row(
+                f"8B b1 ctx{ctx}: HF eager",
+                r["step_ms"],
+                "ms/step",
+                f"ours graph {r['step_ms'] / g:.1f}x faster",
+            )
+    # batch sweep at context 1k: ours (graph) vs HF static cache (no compile)
+    for b in args.batches:
+        ms = ours_step_ms(engine, b, 1024, args.iters)
+        emit("8b_sweep", "ours", batch=b, ctx=1024, step_ms=ms, tok_s=1e3 * b / ms)
+        row(f"8B b{b} ctx1024: ours {mode(engine)}", ms, "ms/step", f"{1e3 * b / ms:.0f} tok/s")
+        if hf is not None:
+            r = guarded(f"8B b{b} HF static", hf_step_ms, hf, b, 1024, 6, cfg.vocab_size, "static")
+            if r:
+                emit("8b_sweep", "hf_static", batch=b, ctx=1024, tok_s=1e3 * b / r["step_ms"], **r)
+                row(
+                    f"8B b{b} ctx1024: HF static",
+                    r["step_ms"],
+                    "ms/step",
+                    f"{1e3 * b / r['step_ms']:.0f} tok/s; ours {r['step_ms'] / ms:.1f}x",
+                )
+            free()
+    # int8 vs bf16 KV: whole step at batch 32, long context
+    bf = ours_step_ms(engine, big_b, big_ctx, args.iters)
+    del engine
+    free()
+    engine8 = build_engine(
+        cfg, model, args, kv_dtype="int8", num_pages=big_b * big_ctx // 16 + 64, max_seqs=big_b
+    )
+    fill_cache_random(engine8)
+    i8 = ours_step_ms(engine8, big_b, big_ctx, args.iters)
+    del engine8
+    free()
+    emit("8b_kv", "whole_step", batch=big_b, ctx=big_ctx, bf16_ms=bf, int8_ms=i8, speedup=bf / i8)
+    row(f"8B b{big_b} ctx{big_ctx}: step, bf16 KV", bf, "ms/step", "graph")
+    row(
+        f"8B b{big_b} ctx{big_ctx}: step, int8 KV",
+        i8,
+        "ms/step",
+        f"{bf / i8:.2f}x faster than bf16 KV",
+    )
+    engine_psize = decode_partition_size(big_b, cfg.num_kv_heads)
+    for kv in ("int8", "bf16"):
+        for psize in sorted({engine_psize, 512}):
+            r = decode_attention_bw(cfg, big_b, big_ctx, kv, psize)
+            emit(
+                "decode_attention",
+                kv,
+                batch=big_b,
+                ctx=big_ctx,
+                partition=psize,
+                copy_gbps=bw / 1e9,
+                **r,
+            )
+            row(
+                f"decode attn {kv} b{big_b} ctx{big_ctx} part{psize} (1 layer)",
+                r["ms"],
+                "ms",
+                f"{r['gbps']:.0f} GB/s = {1e9 * r['gbps'] / bw:.0%} of copy bw",
+            )
+            free()
+    s = guarded("SDPA decode", sdpa_decode_ms, cfg, big_b, big_ctx)
+    if s:
+        nbytes = 2 * big_b * big_ctx * cfg.num_kv_heads * cfg.head_dim * 2
+        emit("decode_attention", "sdpa_bf16_contiguous", ms=s, gbps=nbytes / (s * 1e-3) / 1e9)
+        row(
+            f"decode attn SDPA bf16 contiguous b{big_b} ctx{big_ctx}",
+            s,
+            "ms",
+            f"{nbytes / (s * 1e-3) / 1e9:.0f} GB/s",
+        )
+    free()
+    if hf is not None:
+        hf_jobs.append(("8B", hf, cfg, g))
+
+
+def section_prefill() -> None:
+    r = prefill_tflops()
+    emit("prefill_attention", "causal_4096_hd128_b4_h32", **r)
+    for name, v in r.items():
+        row(f"prefill attn causal S4096 D128 B4 H32: {name}", v, "TFLOP/s", "")
+    free()
+
+
+def section_hf_compile(args, hf_jobs: list) -> None:
+    """HF static cache + torch.compile at batch 1 (compile is slow: last, and only here)."""
+    for label, hf, cfg, ours_ms in hf_jobs:
+        if time.perf_counter() - T0 > args.time_budget_s:
+            row(f"{label} b1: HF static+compile", None, "", "skipped: time budget")
+            continue
+        r = guarded(
+            f"{label} HF static+compile",
+            hf_step_ms,
+            hf,
+            1,
+            args.ctx,
+            args.hf_tokens,
+            cfg.vocab_size,
+            "compile",
+        )
+        if r:
+            emit("hf_compile", label, ctx=args.ctx, **r)
+            row(
+                f"{label} b1 ctx{args.ctx}: HF static+compile",
+                r["step_ms"],
+                "ms/step",
+                f"first call {r['first_call_s']:.0f}s; ours graph {r['step_ms'] / ours_ms:.2f}x faster",
+            )
+        torch._dynamo.reset()
+        free()
+
+
+def free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--no-cuda-graph", action="store_true", help="run our decode steps eagerly")
+    p.add_argument("--ctx", type=int, default=512, help="context of the batch-1 rows")
+    p.add_argument("--long-ctx", type=int, default=8192, help="context of the int8/bf16 KV rows")
+    p.add_argument("--batches", default="1,8,32,128", help="batch sweep at context 1024 (8B)")
+    p.add_argument("--iters", type=int, default=20, help="timed steps per measurement")
+    p.add_argument("--hf-tokens", type=int, default=24, help="tokens per HF generate call")
+    p.add_argument(
+        "--max-graph-bs", type=int, default=256, help="largest captured bucket (SmolLM2)"
+    )
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--skip-8b", action="store_true")
+    p.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=330.0,
+        help="skip HF compile baselines once the run has taken this long",
+    )
+    p.add_argument("--profile-dir", default=None, help="write a torch profiler trace here")
+    p.add_argument("--profile-steps", type=int, default=3)
+    args = p.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",") if b]
+    if not torch.cuda.is_available():
+        sys.exit("bench/gpu_decode.py needs a CUDA device")
+    torch.manual_seed(0)
+    import transformers
+    import triton
+
+    dev = torch.cuda.get_device_name()
+    emit(
+        "machine",
+        "device",
+        device=dev,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        transformers=transformers.__version__,
+        cuda_graphs=not args.no_cuda_graph,
+    )
+    bw = copy_bandwidth()
+    emit("floor", "copy_bandwidth", gbps=bw / 1e9)
+    row("device copy bandwidth (read + write)", bw / 1e9, "GB/s", dev)
+    hf_jobs: list = []
+    guarded("SmolLM2 section", section_smollm2, args, bw, hf_jobs)
+    free()
+    guarded("prefill attention", section_prefill)
+    if not args.skip_8b:
+        guarded("8B section", section_8b, args, bw, hf_jobs)
+    free()
+    if not args.skip_hf:
+        guarded("HF compile", section_hf_compile, args, hf_jobs)
+    emit("done", "total", seconds=time.perf_counter() - T0)
+    print()
+    print(
+        f"# GPU decode on {dev}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"transformers {transformers.__version__}; {time.perf_counter() - T0:.0f}s"
+    )
+    print(format_table(["measurement", "value", "unit", "note"], ROWS))
+
+
+if __name__ == "__main__":
+    main()

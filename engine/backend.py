@@ -1,0 +1,45 @@
+"""Which code computes a step: the torch reference or the Triton kernels.
+
+Chosen once, when an engine is built, from its device: CPU keeps the torch reference
+(bit-for-bit what the HF parity tests check), CUDA takes the Triton kernels. Nothing
+else in the engine asks which device it is on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention import AttentionBackend, TorchAttention, TritonAttention
+from engine.layers import TORCH_OPS, LayerOps, TritonOps
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    ops: LayerOps  # norms, rotary, activation
+    attn: AttentionBackend  # KV store + paged attention
+    nvtx: bool = False  # emit NVTX ranges (CUDA only; no-ops elsewhere)
+
+    def range(self, label: str):
+        """An NVTX range for Nsight / the torch profiler; a null context off CUDA."""
+        return torch.cuda.nvtx.range(label) if self.nvtx else contextlib.nullcontext()
+
+
+TORCH_BACKEND = Backend("torch", TORCH_OPS, TorchAttention())
+
+
+def select_backend(device: torch.device | str, name: str = "auto") -> Backend:
+    """auto = triton on CUDA, torch elsewhere. triton on CPU needs TRITON_INTERPRET=1."""
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
+    device = torch.device(device)
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return Backend("torch", TORCH_OPS, TorchAttention(), nvtx=device.type == "cuda")
+    return Backend("triton", TritonOps(), TritonAttention(), nvtx=device.type == "cuda")
