@@ -27,7 +27,8 @@ class WorkerSpec:
     dummy_config: str = ""  # HF config.json path: seeded random weights instead of a checkpoint
     seed: int = 0
 
-    def build_engine(self, quiet: bool = True):
+    def build_engine(self, quiet: bool = True, decode_graphs: bool = True):
+        """decode_graphs=False for prefill workers: they never run decode steps, so no capture."""
         from engine.llm import EngineConfig, LLMEngine
 
         if self.torch_threads > 0:
@@ -36,6 +37,7 @@ class WorkerSpec:
             torch.set_num_threads(os.cpu_count() or 1)
         config = EngineConfig(kv_dtype=self.kv_dtype, num_pages=self.num_pages,
                               max_num_seqs=self.max_num_seqs,
-                              max_num_batched_tokens=self.max_num_batched_tokens)
+                              max_num_batched_tokens=self.max_num_batched_tokens,
+                              cuda_graphs=decode_graphs)
         return LLMEngine.from_name(self.model, config, dtype=DTYPES[self.dtype], device=self.device,
                                    quiet=quiet)

@@ -31,7 +31,7 @@ class PrefillWorker:
     def __init__(self, worker_id: str, spec: WorkerSpec) -> None:
         self.worker_id, self.spec = worker_id, spec
         self.t_start = time.monotonic()
-        self.engine = spec.build_engine()
+        self.engine = spec.build_engine(decode_graphs=False)
         self.engine.on_executed = self._export
         self.device = torch.device(spec.device)
         self.loop = EngineLoop(self.engine, lambda outputs: None)
