@@ -43,6 +43,7 @@ class Limits(_Strict):
 
 class ClusterConfig(_Strict):
     model: str = Field("smollm2-135m", description="alias, .gguf file or HF directory")
+    dummy_weights: bool = Field(False, description="seeded random weights of the model's shape (benchmarks)")
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     kv_dtype: Literal["auto", "fp32", "bf16", "fp16", "int8"] = "int8"
     device: Literal["cpu", "cuda"] = "cpu"

@@ -51,7 +51,7 @@ def worker_spec(config: ClusterConfig, role: str) -> WorkerSpec:
         num_pages=pool.num_pages, max_num_seqs=pool.max_num_seqs,
         max_num_batched_tokens=pool.max_num_batched_tokens, transport=config.transport,
         torch_threads=pool.torch_threads, cluster_token=config.cluster_token,
-        transfer_timeout_s=config.limits.transfer_timeout_s,
+        transfer_timeout_s=config.limits.transfer_timeout_s, dummy_weights=config.dummy_weights,
     )
 
 

@@ -199,6 +199,14 @@ class DecodeWorker:
         self.pairs.put(key, g)
         return True
 
+    async def check_header(self, header: dict) -> str:
+        """Validate a header before the sender moves any byte. -> "" or the reason."""
+        try:
+            self._validate_header(KVHeader.from_dict(header))
+        except KVTransferError as e:
+            return str(e)
+        return ""
+
     async def recv_transfer(self, key: str, header: dict, tag: int, timeout_s: float) -> str:
         """Post the receive for one transfer, validate, commit. -> "" or an error message."""
         from kvtransfer.torch_transport import recv_tensors

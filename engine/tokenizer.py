@@ -21,6 +21,7 @@ class ChatTemplate:
     def __init__(self, source: str, bos_token: str = "", eos_token: str = "") -> None:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = self._raise
+        self.source = source
         self.template = env.from_string(source)
         self.bos_token, self.eos_token = bos_token, eos_token
 

@@ -81,22 +81,26 @@ class PairGroups:
         return len(self._groups)
 
 
-def _wait(work, timeout_s: float) -> None:
+def _wait(work, timeout_s: float, device: torch.device) -> None:
     ok = work.wait(datetime.timedelta(seconds=timeout_s))
     if ok is False:
         raise KVTransferError("torch.distributed transfer timed out")
+    if device.type == "cuda":
+        # NCCL's wait only orders the current stream; the buffer must outlive the copy,
+        # so block this (transfer) thread until it is done. NCCL's own timeout bounds it.
+        torch.cuda.current_stream(device).synchronize()
 
 
 def send_tensors(group, tensors: list[torch.Tensor], tag: int, timeout_s: float) -> None:
     for i, t in enumerate(tensors):
-        _wait(group.send([t], RECEIVER, tag * 4 + i), timeout_s)
+        _wait(group.send([t], RECEIVER, tag * 4 + i), timeout_s, t.device)
 
 
 def recv_tensors(group, shapes, device, tag: int, timeout_s: float) -> list[torch.Tensor]:
     out = []
     for i, (shape, dtype) in enumerate(shapes):
         t = torch.empty(shape, dtype=dtype, device=device)
-        _wait(group.recv([t], SENDER, tag * 4 + i), timeout_s)
+        _wait(group.recv([t], SENDER, tag * 4 + i), timeout_s, t.device)
         out.append(t)
     return out
 
@@ -139,6 +143,16 @@ class TorchKVSender(KVSender):
             group, key = await asyncio.wait_for(self._group(ticket), timeout)
         except Exception as e:
             raise KVTransferError(f"cannot connect to {ticket.decode_id}: {e}") from e
+        # NCCL matches point-to-point ops by issue order, not by tag: one transfer at a time
+        # per pair keeps both sides' order identical (gloo would not need it; same code).
+        async with self._locks.setdefault("xfer/" + key, asyncio.Lock()):
+            await self._send_one(ticket, header, payload, timeout, group, key)
+
+    async def _send_one(self, ticket, header, payload, timeout, group, key) -> None:
+        # Validate before any byte moves: an unmatched NCCL send would only end at NCCL's timeout.
+        error = await asyncio.wait_for(ticket.decode_handle.check_header.remote(header.to_dict()), timeout)
+        if error:
+            raise KVTransferError(f"decode worker {ticket.decode_id} rejected KV: {error}")
         tag = abs(hash(ticket.ticket_id)) % (1 << 28)
         recv = ticket.decode_handle.recv_transfer.remote(key, header.to_dict(), tag, timeout)
         try:

@@ -24,7 +24,7 @@ class WorkerSpec:
     cluster_token: str = ""
     transfer_timeout_s: float = 30.0
     max_pairs: int = 16
-    dummy_config: str = ""  # HF config.json path: seeded random weights instead of a checkpoint
+    dummy_weights: bool = False  # the model's config + tokenizer with seeded random weights
     seed: int = 0
 
     def build_engine(self, quiet: bool = True, decode_graphs: bool = True):
@@ -39,5 +39,7 @@ class WorkerSpec:
                               max_num_seqs=self.max_num_seqs,
                               max_num_batched_tokens=self.max_num_batched_tokens,
                               cuda_graphs=decode_graphs)
-        return LLMEngine.from_name(self.model, config, dtype=DTYPES[self.dtype], device=self.device,
-                                   quiet=quiet)
+        from engine.loader.registry import load_model
+
+        loaded = load_model(self.model, DTYPES[self.dtype], self.device, quiet, self.dummy_weights, self.seed)
+        return LLMEngine(loaded, config, self.device)

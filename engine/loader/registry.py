@@ -81,11 +81,19 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     quiet: bool = False,
+    dummy_weights: bool = False,
+    seed: int = 0,
 ) -> LoadedModel:
+    """dummy_weights: the checkpoint's config and tokenizer with seeded random weights
+    (benchmarks and GPU runs without the checkpoint's weight files)."""
     t0 = time.monotonic()
     path = resolve(name)
-    _progress(f"loading {name} from {path}", quiet)
-    if path.is_file():
+    _progress(f"loading {name} from {path}{' (dummy weights)' if dummy_weights else ''}", quiet)
+    if dummy_weights:
+        tokenizer, cfg = load_tokenizer(name)
+        on_gpu = torch.device(device).type == "cuda"
+        model = random_model(cfg, seed, dtype, device) if on_gpu else dummy_model(cfg, seed, dtype, device)
+    elif path.is_file():
         import gguf
 
         from engine.loader import gguf_loader
