@@ -34,16 +34,30 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
-def summarize(name: str, batch: int, ttft: list[float], tpot: list[float], tokens: int, wall: float) -> dict:
-    return {"system": name, "batch": batch, "ttft_p50_ms": 1e3 * pct(ttft, 0.5), "ttft_p99_ms": 1e3 * pct(ttft, 0.99),
-            "tpot_p50_ms": 1e3 * pct(tpot, 0.5), "tpot_p99_ms": 1e3 * pct(tpot, 0.99),
-            "tok_s": tokens / wall, "requests": len(ttft)}
+def summarize(
+    name: str, batch: int, ttft: list[float], tpot: list[float], tokens: int, wall: float
+) -> dict:
+    return {
+        "system": name,
+        "batch": batch,
+        "ttft_p50_ms": 1e3 * pct(ttft, 0.5),
+        "ttft_p99_ms": 1e3 * pct(ttft, 0.99),
+        "tpot_p50_ms": 1e3 * pct(tpot, 0.5),
+        "tpot_p99_ms": 1e3 * pct(tpot, 0.99),
+        "tok_s": tokens / wall,
+        "requests": len(ttft),
+    }
 
 
 def merge(name: str, batch: int, rounds: list[dict]) -> dict:
     """Median over rounds of each figure."""
     keys = [k for k in rounds[0] if k.endswith("_ms") or k == "tok_s"]
-    out = {"system": name, "batch": batch, "requests": sum(r["requests"] for r in rounds), "rounds": len(rounds)}
+    out = {
+        "system": name,
+        "batch": batch,
+        "requests": sum(r["requests"] for r in rounds),
+        "rounds": len(rounds),
+    }
     out.update({k: statistics.median(r[k] for r in rounds) for k in keys})
     return out
 
@@ -77,7 +91,9 @@ def run_local(engine, prompts: list[list[int]], batch: int, max_tokens: int, rou
 def one_stream(stub, prompt_ids: list[int], max_tokens: int) -> tuple[float, float, int]:
     from cluster.client import build_request
 
-    req = build_request(token_ids=prompt_ids, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    req = build_request(
+        token_ids=prompt_ids, max_tokens=max_tokens, temperature=0.0, ignore_eos=True
+    )
     t0 = time.perf_counter()
     first = last = None
     n = 0
@@ -95,7 +111,10 @@ def run_cluster(stub, prompts: list[list[int]], batch: int, max_tokens: int, rou
         for r in range(rounds):
             group = [prompts[(r * batch + i) % len(prompts)] for i in range(batch)]
             t0 = time.perf_counter()
-            results = [f.result(timeout=600) for f in [pool.submit(one_stream, stub, p, max_tokens) for p in group]]
+            results = [
+                f.result(timeout=600)
+                for f in [pool.submit(one_stream, stub, p, max_tokens) for p in group]
+            ]
             wall += time.perf_counter() - t0
             for a, b, n in results:
                 ttft.append(a)
@@ -109,8 +128,12 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-sizes", default="1,16")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=5, help="alternating rounds per batch size")
-    ap.add_argument("--decode-threads", type=int, default=1,
-                    help="decode worker torch threads (on 2 cores, 1 leaves a core to the router)")
+    ap.add_argument(
+        "--decode-threads",
+        type=int,
+        default=1,
+        help="decode worker torch threads (on 2 cores, 1 leaves a core to the router)",
+    )
     ap.add_argument("--kv-dtype", default="int8")
     ap.add_argument("--transport", default="gloo", choices=["gloo", "grpc"])
     ap.add_argument("--json-out", default=None)
@@ -124,26 +147,43 @@ def main(argv=None) -> int:
     from engine.llm import EngineConfig, LLMEngine
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    print(f"[bench] starting the 1P1D cluster (decode worker: {args.decode_threads} torch threads)",
-          file=sys.stderr)
-    cfg = parse_config({"kv_dtype": args.kv_dtype, "transport": args.transport, "router": {"port": 0},
-                        "prefill": {"num_pages": 1024},
-                        "decode": {"num_pages": 2048, "torch_threads": args.decode_threads}}, "bench")
+    print(
+        f"[bench] starting the 1P1D cluster (decode worker: {args.decode_threads} torch threads)",
+        file=sys.stderr,
+    )
+    cfg = parse_config(
+        {
+            "kv_dtype": args.kv_dtype,
+            "transport": args.transport,
+            "router": {"port": 0},
+            "prefill": {"num_pages": 1024},
+            "decode": {"num_pages": 2048, "torch_threads": args.decode_threads},
+        },
+        "bench",
+    )
     c = BackgroundCluster(cfg, quiet=False)
     rows = []
     try:
-        print(f"[bench] local engine (kv {args.kv_dtype}, {torch.get_num_threads()} threads)", file=sys.stderr)
-        engine = LLMEngine.from_name("smollm2-135m", EngineConfig(kv_dtype=args.kv_dtype, num_pages=1024),
-                                     quiet=True)
+        print(
+            f"[bench] local engine (kv {args.kv_dtype}, {torch.get_num_threads()} threads)",
+            file=sys.stderr,
+        )
+        engine = LLMEngine.from_name(
+            "smollm2-135m", EngineConfig(kv_dtype=args.kv_dtype, num_pages=1024), quiet=True
+        )
         prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
-        run_local(engine, prompts, 1, 8, 1)  # warm-ups (the cluster's also builds the pairwise group)
+        run_local(
+            engine, prompts, 1, 8, 1
+        )  # warm-ups (the cluster's also builds the pairwise group)
         run_cluster(c.stub, prompts, 1, 8, 1)
         for b in batches:
             # Alternate rounds so drift in this shared machine's speed hits both sides alike.
             local, cluster = [], []
             for r in range(args.rounds):
                 local.append(run_local(engine, prompts[r:] + prompts[:r], b, args.max_tokens, 1))
-                cluster.append(run_cluster(c.stub, prompts[r:] + prompts[:r], b, args.max_tokens, 1))
+                cluster.append(
+                    run_cluster(c.stub, prompts[r:] + prompts[:r], b, args.max_tokens, 1)
+                )
             for name, rs in (("local", local), ("cluster-1p1d", cluster)):
                 rows.append(merge(name, b, rs))
                 print(json.dumps(rows[-1]), flush=True)
@@ -153,15 +193,21 @@ def main(argv=None) -> int:
         with open(args.json_out, "w") as f:
             json.dump(rows, f, indent=1)
 
-    print(f"\n1P1D cluster vs local engine: SmolLM2-135M, kv {args.kv_dtype}, {args.transport}, "
-          f"{args.max_tokens} tokens/request, {os.cpu_count()} CPU cores, decode worker "
-          f"{args.decode_threads} thread(s), local {torch.get_num_threads()}; medians of {args.rounds} rounds")
-    print(f"{'system':14} {'batch':>5} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'tok/s':>7} {'TPOT ratio':>10}")
+    print(
+        f"\n1P1D cluster vs local engine: SmolLM2-135M, kv {args.kv_dtype}, {args.transport}, "
+        f"{args.max_tokens} tokens/request, {os.cpu_count()} CPU cores, decode worker "
+        f"{args.decode_threads} thread(s), local {torch.get_num_threads()}; medians of {args.rounds} rounds"
+    )
+    print(
+        f"{'system':14} {'batch':>5} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'tok/s':>7} {'TPOT ratio':>10}"
+    )
     local = {r["batch"]: r for r in rows if r["system"] == "local"}
     for r in rows:
         ratio = r["tpot_p50_ms"] / local[r["batch"]]["tpot_p50_ms"]
-        print(f"{r['system']:14} {r['batch']:>5} {r['ttft_p50_ms']:>7.1f}ms {r['ttft_p99_ms']:>7.1f}ms "
-              f"{r['tpot_p50_ms']:>7.1f}ms {r['tpot_p99_ms']:>7.1f}ms {r['tok_s']:>7.1f} {ratio:>9.2f}x")
+        print(
+            f"{r['system']:14} {r['batch']:>5} {r['ttft_p50_ms']:>7.1f}ms {r['ttft_p99_ms']:>7.1f}ms "
+            f"{r['tpot_p50_ms']:>7.1f}ms {r['tpot_p99_ms']:>7.1f}ms {r['tok_s']:>7.1f} {ratio:>9.2f}x"
+        )
     return 0
 
 

@@ -269,14 +269,7 @@ class DecodeWorker:
         return await asyncio.wrap_future(self.loop.submit(self.engine.abort, request_id))
 
     async def status(self) -> dict:
-        def read():
-            pool, sched = self.engine.pool, self.engine.scheduler
-            return {"pages_total": pool.num_pages, "pages_free": pool.num_free,
-                    "pages_used": pool.num_used, "running": len(sched.running),
-                    "waiting": len(sched.waiting), "steps": self.loop.steps,
-                    "step_seconds": self.loop.step_seconds}
-
-        s = await asyncio.wrap_future(self.loop.submit(read))
+        s = await asyncio.wrap_future(self.loop.submit(self.loop.stats))
         s.update(self.info(), role="decode", pending_transfers=len(self.pending),
                  transfers_ok=self.transfers_ok, transfers_failed=self.transfers_failed,
                  alive=self.loop.alive and self.loop.error is None)

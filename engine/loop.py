@@ -44,6 +44,13 @@ class EngineLoop:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def stats(self) -> dict:
+        """Pool and batch figures; call on the loop thread (through `submit`)."""
+        pool, sched = self.engine.pool, self.engine.scheduler
+        return {"pages_total": pool.num_pages, "pages_free": pool.num_free, "pages_used": pool.num_used,
+                "running": len(sched.running), "waiting": len(sched.waiting), "steps": self.steps,
+                "step_seconds": self.step_seconds}
+
     def submit(self, fn: Callable, *args) -> Future:
         fut: Future = Future()
         if self._stop.is_set() or self.error is not None:

@@ -143,14 +143,7 @@ class PrefillWorker:
         return await asyncio.wrap_future(self.loop.submit(self.engine.abort, request_id))
 
     async def status(self) -> dict:
-        def read():
-            pool, sched = self.engine.pool, self.engine.scheduler
-            return {"pages_total": pool.num_pages, "pages_free": pool.num_free,
-                    "pages_used": pool.num_used, "running": len(sched.running),
-                    "waiting": len(sched.waiting), "steps": self.loop.steps,
-                    "step_seconds": self.loop.step_seconds}
-
-        s = await asyncio.wrap_future(self.loop.submit(read))
+        s = await asyncio.wrap_future(self.loop.submit(self.loop.stats))
         s.update(worker_id=self.worker_id, role="prefill", pid=os.getpid(), ready_s=self.ready_s,
                  prefilled=self.prefilled, transfers_in_flight=len(self._transfers),
                  transfers_failed=self.transfers_failed,

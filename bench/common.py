@@ -1,0 +1,138 @@
+"""Helpers shared by the benchmark scripts: JSON lines, the final table, progress, machine facts.
+
+Every script prints one JSON line per measurement to stdout, then a plain table last.
+Progress goes to stderr so that stdout stays machine-readable up to the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import IO, Any
+
+import torch
+
+
+class JsonLines:
+    """Writes each record to stdout and, when a path is given, to that file too."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self._file: IO[str] | None = open(path, "w") if path else None
+
+    def emit(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, sort_keys=False)
+        print(line, flush=True)
+        if self._file is not None:
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(wall seconds, result) of one call."""
+    t0 = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, result
+
+
+def best_of(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """Fastest of `repeats` calls: on a shared machine the minimum is the least disturbed run."""
+    runs = [timed(fn) for _ in range(max(1, repeats))]
+    return min(runs, key=lambda r: r[0])
+
+
+class CpuMonitor:
+    """CPU time spent by this process and by everything else on the machine over a block.
+
+    On a shared machine another job on the same cores makes every timing meaningless
+    (torch's OpenMP threads spin while they wait for a core), so each measurement
+    carries how many cores other processes kept busy while it ran.
+    """
+
+    def __enter__(self) -> CpuMonitor:
+        self._wall, self._own, self._all = time.perf_counter(), time.process_time(), _busy_seconds()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall_s = time.perf_counter() - self._wall
+        self.own_cpu_s = time.process_time() - self._own
+        busy = _busy_seconds()
+        both = None if busy is None or self._all is None else busy - self._all
+        self.other_cores = None if both is None else max(0.0, both - self.own_cpu_s) / self.wall_s
+
+    @property
+    def own_share(self) -> float:
+        """Own CPU time / (wall * torch threads): near 1.0 when our threads had the cores."""
+        return self.own_cpu_s / (self.wall_s * torch.get_num_threads())
+
+
+def _busy_seconds() -> float | None:
+    """Machine-wide non-idle CPU seconds since boot (Linux /proc/stat), or None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_model_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """What a reader needs to compare a result: CPU, cores, torch, threads, current load."""
+    return {
+        "cpu": cpu_model_name(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "loadavg_1m": _loadavg(),
+    }
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain `a | b | c` table, columns right-aligned, with a dashed rule under the header."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    lines = [" | ".join(h.rjust(w) for h, w in zip(headers, widths))]
+    lines.append("-|-".join("-" * w for w in widths))
+    lines += [" | ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) < 100 else f"{value:.1f}"
+    return str(value)
