@@ -29,7 +29,7 @@ def header_to_pb(h: KVHeader, token: str) -> pb.KVHeader:
         num_layers=h.num_layers, dtype=h.dtype, page_size=h.page_size,
         num_kv_heads=h.num_kv_heads, head_dim=h.head_dim, layout_version=h.layout_version,
         num_bytes=h.num_bytes, checksum=h.checksum, first_token=h.first_token,
-        cluster_token=token, sender_id=h.sender_id, scale_dtype="fp32",
+        cluster_token=token, sender_id=h.sender_id, scale_dtype="fp32" if h.dtype == "int8" else "",
     )
 
 
