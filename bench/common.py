@@ -63,15 +63,19 @@ class CpuMonitor:
     """
 
     def __enter__(self) -> CpuMonitor:
-        self._wall, self._own, self._all = time.perf_counter(), time.process_time(), _busy_seconds()
+        self._wall, self._own, self._stat = time.perf_counter(), time.process_time(), _cpu_stat()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall_s = time.perf_counter() - self._wall
         self.own_cpu_s = time.process_time() - self._own
-        busy = _busy_seconds()
-        both = None if busy is None or self._all is None else busy - self._all
-        self.other_cores = None if both is None else max(0.0, both - self.own_cpu_s) / self.wall_s
+        stat = _cpu_stat()
+        self.other_cores = self.steal_cores = None
+        if stat is not None and self._stat is not None:
+            busy, steal = (stat[i] - self._stat[i] for i in range(2))
+            self.other_cores = max(0.0, busy - self.own_cpu_s) / self.wall_s
+            # Steal: time the hypervisor gave our vCPUs to another guest.
+            self.steal_cores = steal / self.wall_s
 
     @property
     def own_share(self) -> float:
@@ -79,15 +83,16 @@ class CpuMonitor:
         return self.own_cpu_s / (self.wall_s * torch.get_num_threads())
 
 
-def _busy_seconds() -> float | None:
-    """Machine-wide non-idle CPU seconds since boot (Linux /proc/stat), or None elsewhere."""
+def _cpu_stat() -> tuple[float, float] | None:
+    """Machine-wide (non-idle, steal) CPU seconds since boot from /proc/stat; None off Linux."""
     try:
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:]]
     except (OSError, ValueError):
         return None
-    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    tick = os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq) / tick, steal / tick
 
 
 def cpu_model_name() -> str:

@@ -71,6 +71,7 @@ class Measurement:
     t_total_s: float
     own_cpu_share: float  # own CPU time / (wall * threads) over the whole row
     other_cores: float | None  # cores other processes kept busy meanwhile; > 0.2 = disturbed
+    steal_cores: float | None  # cores' worth of time the hypervisor ran other guests instead
 
     @property
     def decode_s(self) -> float:
@@ -173,11 +174,12 @@ def measure(runner, prompts: list[list[int]], n: int, repeats: int) -> tuple[Mea
         t_total, tokens = best_of(lambda: runner.generate(prompts, n), repeats)
         _note(label + " full generate (best)", t_total)
     mean_len = round(sum(len(p) for p in prompts) / len(prompts), 1)
-    others = None if mon.other_cores is None else round(mon.other_cores, 2)
+    others, steal = (None if v is None else round(v, 2) for v in (mon.other_cores, mon.steal_cores))
     share = round(mon.own_share, 2)
-    return Measurement(
-        runner.name, len(prompts), n, mean_len, t_prefill, t_total, share, others
-    ), tokens
+    m = Measurement(
+        runner.name, len(prompts), n, mean_len, t_prefill, t_total, share, others, steal
+    )
+    return m, tokens
 
 
 def _note(label: str, seconds: float) -> None:
@@ -325,7 +327,9 @@ def _print_table(rows: list[list]) -> None:
     print("decode tok/s = batch*(N-1)/(t_total - t_prefill); floor = weight bytes / copy bandwidth")
     print(format_table(headers, rows))
     if any(str(r[0]).endswith("*") for r in rows):
-        print(f"* other processes kept > {DISTURBED_CORES} cores busy during this row: rerun it")
+        print(
+            f"* other processes or guests took > {DISTURBED_CORES} cores during this row: rerun it"
+        )
 
 
 def _row(mine: Measurement, ref: Measurement | None, floor_ms: float) -> list:
@@ -338,7 +342,7 @@ def _row(mine: Measurement, ref: Measurement | None, floor_ms: float) -> list:
 
 
 def _disturbed(m: Measurement) -> bool:
-    return m.other_cores is not None and m.other_cores > DISTURBED_CORES
+    return any(v is not None and v > DISTURBED_CORES for v in (m.other_cores, m.steal_cores))
 
 
 if __name__ == "__main__":
