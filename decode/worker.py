@@ -8,7 +8,6 @@ actor's asyncio loop. Engine state (pool, scheduler, cache) is touched only thro
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import os
@@ -19,7 +18,7 @@ import torch
 
 from engine.loop import EngineLoop
 from engine.page_pool import pages_needed
-from engine.request import FinishReason, Request, RequestOutput
+from engine.request import Request, RequestOutput
 from engine.sampling import SamplingParams
 from kvtransfer.layout import (
     KVHeader,
@@ -30,7 +29,6 @@ from kvtransfer.layout import (
     payload_shapes,
     validate_header,
 )
-from kvtransfer.ticket import Ticket
 from kvtransfer.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -277,11 +275,3 @@ class DecodeWorker:
 
     async def ping(self) -> bool:
         return self.loop.alive
-
-
-def ticket_from_dict(d: dict, handle=None) -> Ticket:
-    fields = {f.name for f in dataclasses.fields(Ticket)}
-    return Ticket(**{k: v for k, v in d.items() if k in fields}, decode_handle=handle)
-
-
-__all__ = ["DecodeWorker", "FinishReason", "ticket_from_dict"]

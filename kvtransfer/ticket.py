@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -18,3 +18,9 @@ class Ticket:
     store_address: str = ""  # decode worker's TCPStore host:port (torch transport)
     decode_handle: Any = field(default=None, repr=False)  # Ray actor handle (torch transport)
     epoch: int = 0  # bumps when the decode worker restarts: fresh pairwise groups
+
+    @classmethod
+    def from_dict(cls, d: dict, decode_handle: Any = None) -> Ticket:
+        """Rebuild from the dict a decode worker's `reserve` returned (unknown keys ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names}, decode_handle=decode_handle)

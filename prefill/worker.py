@@ -106,8 +106,7 @@ class PrefillWorker:
         finally:
             self._waiters.pop(request_id, None)
         self.prefilled += 1
-        t = Ticket(**{k: v for k, v in ticket.items() if k in {f.name for f in dataclasses.fields(Ticket)}},
-                   decode_handle=decode_handle)
+        t = Ticket.from_dict(ticket, decode_handle)
         reason = self._first_token_finishes(token, sp, len(prompt_token_ids))
         if reason is not None:
             await self._cancel_on_decode(t, "finished at the first token")
