@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cluster import commands
 
     commands.add_cluster_commands(sub)
+    from cluster import loadgen
+
+    loadgen.add_bench_command(sub)
     return p
 
 

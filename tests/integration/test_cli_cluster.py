@@ -54,6 +54,21 @@ def test_up_generate_status_down(tmp_path):
         r = cli("generate", "--address", addr, "--json", "--max-tokens", "5", "--model", "gpt-9", "hi")
         assert r.returncode == 2 and "INVALID_ARGUMENT" in r.stderr
 
+        out = tmp_path / "bench"
+        r = cli("bench", "--address", addr, "--mix", "tiny", "--rate", "20,inf", "--num-requests", "6",
+                "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000", "--out", str(out), timeout=240)
+        assert r.returncode == 0, r.stderr
+        assert "goodput" in r.stdout and "highest rate with >= 90% attainment: 20 req/s" in r.stdout
+        result = json.loads((out / "bench.json").read_text())
+        assert [run["summary"]["rate"] for run in result["runs"]] == [20, "inf"]
+        for run in result["runs"]:
+            assert run["summary"]["ok"] == 6 and run["summary"]["slo_attainment"] == 1.0
+            for rec in run["records"]:  # ignore_eos: every request produces exactly max_tokens
+                assert rec["status"] == "OK" and rec["output_tokens"] == rec["max_tokens"], rec
+                assert 0 < rec["ttft_s"] <= rec["e2e_s"] and len(rec["itl_s"]) == rec["output_tokens"] - 1
+        for png in ("latency_cdf.png", "goodput_vs_rate.png"):
+            assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
         r = cli("down", "--port", port)
         assert r.returncode == 0, r.stderr
         proc.wait(timeout=60)
@@ -69,3 +84,5 @@ def test_status_and_down_without_cluster_fail_cleanly():
     assert r.returncode == 2 and "cannot reach" in r.stderr
     r = cli("down", "--port", "1")
     assert r.returncode == 2 and "no cluster" in r.stderr
+    r = cli("bench", "--address", "127.0.0.1:1", "--num-requests", "2")
+    assert r.returncode == 2 and "cannot reach" in r.stderr
