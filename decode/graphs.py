@@ -67,6 +67,9 @@ class CudaGraphRunner:
         if backend.name != "triton":
             # the torch reference reads lengths on the host and rejects slot -1 padding
             raise ValueError(f"CUDA graphs need the triton backend, got {backend.name!r}")
+        if getattr(getattr(model, "cfg", None), "is_moe", False):
+            # the MoE layer reads token counts per expert/rank on the host every step
+            raise ValueError("CUDA graphs cannot capture an MoE model; run its decode steps eager")
         self.model, self.cache, self.backend = model, cache, backend
         self.buckets = batch_buckets(max_batch_size)
         self.max_pages = -(-max_model_len // cache.page_size)
@@ -76,6 +79,7 @@ class CudaGraphRunner:
         self.inputs[2].fill_(-1)
         self.block_tables = torch.zeros(max_bs, self.max_pages, dtype=torch.int32, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.replays = 0  # decode steps served by a graph (the rest ran eagerly): for metrics
         self.logits: dict[int, torch.Tensor] = {}  # bucket -> static output [bs, V] float32
         self.capture_seconds: float | None = None
 
@@ -141,4 +145,65 @@ class CudaGraphRunner:
         self.inputs[:, :bs].copy_(host, non_blocking=True)
         self.block_tables[:n, :width].copy_(tables, non_blocking=True)
         self.graphs[bs].replay()
+        self.replays += 1
         return self.logits[bs][:n]
+
+
+class VerifyGraphRunner(CudaGraphRunner):
+    """Captured steps where every sequence feeds exactly `q_len` tokens and every row's
+    logits come back: speculative verification (q_len = k + 1, one graph per batch bucket
+    and k) and a draft model's two-token catch-up (q_len = 2).
+
+    The step is a chunked-prefill extend over the paged KV, so attention takes the varlen
+    path with a fixed `cu_q_lens` per bucket. Padding sequences feed q_len tokens at
+    positions 0.. with slot -1 (nothing stored) and ctx_len q_len (a prefix of 0 tokens),
+    so they read only their own (never stored) rows; their logits are ignored.
+    """
+
+    def __init__(self, model, cache, backend, max_batch_size: int, max_model_len: int, q_len: int):
+        super().__init__(model, cache, backend, max_batch_size, max_model_len)
+        if q_len < 1:
+            raise ValueError(f"q_len must be >= 1, got {q_len}")
+        self.q_len = q_len
+        dev, max_bs = cache.data.device, self.buckets[-1]
+        self.inputs = torch.zeros(3, max_bs * q_len, dtype=torch.int64, device=dev)  # ids, pos, slot
+        self.inputs[2].fill_(-1)
+        self.ctx = torch.full((max_bs,), q_len, dtype=torch.int64, device=dev)
+        self.cu_q_lens = torch.arange(max_bs + 1, dtype=torch.int32, device=dev) * q_len
+
+    def _step(self, bs: int) -> torch.Tensor:
+        """The captured region: bs sequences of q_len tokens -> logits [bs * q_len, V]."""
+        q, t = self.q_len, bs * self.q_len
+        ids, pos, slots = self.inputs[:, :t]  # three [t] views
+        meta = AttentionMetadata(
+            [q] * bs, [q] * bs, self.block_tables[:bs], slots, self.ctx[:bs], self.cu_q_lens[: bs + 1]
+        )
+        hidden = self.model(ids, pos, meta, self.cache, self.backend)  # [t, hidden]
+        return self.model.compute_logits(hidden)
+
+    def run(self, step: HostStep) -> torch.Tensor | None:
+        """Replay -> logits [B * q_len, V] (a view of a static buffer); None when no graph fits."""
+        n, q = step.num_seqs, self.q_len
+        bs = self.bucket_for(n)
+        if bs is None or bs not in self.graphs or any(ql != q for ql in step.q_lens):
+            return None
+        width = max(len(t) for t in step.tables)
+        if width > self.max_pages:
+            return None
+        pad = (bs - n) * q
+        host = torch.tensor(
+            [
+                step.input_ids + [0] * pad,
+                step.positions + list(range(q)) * (bs - n),
+                step.slots + [-1] * pad,
+            ],
+            dtype=torch.int64,
+        )  # [3, bs * q]
+        ctx = torch.tensor(step.ctx_lens + [q] * (bs - n), dtype=torch.int64)
+        self.inputs[:, : bs * q].copy_(host, non_blocking=True)
+        self.ctx[:bs].copy_(ctx, non_blocking=True)
+        self.block_tables[:n, :width].copy_(torch.tensor(step.padded_tables(), dtype=torch.int32),
+                                            non_blocking=True)
+        self.graphs[bs].replay()
+        self.replays += 1
+        return self.logits[bs][: n * q]

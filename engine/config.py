@@ -87,6 +87,8 @@ class ModelConfig:
         if rope is None and params.get("rope_type", "default") != "default":
             rope = params
         num_experts = d.get("num_experts", d.get("num_local_experts", 0)) or 0
+        if arch == "qwen3_moe" and (d.get("mlp_only_layers") or d.get("decoder_sparse_step", 1) != 1):
+            raise UnsupportedModel("qwen3_moe with dense layers (mlp_only_layers, decoder_sparse_step) is not supported")
         return cls(
             arch=arch,
             vocab_size=d["vocab_size"],

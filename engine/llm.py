@@ -17,6 +17,7 @@ from engine.request import FinishReason, Request, RequestOutput
 from engine.runner import ModelRunner
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
+from engine.spec import build_spec_decoder
 from engine.textstream import TextStream
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,27 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | torch | triton
     cuda_graphs: bool = True  # on CUDA, replay decode steps from CUDA graphs captured at start
     max_graph_batch_size: int = 256  # largest captured decode batch (capped by max_num_seqs)
+    # speculative decoding (engine/spec/): off unless spec_drafter is "ngram" or "draft"
+    spec_drafter: str = "none"  # none | ngram (prompt lookup) | draft (a small draft model)
+    spec_k: int = 4  # tokens drafted and verified per decode step
+    spec_draft_model: str | None = None  # draft checkpoint (same tokenizer); None = truncated target
+    spec_draft_layers: int = 0  # truncated-target draft: its first N layers (0 = a quarter)
+    spec_ngram_max: int = 3  # prompt lookup tries n-grams of this many tokens down to spec_ngram_min
+    spec_ngram_min: int = 1
 
     def __post_init__(self) -> None:
+        from engine.spec.drafters import DRAFTERS
+
+        if self.spec_drafter not in DRAFTERS:
+            raise ValueError(f"spec_drafter must be one of {DRAFTERS}, got {self.spec_drafter!r}")
+        if not 1 <= self.spec_k <= 16:
+            raise ValueError(f"spec_k must be in [1, 16], got {self.spec_k}")
+        if self.spec_draft_layers < 0:
+            raise ValueError(f"spec_draft_layers must be >= 0, got {self.spec_draft_layers}")
+        if not 1 <= self.spec_ngram_min <= self.spec_ngram_max:
+            raise ValueError(
+                f"need 1 <= spec_ngram_min <= spec_ngram_max, got {self.spec_ngram_min}, {self.spec_ngram_max}"
+            )
         if self.attention_backend not in BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}"
@@ -74,9 +94,12 @@ class LLMEngine:
             self.max_model_len,
             PAGE_SIZE,
             eos,
+            num_spec_tokens=0 if config.spec_drafter == "none" else config.spec_k,
         )
         self.backend = select_backend(self.device, config.attention_backend)
         self.runner = ModelRunner(loaded.model, self.cache, self.device, self.backend)
+        self.runner.spec = build_spec_decoder(config, loaded.model, self.runner, kv_dtype, self.device,
+                                              self.backend)
         self.warmup_seconds = self._warm_up() if self.device.type == "cuda" else 0.0
         self._streams: dict[str, TextStream] = {}
         # Called with (batch, step output) after the model ran, before pages are released:
@@ -93,7 +116,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         if self.backend.name == "triton":
             self.runner.warmup_prefill()
-            if self.config.cuda_graphs:
+            if self.config.cuda_graphs and not self.model_config.is_moe:  # MoE: eager (host syncs)
                 # The issue puts the graph runner in decode/; imported here, CUDA only.
                 from decode.graphs import CudaGraphRunner
 
@@ -103,6 +126,9 @@ class LLMEngine:
                 )
                 graphs.capture()
                 self.runner.graphs = graphs
+                if self.runner.spec is not None:  # verify graphs per (bucket, k), draft graphs
+                    self.runner.spec.capture(self.runner.model, self.cache, self.backend, max_bs,
+                                             self.max_model_len)
         torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
         log.info("warm-up on %s (%s backend, cuda graphs %s) took %.2fs", self.device,
@@ -143,6 +169,11 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def spec_stats(self) -> dict:
+        """Speculative decoding counters (acceptance rate, mean accepted length, drafted vs
+        accepted tokens); empty when speculation is off."""
+        return {} if self.runner.spec is None else self.runner.spec.metrics.as_dict()
 
     # ---- stepping ----
 

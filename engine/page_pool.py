@@ -50,6 +50,16 @@ class PagePool:
         self._used.update(pages)
         return pages
 
+    def truncate(self, pages: list[int], num_tokens: int, page_size: int = PAGE_SIZE) -> list[int]:
+        """Keep the pages that hold the first num_tokens tokens, free the rest -> kept pages.
+
+        Speculative decoding rolls back rejected drafts this way: a page that only held
+        rejected positions goes back to the pool at once."""
+        keep = pages_needed(num_tokens, page_size)
+        if keep < len(pages):
+            self.free(pages[keep:])
+        return pages[:keep]
+
     def free(self, pages: list[int]) -> None:
         bad = [p for p in pages if p not in self._used]
         if bad or len(set(pages)) != len(pages):

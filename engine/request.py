@@ -42,6 +42,7 @@ class Request:
     finish_reason: FinishReason | None = None
     arrival: float = 0.0
     generator: torch.Generator | None = None
+    draft_len: int = 0  # speculative decoding: tokens whose K/V sit in the draft model's cache
 
     def __post_init__(self) -> None:
         if self.params.seed is not None and self.generator is None:
@@ -65,6 +66,7 @@ class ScheduledSeq:
     request: Request
     num_new_tokens: int  # tokens fed this step, starting at request.num_computed_tokens
     sample: bool  # False for a prefill chunk that does not reach the end of the prompt
+    num_spec_tokens: int = 0  # speculative decoding: drafted tokens verified in this step
 
 
 @dataclass
@@ -86,6 +88,8 @@ class StepOutput:
 
     token_ids: list[int]
     logprobs: list[float] | None = None
+    # speculative decoding: per sampled seq, the accepted drafts emitted before token_ids[i]
+    spec_token_ids: list[list[int]] | None = None
 
 
 @dataclass

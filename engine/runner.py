@@ -76,16 +76,20 @@ class ModelRunner:
         self.backend = backend
         self.page_size = cache.page_size
         self.graphs: DecodeGraphs | None = None  # attached after capture (decode/graphs.py)
+        self.spec = None  # engine.spec.SpecDecoder when speculative decoding is on
 
     # ---- host side ----
 
-    def collect(self, batch: ScheduledBatch) -> HostStep:
+    def collect(self, batch: ScheduledBatch, drafts: dict[str, list[int]] | None = None) -> HostStep:
+        """drafts: request id -> the k tokens a verify seq feeds after its last token."""
         s = HostStep([], [], [], [], [], [], [], [], [])
         flat, ps = 0, self.page_size
         for seq in batch.seqs:
             req, n = seq.request, seq.num_new_tokens
             start = req.num_computed_tokens
-            s.input_ids.extend(req.all_token_ids[start : start + n])
+            s.input_ids.extend(req.all_token_ids[start : start + n - seq.num_spec_tokens])
+            if seq.num_spec_tokens:
+                s.input_ids.extend(drafts[req.request_id])
             s.positions.extend(range(start, start + n))
             s.slots.extend(req.pages[p // ps] * ps + p % ps for p in range(start, start + n))
             s.q_lens.append(n)
@@ -160,6 +164,9 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         if batch.is_empty:
             return StepOutput([])
+        if self.spec is not None and any(seq.num_spec_tokens for seq in batch.seqs):
+            with self.backend.range(f"step verify seqs={len(batch.seqs)}"):
+                return self.spec.execute(self, batch)
         s = self.collect(batch)
         kind = "decode" if s.is_decode else "prefill"
         with self.backend.range(f"step {kind} seqs={s.num_seqs} tokens={len(s.input_ids)}"):

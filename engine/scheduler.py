@@ -31,8 +31,10 @@ class Scheduler:
         max_model_len: int = 8192,
         page_size: int = 16,
         eos_token_ids: tuple[int, ...] = (),
+        num_spec_tokens: int = 0,
     ) -> None:
         self.pool = pool
+        self.num_spec_tokens = num_spec_tokens  # k drafted tokens per decode step (0 = off)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -80,9 +82,12 @@ class Scheduler:
                 n = min(req.num_tokens - req.num_computed_tokens, budget)  # recompute chunk
             else:
                 n = 1
+            spec = self._spec_len(req) if n == 1 and budget > self.num_spec_tokens else 0
+            n += spec
             if n <= 0 or not self._reserve(req, req.num_computed_tokens + n):
                 continue
-            seqs.append(ScheduledSeq(req, n, req.num_computed_tokens + n == req.num_tokens))
+            sample = req.num_computed_tokens + n - spec == req.num_tokens
+            seqs.append(ScheduledSeq(req, n, sample, spec))
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
@@ -95,6 +100,18 @@ class Scheduler:
             seqs.append(ScheduledSeq(req, n, req.num_computed_tokens + n == req.num_tokens))
             budget -= n
         return ScheduledBatch(seqs)
+
+    def _spec_len(self, req: Request) -> int:
+        """Drafts to verify for a decode step: k, or 0 where the verify rows would pass the
+        context limit or the acceptance rule is not exact (logprobs, top-k/top-p/min-p asked).
+
+        A request with one token left still verifies (the runner caps its drafts to 0): a
+        batch of verify rows only stays one shape, which a CUDA graph replays; one plain
+        decode row among them would send the whole step down the eager path."""
+        k, p = self.num_spec_tokens, req.params
+        if k == 0 or p.logprobs or p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0:
+            return 0
+        return 0 if req.num_tokens + k > self.max_model_len else k
 
     def _reserve(self, req: Request, num_tokens: int, preempt: bool = True) -> bool:
         """Make req hold pages for num_tokens, preempting the newest running request if needed."""
@@ -115,6 +132,7 @@ class Scheduler:
         self.pool.free(req.pages)
         req.pages = []
         req.num_computed_tokens = 0
+        req.draft_len = 0
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
 
@@ -130,6 +148,9 @@ class Scheduler:
             i = next(it)
             if req.is_finished:  # aborted while the step ran: drop its token
                 continue
+            if seq.num_spec_tokens:
+                results.append(self._update_spec(seq, out.spec_token_ids[i] + [out.token_ids[i]]))
+                continue
             req.num_computed_tokens += seq.num_new_tokens
             token = out.token_ids[i]
             req.output_token_ids.append(token)
@@ -142,6 +163,25 @@ class Scheduler:
                 self._finish(req, reason)
             results.append(RequestOutput(req.request_id, [token], req.is_finished, req.finish_reason, lp))
         return results
+
+    def _update_spec(self, seq: ScheduledSeq, tokens: list[int]) -> RequestOutput:
+        """A verify step emitted the accepted drafts plus one token: append them up to a stop,
+        then roll the KV back to what they cover (pages past it return to the pool)."""
+        req = seq.request
+        # K/V is valid for the fed token and the accepted drafts, not for the rejected ones
+        req.num_computed_tokens += seq.num_new_tokens - seq.num_spec_tokens + len(tokens) - 1
+        emitted = []
+        for token in tokens:
+            req.output_token_ids.append(token)
+            emitted.append(token)
+            reason = self.check_stop(req, token)
+            if reason is not None:
+                self._finish(req, reason)
+                break
+        if not req.is_finished:
+            req.pages = self.pool.truncate(req.pages, req.num_computed_tokens, self.page_size)
+            req.draft_len = min(req.draft_len, req.num_computed_tokens)
+        return RequestOutput(req.request_id, emitted, req.is_finished, req.finish_reason)
 
     def check_stop(self, req: Request, token: int) -> FinishReason | None:
         p = req.params

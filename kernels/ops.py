@@ -8,9 +8,11 @@ ops up by name) need one line: `import kernels.ops`.
 from kernels.activation import silu_and_mul
 from kernels.decode_attention import decode_attention
 from kernels.kv_store import store_kv
+from kernels.moe import moe_gather_sum, moe_route
 from kernels.prefill_attention import cu_seqlens, prefill_attention
 from kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
 from kernels.rotary import apply_rotary
+from kernels.spec_verify import spec_verify
 
 OP_NAMES = (
     "rmsnorm",
@@ -21,6 +23,9 @@ OP_NAMES = (
     "store_kv",
     "decode_attention",
     "prefill_attention",
+    "spec_verify",
+    "moe_route",
+    "moe_gather_sum",
 )
 
 __all__ = [
@@ -29,8 +34,11 @@ __all__ = [
     "cu_seqlens",
     "decode_attention",
     "fused_add_rmsnorm",
+    "moe_gather_sum",
+    "moe_route",
     "prefill_attention",
     "rmsnorm",
     "silu_and_mul",
+    "spec_verify",
     "store_kv",
 ]

@@ -65,9 +65,9 @@ def _fill(model: DecoderModel, weights, quiet: bool, total: int) -> None:
             _progress(f"  loading weights {i}/{total}", quiet)
 
 
-def _materialize(cfg: ModelConfig, dtype: torch.dtype, device) -> DecoderModel:
+def _materialize(cfg: ModelConfig, dtype: torch.dtype, device, ep=None) -> DecoderModel:
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = build_model(cfg, ep)
     model = model.to_empty(device=device)
     # to_empty leaves buffers (rotary tables) uninitialized: rebuild them for real.
     model.rope = type(model.rope)(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling).to(device)
@@ -83,16 +83,19 @@ def load_model(
     quiet: bool = False,
     dummy_weights: bool = False,
     seed: int = 0,
+    ep=None,
 ) -> LoadedModel:
     """dummy_weights: the checkpoint's config and tokenizer with seeded random weights
-    (benchmarks and GPU runs without the checkpoint's weight files)."""
+    (benchmarks and GPU runs without the checkpoint's weight files).
+    ep: an `engine.moe.EPContext`: an MoE model keeps (and loads) only this rank's experts."""
     t0 = time.monotonic()
     path = resolve(name)
     _progress(f"loading {name} from {path}{' (dummy weights)' if dummy_weights else ''}", quiet)
     if dummy_weights:
         tokenizer, cfg = load_tokenizer(name)
         on_gpu = torch.device(device).type == "cuda"
-        model = random_model(cfg, seed, dtype, device) if on_gpu else dummy_model(cfg, seed, dtype, device)
+        make = random_model if on_gpu else dummy_model
+        model = make(cfg, seed, dtype, device, ep=ep)
     elif path.is_file():
         import gguf
 
@@ -109,7 +112,7 @@ def load_model(
         cfg = hf_loader.read_config(path)
         tok_file = path / "tokenizer.json"
         tokenizer = TextTokenizer.from_hf_dir(path, cfg.eos_token_ids) if tok_file.exists() else None
-        model = _materialize(cfg, dtype, device)
+        model = _materialize(cfg, dtype, device, ep)
         _fill(model, hf_loader.iter_weights(path), quiet, _count_hf_tensors(path))
     model = model.to(dtype).eval()
     dt = time.monotonic() - t0
@@ -145,25 +148,40 @@ def _num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def dummy_model(cfg: ModelConfig, seed: int = 0, dtype=torch.float32, device="cpu") -> DecoderModel:
+def _full_shape(model: DecoderModel, name: str, p: torch.Tensor) -> tuple[int, ...]:
+    """An expert-parallel rank holds some experts; dummy weights are drawn for all of them
+    and sliced (`_local`) so they do not depend on the EP layout."""
+    if name.endswith((".mlp.w13", ".mlp.w2")):
+        return (model.cfg.num_experts, *p.shape[1:])
+    return tuple(p.shape)
+
+
+def _local(model: DecoderModel, name: str, full: torch.Tensor) -> torch.Tensor:
+    if name.endswith((".mlp.w13", ".mlp.w2")):
+        return model.get_submodule(name.rsplit(".", 1)[0]).expert_rows(full)
+    return full
+
+
+def dummy_model(cfg: ModelConfig, seed: int = 0, dtype=torch.float32, device="cpu", ep=None) -> DecoderModel:
     """Seeded random weights (never zeros) for any config: benchmarks without a checkpoint."""
     gen = torch.Generator().manual_seed(seed)
-    model = _materialize(cfg, torch.float32, "cpu")
+    model = _materialize(cfg, torch.float32, "cpu", ep)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            shape = _full_shape(model, name, p)
             if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+                p.copy_(1.0 + 0.1 * torch.randn(shape, generator=gen))
             else:
-                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / p.shape[-1] ** 0.5))
+                p.copy_(_local(model, name, torch.randn(shape, generator=gen) * (1.0 / p.shape[-1] ** 0.5)))
     return model.to(device=device, dtype=dtype).eval()
 
 
-def random_model(cfg: ModelConfig, seed: int = 0, dtype=torch.bfloat16, device="cuda") -> DecoderModel:
+def random_model(cfg: ModelConfig, seed: int = 0, dtype=torch.bfloat16, device="cuda", ep=None) -> DecoderModel:
     """Seeded random weights drawn directly on `device` in `dtype`: no host copy, no fp32
     detour (an 8B model in bf16 is 16 GB). Same scales as `dummy_model`, but the values
     come from the device's generator, so they differ from dummy_model's for the same seed."""
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = build_model(cfg, ep)
     model = model.to(dtype).to_empty(device=device)
     model.rope = type(model.rope)(cfg.head_dim, cfg.max_position, cfg.rope_theta, cfg.rope_scaling)
     model.rope = model.rope.to(device=device, dtype=dtype)  # as _materialize + .to(dtype)
@@ -174,6 +192,9 @@ def random_model(cfg: ModelConfig, seed: int = 0, dtype=torch.bfloat16, device="
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.normal_(1.0, 0.1, generator=gen)
+            elif _full_shape(model, name, p) != tuple(p.shape):  # expert-parallel: draw all, keep ours
+                full = p.new_empty(_full_shape(model, name, p)).normal_(0.0, 1.0 / p.shape[-1] ** 0.5, generator=gen)
+                p.copy_(_local(model, name, full))
             else:
                 p.normal_(0.0, 1.0 / p.shape[-1] ** 0.5, generator=gen)
     return model.eval()

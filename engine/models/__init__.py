@@ -6,5 +6,6 @@ from engine.models.decoder import DecoderModel
 __all__ = ["DecoderModel", "build_model"]
 
 
-def build_model(cfg) -> DecoderModel:
-    return DecoderModel(cfg)
+def build_model(cfg, ep=None) -> DecoderModel:
+    """ep: an `engine.moe.EPContext` for MoE models spread over ranks (None: one rank)."""
+    return DecoderModel(cfg, ep)

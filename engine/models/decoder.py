@@ -44,7 +44,7 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: ModelConfig, layer: int, ep=None) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = Attention(cfg, layer)
@@ -52,7 +52,7 @@ class DecoderLayer(nn.Module):
         if cfg.is_moe:
             from engine.moe import MoEBlock
 
-            self.mlp = MoEBlock(cfg)
+            self.mlp = MoEBlock(cfg, ep)
         else:
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
@@ -74,11 +74,12 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, ep=None) -> None:
+        """ep: an `engine.moe.EPContext` spreading MoE experts over ranks (None: one rank)."""
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, ep) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -97,6 +98,21 @@ class DecoderModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32."""
         return self.lm_head(hidden).float()
+
+    def idle_step(self) -> None:
+        """An expert-parallel rank with no requests: run only every MoE layer's collectives."""
+        for layer in self.layers if self.cfg.is_moe else ():
+            layer.mlp.idle()
+
+    def expert_load(self, reset: bool = False) -> list[list[int]]:
+        """Per MoE layer: tokens this rank routed to each expert since the last reset ([] if dense)."""
+        if not self.cfg.is_moe:
+            return []
+        load = [layer.mlp.expert_load()["routed"] for layer in self.layers]
+        if reset:
+            for layer in self.layers:
+                layer.mlp.reset_load()
+        return load
 
     # ---- weight loading: HF parameter names -> our fused parameters ----
 
@@ -136,6 +152,8 @@ class DecoderModel(nn.Module):
                 return None
             return self._copy(params["lm_head.weight"], tensor, name)
         m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+        if m is None and self.cfg.is_moe:  # transformers 5 stacks experts: `mlp.experts.down_proj`
+            m = re.fullmatch(r"model\.layers\.(\d+)\.(.+\.experts\.(?:gate_up_proj|down_proj))()", name)
         if m is None:
             raise KeyError(f"unexpected weight {name!r}")
         layer, mod, kind = m.groups()
@@ -148,7 +166,8 @@ class DecoderModel(nn.Module):
         if mod in self._RENAMES:
             return self._copy(params[f"{prefix}{self._RENAMES[mod]}.{kind}"], tensor, name)
         if self.cfg.is_moe:
-            return self.layers[int(layer)].mlp.load_hf_weight(mod, kind, tensor)
+            target = self.layers[int(layer)].mlp.hf_target(mod, kind, tensor)
+            return None if target is None else self._copy(*target, name)
         raise KeyError(f"unexpected weight {name!r}")
 
     @staticmethod

@@ -53,6 +53,16 @@ def _op_cases(device):
             m.prefill_attention.default,
             (q, data, scales, tables, torch.tensor([0, 2, 3], device=device), ctx, 2, 0.25),
         ),
+        "moe_route": (m.moe_route.default, (torch.randn(3, 8, device=device), 2, True)),
+        "moe_gather_sum": (m.moe_gather_sum.default, (x, torch.tensor([[2, -1], [0, 0]], device=device),
+                                                      torch.rand(2, 2, device=device))),
+        "spec_verify": (m.spec_verify.default, (torch.randn(2, 3, 32, device=device),
+                                                torch.tensor([[1, 2], [3, 4]], device=device),
+                                                torch.tensor([2, 1], device=device),
+                                                torch.tensor([0.0, 0.7], device=device),
+                                                torch.softmax(torch.randn(2, 2, 32, device=device), -1),
+                                                torch.rand(2, 3, device=device),
+                                                torch.empty(2, 3, 32, device=device).exponential_())),
     }
 
 
