@@ -1,4 +1,4 @@
-"""Cluster subcommands: up, down, status."""
+"""Cluster subcommands: up, down, status, apply."""
 
 from __future__ import annotations
 
@@ -31,6 +31,14 @@ def add_cluster_commands(sub) -> None:
     st.add_argument("--json", action="store_true")
     st.add_argument("--timeout", type=float, default=10.0)
     st.set_defaults(func=cmd_status)
+    ap = sub.add_parser("apply", help="resize a running cluster's pools or change its autoscaling from a config")
+    ap.add_argument("-c", "--config", required=True, help="the changed cluster YAML")
+    ap.add_argument("--address", default=None, help="router address (default: router.host:port of the file)")
+    ap.add_argument("--dry-run", action="store_true", help="validate and print the changes; change nothing")
+    ap.add_argument("--wait", type=float, default=0.0, metavar="S",
+                    help="wait up to S seconds for the pools to reach their new size")
+    ap.add_argument("--timeout", type=float, default=10.0)
+    ap.set_defaults(func=cmd_apply)
 
 
 def cmd_up(args) -> int:
@@ -129,4 +137,72 @@ def cmd_status(args) -> int:
             state = pb.WorkerState.Name(w.state).removeprefix("WORKER_STATE_")
             print(f"{pool.name:8} {w.worker_id:8} {state:10} {w.pages_used:>8}/{w.pages_total:<8} "
                   f"{w.running:>8} {w.waiting:>8}")
+    for pool in st.pools:
+        a = pool.autoscale
+        line = f"{pool.name}: desired {pool.desired_replicas}"
+        if pool.HasField("autoscale"):
+            line += (f", autoscale {a.min_replicas}..{a.max_replicas} on {a.metric} "
+                     f"(now {a.value:.3g}, target {a.target:g}): {a.last_decision}")
+        print(line)
+    for e in st.events[-8:]:
+        print(f"event {e}")
     return 0
+
+
+def cmd_apply(args) -> int:
+    import grpc
+
+    from cluster.config import ConfigError, load_config
+    from cluster.errors import CLIError
+    from protos.miniinfer.v1 import miniinfer_pb2 as pb
+    from protos.miniinfer.v1 import miniinfer_pb2_grpc as pb_grpc
+
+    try:
+        config = load_config(args.config)  # the same checks the cluster makes, before any traffic
+    except ConfigError as e:
+        raise CLIError(str(e)) from e
+    address = args.address or f"{config.router.host}:{config.router.port}"
+    if address.endswith(":0"):
+        raise CLIError(f"{args.config} has router.port 0; give the running cluster's --address")
+    req = pb.ApplyConfigRequest(config_yaml=Path(args.config).read_text(), cluster_token=config.cluster_token,
+                                dry_run=args.dry_run)
+    with grpc.insecure_channel(address) as ch:
+        stub = pb_grpc.MiniInferStub(ch)
+        try:
+            res = stub.ApplyConfig(req, timeout=args.timeout)
+        except grpc.RpcError as e:
+            raise CLIError(f"apply refused by {address}: {e.code().name}: {e.details()}") from None
+        for line in res.changes:
+            print(f"  {line}")
+        print(res.message)
+        if args.wait > 0 and res.changes and not args.dry_run:
+            _wait_settled(stub, args.wait)
+    return 0
+
+
+def _settled(st) -> bool:
+    from protos.miniinfer.v1 import miniinfer_pb2 as pb
+
+    return all(len(p.workers) == p.desired_replicas and all(w.state == pb.WORKER_STATE_READY for w in p.workers)
+               for p in st.pools)
+
+
+def _wait_settled(stub, timeout: float) -> None:
+    import grpc
+
+    from cluster.errors import CLIError
+    from protos.miniinfer.v1 import miniinfer_pb2 as pb
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            st = stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=10)
+        except grpc.RpcError as e:
+            raise CLIError(f"lost the cluster while waiting: {e.code().name} {e.details()}") from None
+        if _settled(st):
+            sizes = ", ".join(f"{p.name} {len(p.workers)}" for p in st.pools)
+            print(f"settled: {sizes}")
+            return
+        if time.monotonic() > deadline:
+            raise CLIError(f"pools not settled after {timeout:g}s; see `miniinfer status`")
+        time.sleep(0.5)

@@ -333,6 +333,7 @@ def test_service_shapes():
         "Abort": (False, False),
         "GetClusterStatus": (False, False),
         "Tokenize": (False, False),
+        "ApplyConfig": (False, False),
     }
     kvsvc = kv.DESCRIPTOR.services_by_name["KVTransfer"]
     shapes = {m.name: (m.client_streaming, m.server_streaming) for m in kvsvc.methods}

@@ -151,6 +151,24 @@ class TokenizeRequest(_message.Message):
     add_special_tokens: bool
     def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., model: _Optional[str] = ..., add_special_tokens: _Optional[bool] = ...) -> None: ...
 
+class ApplyConfigRequest(_message.Message):
+    __slots__ = ("config_yaml", "cluster_token", "dry_run")
+    CONFIG_YAML_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    config_yaml: str
+    cluster_token: str
+    dry_run: bool
+    def __init__(self, config_yaml: _Optional[str] = ..., cluster_token: _Optional[str] = ..., dry_run: _Optional[bool] = ...) -> None: ...
+
+class ApplyConfigResponse(_message.Message):
+    __slots__ = ("changes", "message")
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    changes: _containers.RepeatedScalarFieldContainer[str]
+    message: str
+    def __init__(self, changes: _Optional[_Iterable[str]] = ..., message: _Optional[str] = ...) -> None: ...
+
 class TokenizeResponse(_message.Message):
     __slots__ = ("token_ids", "text")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -188,17 +206,35 @@ class WorkerStatus(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., address: _Optional[str] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_used: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., warmup_s: _Optional[float] = ..., num_devices: _Optional[int] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
-    __slots__ = ("name", "desired_replicas", "workers")
+    __slots__ = ("name", "desired_replicas", "workers", "autoscale")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESIRED_REPLICAS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    AUTOSCALE_FIELD_NUMBER: _ClassVar[int]
     name: str
     desired_replicas: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
-    def __init__(self, name: _Optional[str] = ..., desired_replicas: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...
+    autoscale: AutoscaleStatus
+    def __init__(self, name: _Optional[str] = ..., desired_replicas: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., autoscale: _Optional[_Union[AutoscaleStatus, _Mapping]] = ...) -> None: ...
+
+class AutoscaleStatus(_message.Message):
+    __slots__ = ("min_replicas", "max_replicas", "metric", "target", "value", "last_decision")
+    MIN_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    LAST_DECISION_FIELD_NUMBER: _ClassVar[int]
+    min_replicas: int
+    max_replicas: int
+    metric: str
+    target: float
+    value: float
+    last_decision: str
+    def __init__(self, min_replicas: _Optional[int] = ..., max_replicas: _Optional[int] = ..., metric: _Optional[str] = ..., target: _Optional[float] = ..., value: _Optional[float] = ..., last_decision: _Optional[str] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("model", "kv_dtype", "kv_page_size", "kv_transport", "max_model_len", "pools", "queue_depth", "active_requests")
+    __slots__ = ("model", "kv_dtype", "kv_page_size", "kv_transport", "max_model_len", "pools", "queue_depth", "active_requests", "events")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     KV_DTYPE_FIELD_NUMBER: _ClassVar[int]
     KV_PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +243,7 @@ class ClusterStatus(_message.Message):
     POOLS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
     model: str
     kv_dtype: str
     kv_page_size: int
@@ -215,4 +252,5 @@ class ClusterStatus(_message.Message):
     pools: _containers.RepeatedCompositeFieldContainer[PoolStatus]
     queue_depth: int
     active_requests: int
-    def __init__(self, model: _Optional[str] = ..., kv_dtype: _Optional[str] = ..., kv_page_size: _Optional[int] = ..., kv_transport: _Optional[str] = ..., max_model_len: _Optional[int] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., active_requests: _Optional[int] = ...) -> None: ...
+    events: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., kv_dtype: _Optional[str] = ..., kv_page_size: _Optional[int] = ..., kv_transport: _Optional[str] = ..., max_model_len: _Optional[int] = ..., pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., queue_depth: _Optional[int] = ..., active_requests: _Optional[int] = ..., events: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -54,6 +54,11 @@ class MiniInferStub:
                 request_serializer=miniinfer_dot_v1_dot_miniinfer__pb2.TokenizeRequest.SerializeToString,
                 response_deserializer=miniinfer_dot_v1_dot_miniinfer__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
+        self.ApplyConfig = channel.unary_unary(
+                '/miniinfer.v1.MiniInfer/ApplyConfig',
+                request_serializer=miniinfer_dot_v1_dot_miniinfer__pb2.ApplyConfigRequest.SerializeToString,
+                response_deserializer=miniinfer_dot_v1_dot_miniinfer__pb2.ApplyConfigResponse.FromString,
+                _registered_method=True)
 
 
 class MiniInferServicer:
@@ -95,6 +100,19 @@ class MiniInferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyConfig(self, request, context):
+        """Admin: reconcile the running cluster to a changed config (`miniinfer
+        apply`). Returns at once with the planned changes; new workers warm up
+        before they take traffic and removed ones drain first, so watch
+        GetClusterStatus to see it done. A config that does not parse fails with
+        INVALID_ARGUMENT naming the field; a change that cannot be applied live
+        (model, dtype, kv_dtype, transport, ...) with FAILED_PRECONDITION; a
+        wrong cluster_token with PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MiniInferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -117,6 +135,11 @@ def add_MiniInferServicer_to_server(servicer, server):
                     servicer.Tokenize,
                     request_deserializer=miniinfer_dot_v1_dot_miniinfer__pb2.TokenizeRequest.FromString,
                     response_serializer=miniinfer_dot_v1_dot_miniinfer__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'ApplyConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyConfig,
+                    request_deserializer=miniinfer_dot_v1_dot_miniinfer__pb2.ApplyConfigRequest.FromString,
+                    response_serializer=miniinfer_dot_v1_dot_miniinfer__pb2.ApplyConfigResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -227,6 +250,33 @@ class MiniInfer:
             '/miniinfer.v1.MiniInfer/Tokenize',
             miniinfer_dot_v1_dot_miniinfer__pb2.TokenizeRequest.SerializeToString,
             miniinfer_dot_v1_dot_miniinfer__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/miniinfer.v1.MiniInfer/ApplyConfig',
+            miniinfer_dot_v1_dot_miniinfer__pb2.ApplyConfigRequest.SerializeToString,
+            miniinfer_dot_v1_dot_miniinfer__pb2.ApplyConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,
