@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 
@@ -34,18 +35,31 @@ def build_request(prompt: str | None = None, *, messages: list[dict] | None = No
     return req
 
 
-class Client:
-    """Blocking client: `for msg in Client(addr).generate(build_request("Hi")): ...`"""
+def open_channel(address: str, tls_ca: str | None = None) -> grpc.Channel:
+    """Plain channel, or TLS trusting the PEM file tls_ca."""
+    if tls_ca is None:
+        return grpc.insecure_channel(address)
+    with open(tls_ca, "rb") as f:
+        return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=f.read()))
 
-    def __init__(self, address: str = "127.0.0.1:50051") -> None:
-        self.channel = grpc.insecure_channel(address)
+
+class Client:
+    """Blocking client: `for msg in Client(addr).generate(build_request("Hi")): ...`
+
+    token: the router's api_token (default: $MINIINFER_API_TOKEN), sent as a bearer token;
+    tls_ca: PEM file to trust when the router serves TLS (default: $MINIINFER_TLS_CA)."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", token: str | None = None, tls_ca: str | None = None) -> None:
+        token = os.environ.get("MINIINFER_API_TOKEN", "") if token is None else token
+        self.channel = open_channel(address, tls_ca or os.environ.get("MINIINFER_TLS_CA") or None)
         self.stub = pb_grpc.MiniInferStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     def generate(self, request: pb.GenerateRequest, timeout: float | None = 300.0) -> Iterator[pb.GenerateResponse]:
-        return self.stub.Generate(request, timeout=timeout)
+        return self.stub.Generate(request, timeout=timeout, metadata=self.metadata)
 
     def status(self, timeout: float = 10.0) -> pb.ClusterStatus:
-        return self.stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=timeout)
+        return self.stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=timeout, metadata=self.metadata)
 
     def close(self) -> None:
         self.channel.close()

@@ -13,13 +13,14 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from kvtransfer import faults
 from kvtransfer.base import KVSender
-from kvtransfer.layout import KVHeader, KVPayload, KVTransferError, to_bytes
+from kvtransfer.layout import KVHeader, KVPayload, KVTransferError, host_bytes
 from kvtransfer.ticket import Ticket
 from protos.miniinfer.v1 import kvtransfer_pb2 as pb
 from protos.miniinfer.v1 import kvtransfer_pb2_grpc as pb_grpc
 
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 4 << 20
 MAX_MESSAGE = 8 << 20
 
 
@@ -58,12 +59,16 @@ class GrpcKVSender(KVSender):
         return pb_grpc.KVTransferStub(ch)
 
     async def send(self, ticket: Ticket, header: KVHeader, payload: KVPayload, timeout: float) -> None:
-        blob = b"".join(to_bytes(t) for t in payload.tensors())
+        blob = host_bytes(payload.tensors())  # one device-to-host copy; chunks are slices of it
 
-        def chunks():
+        offsets = range(0, len(blob), CHUNK_BYTES)
+
+        async def chunks():
             yield pb.KVChunk(header=header_to_pb(header, self.token), seq=0, offset=0)
-            for i, off in enumerate(range(0, len(blob), CHUNK_BYTES), 1):
-                yield pb.KVChunk(seq=i, offset=off, data=blob[off : off + CHUNK_BYTES])
+            for i, off in enumerate(offsets, 1):
+                if faults.PLAN is not None and i == len(offsets) // 2 + 1:  # half the chunks are out
+                    await faults.ahit("transfer_half", header.sender_id, header.request_id)
+                yield pb.KVChunk(seq=i, offset=off, data=blob[off : off + CHUNK_BYTES].tobytes())
 
         try:
             ack = await self._stub(ticket.grpc_address).Push(chunks(), timeout=timeout)
@@ -108,25 +113,32 @@ class KVReceiverService(pb_grpc.KVTransferServicer):
             self.validate(header)
         except KVTransferError as e:
             return pb.PushAck(ok=False, error=str(e))
-        buf = bytearray()
-        expect_seq = 1
+        # validate() checked num_bytes against the reservation, so this size is bounded
+        buf = bytearray(header.num_bytes)
+        view = memoryview(buf)
+        got, expect_seq = 0, 1
         try:
-            while len(buf) < header.num_bytes:
+            while got < header.num_bytes:
                 chunk = await asyncio.wait_for(it.__anext__(), self.chunk_timeout_s)
-                if chunk.seq != expect_seq or chunk.offset != len(buf):
+                if chunk.seq != expect_seq or chunk.offset != got:
                     raise KVTransferError(f"chunk {chunk.seq} out of order (expected {expect_seq})")
-                buf += chunk.data
+                n = len(chunk.data)
+                if n == 0 or got + n > header.num_bytes:
+                    raise KVTransferError(f"chunk {chunk.seq} overruns the {header.num_bytes} bytes announced")
+                view[got: got + n] = chunk.data
+                got += n
                 expect_seq += 1
-            if len(buf) != header.num_bytes:
-                raise KVTransferError(f"got {len(buf)} bytes, header says {header.num_bytes}")
             if header.checksum and zlib.crc32(buf) != header.checksum:
                 raise KVTransferError("checksum mismatch")
-            await self.commit(header, bytes(buf))
+            await self.commit(header, view)
         except (KVTransferError, StopAsyncIteration, asyncio.TimeoutError) as e:
             msg = str(e) or type(e).__name__
             self.cancel(header.ticket_id, msg)
-            return pb.PushAck(ok=False, error=msg, bytes_received=len(buf))
-        return pb.PushAck(ok=True, bytes_received=len(buf))
+            return pb.PushAck(ok=False, error=msg, bytes_received=got)
+        except BaseException as e:  # sender died mid-stream (cancelled RPC): free the pages now
+            self.cancel(header.ticket_id, f"KV stream broken: {type(e).__name__}")
+            raise
+        return pb.PushAck(ok=True, bytes_received=got)
 
     async def Cancel(self, request, context):  # noqa: N802
         if self.token and request.cluster_token != self.token:

@@ -73,20 +73,34 @@ def payload_shapes(cache: KVCache, num_tokens: int) -> list[tuple[tuple[int, ...
     return shapes
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """The same bytes with the last dim read as the widest integer type that divides it.
+
+    Gather/scatter kernels cost per element: moving int8 pages as int64 moves 8x fewer
+    elements for the same bytes (a head_dim of 128 int8 values is 16 int64s)."""
+    row = t.shape[-1] * t.element_size()
+    for wide in (torch.int64, torch.int32, torch.int16):
+        size = torch.empty((), dtype=wide).element_size()
+        if row % size == 0 and t.element_size() <= size and t.stride(-1) == 1:
+            return t.view(wide)
+    return t
+
+
 def export_pages(cache: KVCache, pages: list[int], num_tokens: int) -> KVPayload:
     n = pages_needed(num_tokens, cache.page_size)
     idx = torch.tensor(pages[:n], dtype=torch.int64, device=cache.data.device)
-    data = cache.data.index_select(2, idx)  # [L, 2, n, S, Hkv, D]
-    scales = cache.scales.index_select(2, idx) if cache.quantized else None
+    data = _wide(cache.data).index_select(2, idx).view(cache.data.dtype)  # [L, 2, n, S, Hkv, D]
+    scales = _wide(cache.scales).index_select(2, idx).view(torch.float32) if cache.quantized else None
     return KVPayload(data, scales)
 
 
 def import_pages(cache: KVCache, pages: list[int], payload: KVPayload) -> None:
     n = payload.data.shape[2]
-    idx = torch.tensor(pages[:n], dtype=torch.int64, device=cache.data.device)
-    cache.data.index_copy_(2, idx, payload.data.to(cache.data.device))
+    dev = cache.data.device
+    idx = torch.tensor(pages[:n], dtype=torch.int64, device=dev)
+    _wide(cache.data).index_copy_(2, idx, _wide(payload.data.to(dev).contiguous()))
     if cache.quantized:
-        cache.scales.index_copy_(2, idx, payload.scales.to(cache.data.device))
+        _wide(cache.scales).index_copy_(2, idx, _wide(payload.scales.to(dev).contiguous()))
 
 
 def checksum(payload: KVPayload) -> int:
@@ -101,8 +115,20 @@ def to_bytes(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().view(torch.uint8).cpu().numpy().tobytes()
 
 
+def host_bytes(tensors: list[torch.Tensor]) -> memoryview:
+    """The tensors' bytes back to back in host memory (one copy from the device), as a view."""
+    flat = [t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]
+    joined = flat[0] if len(flat) == 1 else torch.cat(flat)
+    return memoryview(joined.cpu().numpy()).cast("B")
+
+
 def from_bytes(buf: bytes | bytearray | memoryview, shape, dtype: torch.dtype) -> torch.Tensor:
-    return torch.frombuffer(bytearray(buf), dtype=torch.uint8).view(dtype).reshape(shape)
+    """A tensor over `buf`: no copy when the buffer is writable (a bytearray or a view of one)."""
+    if isinstance(buf, bytes) or (isinstance(buf, memoryview) and buf.readonly):
+        buf = bytearray(buf)
+    if len(buf) == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
 
 
 def make_header(cache: KVCache, payload: KVPayload, request_id: str, ticket_id: str, num_tokens: int,

@@ -17,6 +17,7 @@ from collections import OrderedDict
 import torch
 import torch.distributed as dist
 
+from kvtransfer import faults
 from kvtransfer.base import KVSender
 from kvtransfer.layout import KVHeader, KVPayload, KVTransferError
 from kvtransfer.ticket import Ticket
@@ -81,27 +82,33 @@ class PairGroups:
         return len(self._groups)
 
 
-def _wait(work, timeout_s: float, device: torch.device) -> None:
-    ok = work.wait(datetime.timedelta(seconds=timeout_s))
-    if ok is False:
-        raise KVTransferError("torch.distributed transfer timed out")
+def wait_work(work, timeout_s: float, device: torch.device) -> None:
+    """Block this (transfer) thread until a send/recv is done; bounded by `timeout_s`."""
     if device.type == "cuda":
-        # NCCL's wait only orders the current stream; the buffer must outlive the copy,
-        # so block this (transfer) thread until it is done. NCCL's own timeout bounds it.
+        # NCCL: order the current stream after the op, then sync that stream. (A timed
+        # `work.wait(timeout)` polls in 1 ms sleeps, a floor that dominates small transfers.)
+        # The bound is the group's own timeout (make_pair_group), after which NCCL's watchdog
+        # aborts the communicator and the op ends with an error.
+        work.wait()
         torch.cuda.current_stream(device).synchronize()
+        return
+    if work.wait(datetime.timedelta(seconds=timeout_s)) is False:
+        raise KVTransferError("torch.distributed transfer timed out")
 
 
 def send_tensors(group, tensors: list[torch.Tensor], tag: int, timeout_s: float) -> None:
-    for i, t in enumerate(tensors):
-        _wait(group.send([t], RECEIVER, tag * 4 + i), timeout_s, t.device)
+    # post every send, then wait: int8 pages and their scales go back to back, with no
+    # host round trip between them (both sides post in the same order)
+    works = [group.send([t], RECEIVER, tag * 4 + i) for i, t in enumerate(tensors)]
+    for w, t in zip(works, tensors):
+        wait_work(w, timeout_s, t.device)
 
 
 def recv_tensors(group, shapes, device, tag: int, timeout_s: float) -> list[torch.Tensor]:
-    out = []
-    for i, (shape, dtype) in enumerate(shapes):
-        t = torch.empty(shape, dtype=dtype, device=device)
-        _wait(group.recv([t], SENDER, tag * 4 + i), timeout_s, t.device)
-        out.append(t)
+    out = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in shapes]
+    works = [group.recv([t], SENDER, tag * 4 + i) for i, t in enumerate(out)]
+    for w, t in zip(works, out):
+        wait_work(w, timeout_s, t.device)
     return out
 
 
@@ -117,9 +124,17 @@ class TorchKVSender(KVSender):
         self.pairs = PairGroups(max_pairs)
         self.connect_timeout_s = connect_timeout_s
         self._locks: dict[str, asyncio.Lock] = {}
+        self._generation: dict[str, int] = {}  # peer -> bumps when its group broke
 
     def _key(self, ticket: Ticket) -> str:
-        return f"{self.worker_id}/{ticket.decode_id}/{ticket.epoch}"
+        # A rebuilt group gets a new key, hence a fresh TCPStore prefix: a stale rendezvous or a
+        # half-used communicator is never picked up again (a restarted peer has a new id/epoch).
+        gen = self._generation.get(ticket.decode_id, 0)
+        return f"{self.worker_id}/{ticket.decode_id}/{ticket.epoch}/{gen}"
+
+    def _drop(self, ticket: Ticket, key: str) -> None:
+        self.pairs.drop(key)
+        self._generation[ticket.decode_id] = self._generation.get(ticket.decode_id, 0) + 1
 
     async def _group(self, ticket: Ticket):
         key = self._key(ticket)
@@ -156,9 +171,11 @@ class TorchKVSender(KVSender):
         tag = abs(hash(ticket.ticket_id)) % (1 << 28)
         recv = ticket.decode_handle.recv_transfer.remote(key, header.to_dict(), tag, timeout)
         try:
+            if faults.PLAN is not None:  # the receive is posted, no payload byte has moved yet
+                await faults.ahit("transfer_half", header.sender_id, header.request_id)
             await asyncio.to_thread(send_tensors, group, wire_tensors(payload), tag, timeout)
         except Exception as e:
-            self.pairs.drop(key)  # a broken group is never reused
+            self._drop(ticket, key)  # a broken group is never reused
             raise KVTransferError(f"send to {ticket.decode_id} failed: {e}") from e
         error = await asyncio.wait_for(recv, timeout)
         if error:

@@ -18,6 +18,21 @@ class Limits:
     max_tokens: int = 4096
     default_max_tokens: int = 256
     max_prompt_chars: int = 1 << 20
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256
+    max_stop_token_ids: int = 64
+    max_messages: int = 256
+    max_request_id_chars: int = 128
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def check_request_id(rid: str, limits: Limits) -> None:
+    if len(rid) > limits.max_request_id_chars:
+        raise InvalidRequest(f"request_id: longer than {limits.max_request_id_chars} characters")
+    if not rid.isprintable() or "#" in rid:
+        raise InvalidRequest("request_id: printable characters only, and no '#'")
 
 
 def sampling_from_pb(sp, limits: Limits) -> SamplingParams:
@@ -30,6 +45,13 @@ def sampling_from_pb(sp, limits: Limits) -> SamplingParams:
     for name, v in (("temperature", temperature), ("top_p", top_p), ("min_p", min_p)):
         if math.isnan(v) or math.isinf(v):
             raise InvalidRequest(f"sampling.{name} must be finite, got {v}")
+    if len(sp.stop) > limits.max_stop_strings:
+        raise InvalidRequest(f"sampling.stop: at most {limits.max_stop_strings} stop strings, got {len(sp.stop)}")
+    for s in sp.stop:
+        if not s or len(s) > limits.max_stop_string_chars:
+            raise InvalidRequest(f"sampling.stop: each stop string must be 1..{limits.max_stop_string_chars} characters")
+    if len(sp.stop_token_ids) > limits.max_stop_token_ids:
+        raise InvalidRequest(f"sampling.stop_token_ids: at most {limits.max_stop_token_ids} ids")
     params = SamplingParams(
         max_tokens=opt("max_tokens", limits.default_max_tokens),
         temperature=float(temperature),
@@ -63,6 +85,11 @@ def prompt_ids_from_pb(req, tokenizer: TextTokenizer, limits: Limits) -> list[in
         msgs = [{"role": m.role, "content": m.content} for m in req.messages.messages]
         if not msgs:
             raise InvalidRequest("messages: is empty")
+        if len(msgs) > limits.max_messages:
+            raise InvalidRequest(f"messages: at most {limits.max_messages} messages")
+        bad_role = next((m["role"] for m in msgs if m["role"] not in ROLES), None)
+        if bad_role is not None:
+            raise InvalidRequest(f"messages.role: {bad_role[:32]!r} is not one of {', '.join(ROLES)}")
         if sum(len(m["content"]) for m in msgs) > limits.max_prompt_chars:
             raise InvalidRequest(f"messages: longer than {limits.max_prompt_chars} characters")
         ids = tokenizer.encode(tokenizer.apply_chat_template(msgs))

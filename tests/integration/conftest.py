@@ -53,3 +53,15 @@ def start_cluster(ray_session):
     yield start
     for c in started:
         c.close()
+
+
+@pytest.fixture(scope="session")
+def bounded_cluster(ray_session):
+    """One default (int8 KV) 1p1d cluster with small bounds, shared by the fuzz and load tests:
+    short answers by default, a router admission bound and a per-worker request bound."""
+    c = BackgroundCluster(make_config(
+        decode={"max_num_seqs": 64},
+        limits={"max_tokens": 16, "default_max_tokens": 4, "max_active_requests": 256,
+                "max_worker_requests": 128}))
+    yield c
+    c.close()
