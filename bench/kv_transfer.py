@@ -45,13 +45,19 @@ from bench.common import JsonLines, format_table, progress
 from engine.kv_cache import KV_DTYPES, KVCache, KVCacheSpec
 from engine.page_pool import pages_needed
 from kvtransfer.layout import KVPayload, export_pages, import_pages, make_header, payload_shapes
-from kvtransfer.torch_transport import make_pair_group, recv_tensors, send_tensors, wire_tensors
+from kvtransfer.torch_transport import (
+    make_pair_group,
+    recv_tensors,
+    send_tensors,
+    wait_work,
+    wire_tensors,
+)
 
 SHAPES = {
     "llama3-8b": {"num_layers": 32, "num_kv_heads": 8, "head_dim": 128},
     "tiny": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16},  # CPU smoke test
 }
-TIMEOUT_S = 120.0
+TIMEOUT_S = 60.0
 
 
 def _fill(cache: KVCache, seed: int) -> None:
@@ -67,8 +73,10 @@ def _fill(cache: KVCache, seed: int) -> None:
 
 
 def _sync(device: torch.device) -> None:
+    # this thread's stream only: a device-wide sync would also wait for a pending NCCL op of
+    # the other thread (the barrier), which waits for the peer, which waits for our gRPC ack
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 def _barrier(group, device: torch.device) -> None:
@@ -77,39 +85,85 @@ def _barrier(group, device: torch.device) -> None:
     _sync(device)
 
 
+def _raw_once(group, rank: int, buf: torch.Tensor) -> None:
+    """One send/recv of a preallocated buffer, waited for like the product waits."""
+    if rank == 0:
+        send_tensors(group, [buf], 1, TIMEOUT_S)
+        return
+    wait_work(group.recv([buf], 0, 4), TIMEOUT_S, buf.device)
+
+
+def _ours_once(group, rank: int, payload, shapes, cache: KVCache, dst_pages: list[int]) -> None:
+    """One KV transfer as the workers run it: send / receive + import into the decode cache."""
+    if rank == 0:
+        send_tensors(group, wire_tensors(payload), 2, TIMEOUT_S)
+        return
+    got = recv_tensors(group, shapes, cache.data.device, 2, TIMEOUT_S)
+    import_pages(cache, dst_pages, KVPayload(got[0], got[1] if len(got) > 1 else None))
+
+
+def _timed(group, device, iters: int, batch: int, once, *args) -> float:
+    """Median seconds per transfer: `batch` transfers back to back after a barrier, per sample
+    (amortizes the barrier's skew), first sample dropped (warm-up)."""
+    times = []
+    for _ in range(iters + 1):
+        _barrier(group, device)
+        t0 = time.perf_counter()
+        for _ in range(batch):
+            once(*args)
+        _sync(device)
+        times.append((time.perf_counter() - t0) / batch)
+    return statistics.median(times[1:])
+
+
 def _pages_for(tokens: int, num_pages: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     return torch.randperm(num_pages, generator=g)[: pages_needed(tokens, 16)].tolist()
 
 
 class _Receiver:
-    """The decode process's gRPC KV receiver (its own event loop on a thread)."""
+    """The decode process's gRPC KV receiver (its own event loop on a thread).
 
-    def __init__(self, cache: KVCache, pages_box: dict) -> None:
+    Its commit only keeps the assembled bytes; the main thread imports them into the cache
+    (GPU work stays on one thread, and no NCCL op is pending while gRPC runs)."""
+
+    def __init__(self, cache: KVCache) -> None:
         from kvtransfer.grpc_transport import KVReceiverService, start_receiver_server
 
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        self.cache, self.pages_box = cache, pages_box
+        self.blob: bytes | None = None
 
         async def commit(h, blob):
-            from kvtransfer.layout import from_bytes
-
-            tensors, off = [], 0
-            for shape, dtype in payload_shapes(cache, h.num_tokens):
-                size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-                tensors.append(from_bytes(memoryview(blob)[off: off + size], shape, dtype))
-                off += size
-            import_pages(cache, pages_box["pages"], KVPayload(tensors[0], tensors[1] if len(tensors) > 1 else None))
-            _sync(cache.data.device)
+            self.blob = blob
 
         service = KVReceiverService(validate=lambda h: None, commit=commit, cancel=lambda t, r: True)
         self.server, self.address = asyncio.run_coroutine_threadsafe(
             start_receiver_server(service), self.loop).result(30)
 
+    def import_into(self, cache: KVCache, pages: list[int], tokens: int) -> None:
+        from kvtransfer.layout import from_bytes
+
+        tensors, off = [], 0
+        for shape, dtype in payload_shapes(cache, tokens):
+            size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            tensors.append(from_bytes(memoryview(self.blob)[off: off + size], shape, dtype))
+            off += size
+        import_pages(cache, pages, KVPayload(tensors[0], tensors[1] if len(tensors) > 1 else None))
+        _sync(cache.data.device)
+        self.blob = None
+
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self.server.stop(0), self.loop).result(30)
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def _store_wait(store, key: str, timeout_s: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not store.check([key]):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"peer did not set {key} within {timeout_s:.0f}s")
+        time.sleep(0.0005)
 
 
 def _worker(rank: int, args, port: int) -> None:
@@ -127,15 +181,13 @@ def _worker(rank: int, args, port: int) -> None:
         cache = KVCache(KVCacheSpec(num_pages=num_pages, dtype=dtype, **shape), device)
         if rank == 0:
             _fill(cache, seed=1)
-        pages_box = {}
-        receiver = _Receiver(cache, pages_box) if rank == 1 and args.grpc else None
+        receiver = _Receiver(cache) if rank == 1 and args.grpc else None
         if rank == 1:
             store.set(f"grpc/{kv}", receiver.address if receiver else "")
         grpc_address = store.get(f"grpc/{kv}").decode()
         for tokens in args.tokens:
             src_pages = _pages_for(tokens, num_pages, seed=tokens)
             dst_pages = _pages_for(tokens, num_pages, seed=tokens + 1)
-            pages_box["pages"] = dst_pages
             rec = {"tokens": tokens, "kv": kv, "shape": args.shape}
             shapes = payload_shapes(cache, tokens)
             nbytes = sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size() for s, d in shapes)
@@ -154,43 +206,26 @@ def _worker(rank: int, args, port: int) -> None:
                     times.append(time.perf_counter() - t0)
                 rec["export_s"] = statistics.median(times[1:])
 
-            # raw NCCL/gloo: one tensor of the same byte count
+            # raw NCCL/gloo: one tensor of the same byte count, preallocated on both sides
             raw = torch.empty(nbytes, dtype=torch.uint8, device=device)
-            times = []
-            for _ in range(args.iters + 1):
-                _barrier(group, device)
-                t0 = time.perf_counter()
-                if rank == 0:
-                    send_tensors(group, [raw], 1, TIMEOUT_S)
-                else:
-                    recv_tensors(group, [(raw.shape, raw.dtype)], device, 1, TIMEOUT_S)
-                _sync(device)
-                times.append(time.perf_counter() - t0)
-            rec["raw_s"] = statistics.median(times[1:])
+            rec["raw_s"] = _timed(group, device, args.iters, args.batch, _raw_once, group, rank, raw)
             del raw
 
             # ours: the product's send/recv + import into scattered pages
-            times = []
-            for _ in range(args.iters + 1):
-                _barrier(group, device)
-                t0 = time.perf_counter()
-                if rank == 0:
-                    send_tensors(group, wire_tensors(payload), 2, TIMEOUT_S)
-                else:
-                    got = recv_tensors(group, shapes, device, 2, TIMEOUT_S)
-                    import_pages(cache, dst_pages, KVPayload(got[0], got[1] if len(got) > 1 else None))
-                _sync(device)
-                times.append(time.perf_counter() - t0)
-            rec["ours_s"] = statistics.median(times[1:])
+            rec["ours_s"] = _timed(group, device, args.iters, args.batch, _ours_once, group, rank, payload,
+                                   shapes, cache, dst_pages)
             if rank == 1:
                 rec["verified"] = _verify(cache, dst_pages, tokens, shape, kv, device)
 
-            # gRPC: the product's chunked stream (host memory both sides), same import
+            # gRPC: the product's chunked stream (host memory both sides), same import.
+            # Paced through the store, not NCCL: nothing else is in flight while it runs.
             if args.grpc and nbytes <= args.grpc_max_bytes:
+                key = f"grpc/{kv}/{tokens}"
                 if rank == 1:
                     cache.data.zero_()  # so the check below sees what gRPC delivered
                     if cache.quantized:
                         cache.scales.zero_()
+                    _sync(device)
                 _barrier(group, device)
                 if rank == 0:
                     from kvtransfer.grpc_transport import GrpcKVSender
@@ -198,24 +233,32 @@ def _worker(rank: int, args, port: int) -> None:
                     ticket = types.SimpleNamespace(grpc_address=grpc_address, decode_id="bench")
                     header = make_header(cache, payload, "bench", "t", tokens, 0, with_checksum=False)
 
-                    async def pushes(n: int, ticket, header, payload) -> list[float]:
-                        sender, times = GrpcKVSender(), []
-                        for _ in range(n):
-                            t0 = time.perf_counter()
-                            await sender.send(ticket, header, payload, TIMEOUT_S)
-                            times.append(time.perf_counter() - t0)
+                    async def push(ticket, header, payload) -> float:
+                        sender = GrpcKVSender()
+                        t0 = time.perf_counter()
+                        await sender.send(ticket, header, payload, TIMEOUT_S)
+                        dt = time.perf_counter() - t0
                         await sender.close()
-                        return times
+                        return dt
 
-                    rec["grpc_s"] = statistics.median(asyncio.run(pushes(args.grpc_iters, ticket, header, payload)))
-                _barrier(group, device)
-                if rank == 1:
+                    rec["grpc_push_s"] = asyncio.run(push(ticket, header, payload))
+                    store.set(key + "/pushed", "1")
+                    _store_wait(store, key + "/imported")
+                else:
+                    _store_wait(store, key + "/pushed")
+                    t0 = time.perf_counter()
+                    receiver.import_into(cache, dst_pages, tokens)
+                    rec["grpc_import_s"] = time.perf_counter() - t0
                     rec["grpc_verified"] = _verify(cache, dst_pages, tokens, shape, kv, device)
+                    store.set(key + "/imported", "1")
             del payload
             store.set(f"rec/{rank}/{kv}/{tokens}", json.dumps(rec))
             _barrier(group, device)
             if rank == 0:
-                results.append({**json.loads(store.get(f"rec/1/{kv}/{tokens}")), **rec})
+                r = {**json.loads(store.get(f"rec/1/{kv}/{tokens}")), **rec}
+                if "grpc_push_s" in r:  # push (until the receiver's ack) + the receiver's import
+                    r["grpc_s"] = r["grpc_push_s"] + r["grpc_import_s"]
+                results.append(r)
         if receiver is not None:
             receiver.close()
         del cache
@@ -253,9 +296,9 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--kv", default="bf16,int8")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--shape", default=None, choices=sorted(SHAPES), help="default: llama3-8b (tiny on cpu)")
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=5, help="timed samples per measurement")
+    p.add_argument("--batch", type=int, default=4, help="transfers back to back per sample")
     p.add_argument("--no-grpc", dest="grpc", action="store_false")
-    p.add_argument("--grpc-iters", type=int, default=1)
     p.add_argument("--grpc-max-bytes", type=float, default=4 * 2**30)
     p.add_argument("--timeout", type=float, default=900.0, help="bound on the whole run (s)")
     p.add_argument("--json", default=os.environ.get("KV_TRANSFER_JSON"))

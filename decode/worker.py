@@ -20,6 +20,7 @@ from engine.loop import EngineLoop
 from engine.page_pool import pages_needed
 from engine.request import Request, RequestOutput
 from engine.sampling import SamplingParams
+from kvtransfer import faults
 from kvtransfer.layout import (
     KVHeader,
     KVPayload,
@@ -48,9 +49,10 @@ class DecodeWorker:
     def __init__(self, worker_id: str, spec: WorkerSpec, epoch: int = 0) -> None:
         self.worker_id, self.spec, self.epoch = worker_id, spec, epoch
         self.t_start = time.monotonic()
-        self.engine = spec.build_engine()
+        self.ep = spec.connect_ep()  # an expert-parallel group's rank: steps in lockstep with it
+        self.engine = spec.build_engine(ep=self.ep)
         self.device = torch.device(spec.device)
-        self.loop = EngineLoop(self.engine, self._on_outputs)
+        self.loop = EngineLoop(self.engine, self._on_outputs, ep=self.ep)
         self.pending: dict[str, Reservation] = {}
         self.by_request: dict[str, str] = {}  # request id -> ticket id while pending
         self._outbox: list[dict] = []
@@ -75,11 +77,11 @@ class DecodeWorker:
 
             svc = KVReceiverService(self._validate_header, self._commit_bytes, self._cancel_ticket,
                                     self.spec.cluster_token)
-            self._grpc_server, self.grpc_address = await start_receiver_server(svc)
+            self._grpc_server, self.grpc_address = await start_receiver_server(svc, self.spec.kv_bind_host())
         else:
             from kvtransfer.torch_transport import PairGroups, new_store
 
-            self.store, self.store_address = new_store()
+            self.store, self.store_address = new_store(self.spec.kv_bind_host())
             self.pairs = PairGroups(self.spec.max_pairs)
         self.loop.start()
         self._reaper = asyncio.create_task(self._reap_expired())
@@ -107,11 +109,16 @@ class DecodeWorker:
             pool = self.engine.pool
             # keep room for every running request's next page, so admission never forces a preemption
             headroom = len(self.engine.scheduler.running)
+            if headroom + len(self.pending) >= self.spec.max_queue:  # bounded: refuse, never queue
+                return "full"
             if not pool.can_allocate(n + headroom):
                 return None
             return pool.allocate(n)
 
         pages = await asyncio.wrap_future(self.loop.submit(alloc))
+        if pages == "full":
+            return {"code": "RESOURCE_EXHAUSTED",
+                    "error": f"decode worker {self.worker_id} holds its limit of {self.spec.max_queue} requests"}
         if pages is None:
             return {"code": "RESOURCE_EXHAUSTED",
                     "error": f"decode worker {self.worker_id} has no room for {n} KV pages"}
@@ -123,6 +130,30 @@ class DecodeWorker:
                 "num_tokens": len(prompt_token_ids), "transport": "grpc" if self.grpc_address else "torch",
                 "deadline": deadline, "grpc_address": self.grpc_address,
                 "store_address": self.store_address, "epoch": self.epoch}
+
+    async def submit(self, request_id: str, prompt_token_ids: list[int], params: dict) -> dict:
+        """Colocated mode: prefill and decode here. Outputs, first token included, go out through poll.
+
+        -> {} once queued, or {"error": ..., "code": ...} when there is no room for the prompt.
+        """
+        n = pages_needed(len(prompt_token_ids) + 1, self.engine.cache.page_size)
+
+        def add():
+            pool, sched = self.engine.pool, self.engine.scheduler
+            if len(sched.running) + len(sched.waiting) >= self.spec.max_queue:
+                return None  # bounded: refuse, never queue
+            if not pool.can_allocate(n + len(self.engine.scheduler.running)):
+                return False
+            self.engine.add_request(prompt_token_ids, SamplingParams(**params), request_id=request_id)
+            return True
+
+        added = await asyncio.wrap_future(self.loop.submit(add))
+        if added is None:
+            return {"code": "RESOURCE_EXHAUSTED",
+                    "error": f"worker {self.worker_id} holds its limit of {self.spec.max_queue} requests"}
+        if not added:
+            return {"code": "RESOURCE_EXHAUSTED", "error": f"worker {self.worker_id} has no room for {n} KV pages"}
+        return {}
 
     # ---- receiving ----
 
@@ -143,6 +174,11 @@ class DecodeWorker:
         await self._commit(h, KVPayload(tensors[0], tensors[1] if len(tensors) > 1 else None))
 
     async def _commit(self, h: KVHeader, payload: KVPayload) -> None:
+        if faults.PLAN is not None:
+            try:
+                await faults.ahit("decode_receiving", self.worker_id, h.request_id)
+            except faults.InjectedFault as e:
+                raise KVTransferError(str(e)) from e
         res = self.pending.pop(h.ticket_id, None)
         if res is None:
             raise KVTransferError(f"ticket {h.ticket_id} expired before commit")
@@ -157,6 +193,9 @@ class DecodeWorker:
                 # the prefill worker drew once from this seed for the first token
                 torch.empty(self.engine.model_config.vocab_size).exponential_(generator=req.generator)
             self.engine.scheduler.add_running(req)
+            # on the engine thread, so the router hears of the commit before any step output
+            self._publish([{"request_id": res.request_id, "token_ids": [], "logprobs": None,
+                            "finished": False, "finish_reason": None, "committed": True}])
 
         try:
             await asyncio.wrap_future(self.loop.submit(commit))
@@ -235,11 +274,25 @@ class DecodeWorker:
 
     def _on_outputs(self, outputs: list[RequestOutput]) -> None:
         """Engine thread: one message per step for the whole batch."""
-        self._publish([
+        items = [
             {"request_id": o.request_id, "token_ids": o.new_token_ids, "logprobs": o.new_logprobs,
              "finished": o.finished, "finish_reason": o.finish_reason.value if o.finish_reason else None}
             for o in outputs
-        ])
+        ]
+        if faults.PLAN is not None:
+            items = [self._running_fault(i) for i in items]
+        self._publish(items)
+
+    def _running_fault(self, item: dict) -> dict:
+        """Engine thread: the decode_running fault point (a `fail` ends that request with an error)."""
+        if item["finished"]:
+            return item
+        try:
+            faults.hit("decode_running", self.worker_id, item["request_id"])
+        except faults.InjectedFault as e:
+            self.engine.abort(item["request_id"])
+            return {**item, "token_ids": [], "finished": True, "finish_reason": "error", "error": str(e)}
+        return item
 
     def _publish(self, items: list[dict]) -> None:
         def put():
@@ -268,10 +321,15 @@ class DecodeWorker:
 
     async def status(self) -> dict:
         s = await asyncio.wrap_future(self.loop.submit(self.loop.stats))
-        s.update(self.info(), role="decode", pending_transfers=len(self.pending),
+        s.update(self.info(), role="decode", pending_transfers=len(self.pending), by_request=len(self.by_request),
                  transfers_ok=self.transfers_ok, transfers_failed=self.transfers_failed,
+                 graph_steps=getattr(self.engine.runner.graphs, "replays", 0),
                  alive=self.loop.alive and self.loop.error is None)
         return s
+
+    async def set_faults(self, spec: str) -> int:
+        """Arm fault injection in this process (kvtransfer/faults.py); "" disarms."""
+        return faults.install(spec)
 
     async def ping(self) -> bool:
         return self.loop.alive

@@ -20,6 +20,7 @@ import torch
 from engine.loop import EngineLoop
 from engine.request import ScheduledBatch, StepOutput
 from engine.sampling import SamplingParams
+from kvtransfer import faults
 from kvtransfer.layout import KVTransferError, export_pages, make_header
 from kvtransfer.ticket import Ticket
 from kvtransfer.worker_spec import WorkerSpec
@@ -40,6 +41,9 @@ class PrefillWorker:
         self.sender = None
         self.prefilled = 0
         self.transfers_failed = 0
+        self.transfers_ok = 0
+        self.transfer_bytes = 0  # KV bytes pushed to decode workers (metrics)
+        self.transfer_seconds = 0.0
         self.ready_s = 0.0
 
     async def start(self) -> dict:
@@ -93,16 +97,21 @@ class PrefillWorker:
                       ticket: dict, decode_handle=None) -> dict:
         """-> {"token", "logprob", "finish_reason"} as soon as the first token exists."""
         sp = SamplingParams(**params)
+        if len(self._waiters) >= self.spec.max_queue:  # bounded queue: refuse at once, never grow
+            return {"error": f"prefill worker {self.worker_id} has {len(self._waiters)} prompts queued",
+                    "code": "RESOURCE_EXHAUSTED"}
         fut: Future = Future()
         self._waiters[request_id] = fut
         one = dataclasses.replace(sp, max_tokens=1, stop=(), stop_token_ids=())
         try:
             await asyncio.wrap_future(self.loop.submit(self.engine.add_request, prompt_token_ids, one, request_id))
+            if faults.PLAN is not None:
+                await faults.ahit("prefill_running", self.worker_id, request_id)
             token, logprob, payload = await asyncio.wrap_future(fut)
         except Exception as e:
             self._waiters.pop(request_id, None)
             self.loop.submit(self.engine.abort, request_id)
-            return {"error": f"prefill failed: {e}", "code": "INTERNAL"}
+            return {"error": f"prefill on {self.worker_id} failed: {e}", "code": "UNAVAILABLE"}
         finally:
             self._waiters.pop(request_id, None)
         self.prefilled += 1
@@ -118,11 +127,17 @@ class PrefillWorker:
 
     async def _transfer(self, ticket: Ticket, token: int, logprob, payload) -> None:
         try:
+            if faults.PLAN is not None:
+                await faults.ahit("transfer_started", self.worker_id, ticket.request_id)
             header = make_header(self.engine.cache, payload, ticket.request_id, ticket.ticket_id,
                                  ticket.num_tokens, token, logprob or 0.0, self.worker_id,
                                  with_checksum=self.device.type == "cpu")
             timeout = max(0.1, min(self.spec.transfer_timeout_s, ticket.deadline - time.time()))
+            t0 = time.monotonic()
             await self.sender.send(ticket, header, payload, timeout)
+            self.transfer_seconds += time.monotonic() - t0
+            self.transfer_bytes += header.num_bytes
+            self.transfers_ok += 1
         except (KVTransferError, asyncio.TimeoutError, Exception) as e:  # noqa: BLE001
             self.transfers_failed += 1
             log.warning("KV transfer for %s failed: %s", ticket.request_id, e)
@@ -144,10 +159,15 @@ class PrefillWorker:
     async def status(self) -> dict:
         s = await asyncio.wrap_future(self.loop.submit(self.loop.stats))
         s.update(worker_id=self.worker_id, role="prefill", pid=os.getpid(), ready_s=self.ready_s,
-                 prefilled=self.prefilled, transfers_in_flight=len(self._transfers),
-                 transfers_failed=self.transfers_failed,
+                 prefilled=self.prefilled, transfers_in_flight=len(self._transfers), waiters=len(self._waiters),
+                 transfers_failed=self.transfers_failed, transfers_ok=self.transfers_ok,
+                 transfer_bytes=self.transfer_bytes, transfer_seconds=self.transfer_seconds,
                  alive=self.loop.alive and self.loop.error is None)
         return s
+
+    async def set_faults(self, spec: str) -> int:
+        """Arm fault injection in this process (kvtransfer/faults.py); "" disarms."""
+        return faults.install(spec)
 
     async def ping(self) -> bool:
         return self.loop.alive

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,11 +24,13 @@ from engine.page_pool import pages_needed
 from engine.sampling import SamplingParams
 from engine.textstream import TextStream
 from engine.tokenizer import TextTokenizer
+from kvtransfer import faults
 from protos.miniinfer.v1 import miniinfer_pb2 as pb
 from protos.miniinfer.v1 import miniinfer_pb2_grpc as pb_grpc
 from router.policy import DecodeView, PrefillView, choose_decode, choose_prefill
-from router.validate import Limits, prompt_ids_from_pb, sampling_from_pb
-from router.workers import DEAD, READY, WorkerTable, call
+from router.security import TokenAuth, add_service, server_credentials
+from router.validate import Limits, check_request_id, prompt_ids_from_pb, sampling_from_pb
+from router.workers import DEAD, READY, STARTING, WorkerTable, call
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ class RouterConfig:
     max_active_requests: int = 1024
     status_interval_s: float = 0.5
     poll_wait_s: float = 0.5
+    max_retries: int = 2  # re-prefills (another prefill worker, or migration to another decode worker)
+    colocated: bool = False  # decode workers prefill their own prompts (no prefill pool, no transfer)
 
 
 @dataclass
@@ -59,6 +63,17 @@ class Active:
     decode_id: str = ""
     prefill_id: str = ""
     prefilled: bool = False
+    leg_id: str = ""  # the id the workers know this attempt by (request id, then request id#retryN)
+    transferred: bool = False  # the decode worker committed this attempt's KV
+    attempts: int = 0
+    excluded: set = field(default_factory=set)  # workers that failed this request: not picked again
+
+    def __post_init__(self) -> None:
+        self.leg_id = self.leg_id or self.request_id
+
+
+class LegLost(Exception):
+    """A worker of this attempt died or failed it: the router may re-prefill elsewhere."""
 
 
 class LegError(Exception):
@@ -74,10 +89,14 @@ class Router:
                  table: WorkerTable) -> None:
         self.config, self.tokenizer, self.limits, self.table = config, tokenizer, limits, table
         self.active: dict[str, Active] = {}
+        self.legs: dict[str, Active] = {}  # worker-side request id (one per attempt) -> its request
+        self.retries = 0  # re-prefills after a lost leg (status, tests)
         self._pollers: dict[str, asyncio.Task] = {}
         self._bg: list[asyncio.Task] = []
         self.health: health.aio.HealthServicer | None = None
         self.requests_total = 0
+        self.controller = None  # cluster/controller.py: ApplyConfig and pool status (None: fixed pools)
+        self.metrics = None  # cluster/metrics.py: request latency histograms (None: no endpoint)
 
     # ---- background: status refresh and per-decode-worker long-polls ----
 
@@ -93,7 +112,7 @@ class Router:
 
     def ensure_pollers(self) -> None:
         for w in self.table.pool("decode"):
-            if w.worker_id not in self._pollers and w.state != DEAD:
+            if w.worker_id not in self._pollers and w.state not in (DEAD, STARTING):
                 self._pollers[w.worker_id] = asyncio.create_task(self._poll(w.worker_id))
 
     async def _refresh_loop(self) -> None:
@@ -109,18 +128,27 @@ class Router:
     async def _update_health(self) -> None:
         if self.health is None:
             return
-        ok = all(any(w.ready for w in self.table.pool(role)) for role in ("prefill", "decode"))
+        roles = ("decode",) if self.config.colocated else ("prefill", "decode")
+        ok = all(any(w.ready for w in self.table.pool(role)) for role in roles)
         status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set("", status)
         await self.health.set(SERVICE_NAME, status)
+
+    def forget(self, worker_id: str) -> None:
+        """A worker leaves the table: stop polling it; requests still on it (if dead) fail now."""
+        t = self._pollers.pop(worker_id, None)
+        if t is not None:
+            t.cancel()
+        self._fail_dead()
 
     def _fail_dead(self) -> None:
         """Requests on a dead worker get an error at once instead of waiting for their deadline."""
         dead = {w.worker_id for w in self.table.workers.values() if w.state == DEAD}
         for a in self.active.values():
-            if a.decode_id in dead or (a.prefill_id in dead and not a.prefilled):
-                a.queue.put_nowait({"finished": True, "finish_reason": "error",
-                                    "error": f"worker {a.decode_id if a.decode_id in dead else a.prefill_id} died"})
+            if a.decode_id in dead or (a.prefill_id in dead and not a.transferred):
+                wid = a.decode_id if a.decode_id in dead else a.prefill_id
+                a.queue.put_nowait({"finished": True, "finish_reason": "error", "worker": wid,
+                                    "error": f"worker {wid} died"})
 
     async def _poll(self, worker_id: str) -> None:
         w = self.table.get(worker_id)
@@ -135,8 +163,8 @@ class Router:
                 self._fail_dead()
                 break
             for item in items:
-                a = self.active.get(item["request_id"])
-                if a is not None:
+                a = self.legs.get(item["request_id"])
+                if a is not None and a.leg_id == item["request_id"]:  # stale attempts are dropped
                     a.queue.put_nowait(item)
             w = self.table.get(worker_id)
         self._pollers.pop(worker_id, None)
@@ -158,47 +186,85 @@ class Router:
         except asyncio.TimeoutError:
             raise asyncio.TimeoutError(what) from None
 
-    def _pick_decode(self, prompt_len: int):
-        views = [DecodeView(w.worker_id, w.ready, w.status.get("pages_free", 0), w.status.get("running", 0),
-                            w.inflight) for w in self.table.pool("decode")]
+    def _pick_decode(self, prompt_len: int, exclude: set = frozenset()):
+        views = [DecodeView(w.worker_id, w.ready and w.worker_id not in exclude, w.status.get("pages_free", 0),
+                            w.status.get("running", 0), w.inflight) for w in self.table.pool("decode")]
         wid = choose_decode(views, pages_needed(prompt_len + 1))
         return None if wid is None else self.table.get(wid)
 
-    def _pick_prefill(self):
-        views = [PrefillView(w.worker_id, w.ready, w.inflight) for w in self.table.pool("prefill")]
+    def _pick_prefill(self, exclude: set = frozenset()):
+        views = [PrefillView(w.worker_id, w.ready and w.worker_id not in exclude, w.inflight)
+                 for w in self.table.pool("prefill")]
         wid = choose_prefill(views)
         return None if wid is None else self.table.get(wid)
 
+    def admit(self, rid: str) -> Active:
+        a = self.active[rid] = self.legs[rid] = Active(rid)
+        return a
+
+    def release(self, rid: str) -> None:
+        a = self.active.pop(rid, None)
+        if a is not None:
+            self.legs.pop(a.leg_id, None)
+
     async def run(self, rid: str, ids: list[int], params: SamplingParams, deadline: float):
-        """Async generator of output dicts for one admitted request. Raises LegError."""
+        """Async generator of output dicts for one admitted request. Raises LegError.
+
+        A lost leg (a worker died, or failed the prefill, the transfer or a decode step) is
+        retried up to `max_retries` times with the prompt plus every token already streamed,
+        on workers that have not failed this request: the stream goes on with no token
+        repeated or missing. With no worker left: UNAVAILABLE."""
         a = self.active[rid]
+        emitted: list[int] = []
+        while True:
+            rest = replace(params, max_tokens=params.max_tokens - len(emitted))
+            try:
+                async for item in self._attempt(a, ids + emitted, rest, deadline):
+                    emitted.extend(item["token_ids"])
+                    yield item
+                return
+            except LegLost as e:
+                await self._drop_leg(a)
+                a.attempts += 1
+                self.retries += 1
+                if a.attempts > self.config.max_retries:
+                    raise LegError(grpc.StatusCode.UNAVAILABLE, f"{e}; gave up after {a.attempts} attempts") from None
+                log.warning("request %s: %s; re-prefilling %d+%d tokens (attempt %d)",
+                            rid, e, len(ids), len(emitted), a.attempts + 1)
+
+    async def _drop_leg(self, a: Active) -> None:
+        """Free the lost attempt's pages wherever its workers still answer; forget its id."""
+        await self.abort_legs(a.request_id)
+        self.legs.pop(a.leg_id, None)
+
+    async def _attempt(self, a: Active, ids: list[int], params: SamplingParams, deadline: float):
         cfg = self.config
-        d = self._pick_decode(len(ids))
+        if a.attempts:
+            a.leg_id = f"{a.request_id}#retry{a.attempts}"
+            a.queue = asyncio.Queue()  # items of the lost attempt must not leak into this one
+        a.decode_id = a.prefill_id = ""
+        a.prefilled = a.transferred = False
+        self.legs[a.leg_id] = a
+        leg = a.leg_id
+        d = self._pick_decode(len(ids), a.excluded)
         if d is None:
-            raise LegError(grpc.StatusCode.RESOURCE_EXHAUSTED, "no decode worker has room for this prompt")
+            code = grpc.StatusCode.UNAVAILABLE if a.attempts else grpc.StatusCode.RESOURCE_EXHAUSTED
+            raise LegError(code, "no decode worker has room for this prompt")
         a.decode_id = d.worker_id
         d.inflight += 1
         try:
             pdict = asdict(params)
-            ticket = await self._within(call(d.handle.reserve.remote(rid, ids, pdict, cfg.transfer_timeout_s),
-                                             cfg.call_timeout_s), deadline, "reserving KV pages")
+            try:
+                ticket = await self._within(call(d.handle.reserve.remote(leg, ids, pdict, cfg.transfer_timeout_s),
+                                                 cfg.call_timeout_s), deadline, "reserving KV pages")
+            except asyncio.TimeoutError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the decode worker is gone
+                a.excluded.add(d.worker_id)
+                raise LegLost(f"decode worker {d.worker_id} failed: {type(e).__name__}") from None
             if "error" in ticket:
                 raise LegError(grpc.StatusCode.RESOURCE_EXHAUSTED, ticket["error"])
-            p = self._pick_prefill()
-            if p is None:
-                await call(d.handle.cancel_ticket.remote(ticket["ticket_id"], "no prefill worker"), cfg.call_timeout_s)
-                raise LegError(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready")
-            a.prefill_id = p.worker_id
-            p.inflight += 1
-            try:
-                first = await self._within(call(p.handle.prefill.remote(rid, ids, pdict, ticket, d.handle),
-                                                cfg.request_timeout_s), deadline, "prefill")
-            finally:
-                p.inflight -= 1
-            a.prefilled = True
-            if "error" in first:
-                await call(d.handle.cancel_ticket.remote(ticket["ticket_id"], first["error"]), cfg.call_timeout_s)
-                raise LegError(grpc.StatusCode.UNAVAILABLE, first["error"])
+            first = await self._prefill(a, ids, pdict, ticket, d, deadline)
             reason = first["finish_reason"]
             yield {"token_ids": [first["token"]], "logprobs": None if first["logprob"] is None else [first["logprob"]],
                    "finished": reason is not None, "finish_reason": reason}
@@ -206,6 +272,62 @@ class Router:
                 return
             while True:
                 item = await self._within(a.queue.get(), deadline, "decode")
+                if item.get("error"):
+                    if a.transferred and item.get("worker") == a.prefill_id:
+                        continue  # the prefill worker died after its KV had landed: nothing lost
+                    if item.get("worker"):
+                        a.excluded.add(item["worker"])
+                    raise LegLost(item["error"])
+                a.transferred = True
+                if item.get("committed"):
+                    continue
+                yield item
+                if item["finished"]:
+                    return
+        finally:
+            d.inflight -= 1
+
+    async def _prefill(self, a: Active, ids: list[int], pdict: dict, ticket: dict, d, deadline: float) -> dict:
+        """Run the prefill leg of one attempt. -> the first token, or raises LegError/LegLost."""
+        p = self._pick_prefill(a.excluded)
+        if p is None:
+            raise LegError(grpc.StatusCode.UNAVAILABLE, "no prefill worker is ready")
+        a.prefill_id = p.worker_id
+        p.inflight += 1
+        try:
+            first = await self._within(call(p.handle.prefill.remote(a.leg_id, ids, pdict, ticket, d.handle),
+                                            self.config.request_timeout_s), deadline, "prefill")
+        except asyncio.TimeoutError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the prefill worker is gone
+            a.excluded.add(p.worker_id)
+            raise LegLost(f"prefill worker {p.worker_id} failed: {type(e).__name__}") from None
+        finally:
+            p.inflight -= 1
+        a.prefilled = True
+        if "error" in first:
+            if first.get("code") == "RESOURCE_EXHAUSTED":
+                raise LegError(grpc.StatusCode.RESOURCE_EXHAUSTED, first["error"])
+            a.excluded.add(p.worker_id)
+            raise LegLost(first["error"])
+        return first
+
+    async def run_colocated(self, rid: str, ids: list[int], params: SamplingParams, deadline: float):
+        """Colocated mode: one worker prefills and decodes; every token comes through its poll stream."""
+        a = self.active[rid]
+        d = self._pick_decode(len(ids))
+        if d is None:
+            raise LegError(grpc.StatusCode.RESOURCE_EXHAUSTED, "no worker has room for this prompt")
+        a.decode_id = d.worker_id
+        d.inflight += 1
+        try:
+            res = await self._within(call(d.handle.submit.remote(rid, ids, asdict(params)), self.config.call_timeout_s),
+                                     deadline, "admission")
+            if "error" in res:
+                raise LegError(grpc.StatusCode[res.get("code", "RESOURCE_EXHAUSTED")], res["error"])
+            a.prefilled = True
+            while True:
+                item = await self._within(a.queue.get(), deadline, "generation")
                 if item.get("error"):
                     raise LegError(grpc.StatusCode.UNAVAILABLE, item["error"])
                 yield item
@@ -222,8 +344,16 @@ class Router:
         for wid in {a.decode_id, a.prefill_id} - {""}:
             w = self.table.get(wid)
             if w is not None and w.state != DEAD:
-                calls.append(call(w.handle.abort.remote(rid), self.config.call_timeout_s))
+                calls.append(call(w.handle.abort.remote(a.leg_id), self.config.call_timeout_s))
         await asyncio.gather(*calls, return_exceptions=True)
+
+
+async def _streaming_fault(rid: str) -> None:
+    """The router_streaming fault point. The router is the test's own process: kill acts as fail."""
+    try:
+        await faults.ahit("router_streaming", "router", rid, can_kill=False)
+    except faults.InjectedFault as e:
+        raise LegError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
 
 
 class MiniInferService(pb_grpc.MiniInferServicer):
@@ -239,6 +369,7 @@ class MiniInferService(pb_grpc.MiniInferServicer):
         try:
             ids = prompt_ids_from_pb(request, r.tokenizer, r.limits)
             params = sampling_from_pb(request.sampling, r.limits)
+            check_request_id(request.request_id, r.limits)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         rid = request.request_id or f"req-{uuid.uuid4().hex[:16]}"
@@ -248,13 +379,14 @@ class MiniInferService(pb_grpc.MiniInferServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"router is at its limit of {r.config.max_active_requests} active requests")
         deadline = r._deadline(context)
-        r.active[rid] = Active(rid)
+        r.admit(rid)
         r.requests_total += 1
         eos = () if params.ignore_eos else r.tokenizer.eos_token_ids
         stream = TextStream(r.tokenizer, ids, params.stop, eos)
         n_out, status, first = 0, None, True
         try:
-            async for item in r.run(rid, ids, params, deadline):
+            leg = r.run_colocated if r.config.colocated else r.run
+            async for item in leg(rid, ids, params, deadline):
                 text = stream.push(item["token_ids"], item["finished"])
                 n_out += len(item["token_ids"])
                 finished, reason = item["finished"], item["finish_reason"]
@@ -263,12 +395,17 @@ class MiniInferService(pb_grpc.MiniInferServicer):
                     finished, reason = True, "stop"
                 msg = pb.GenerateResponse(request_id=rid, token_ids=item["token_ids"], text=text,
                                           logprobs=item.get("logprobs") or [])
+                if faults.PLAN is not None:
+                    await _streaming_fault(rid)
                 if first:
-                    msg.ttft_s, first = time.monotonic() - t0, False
+                    t_first = time.monotonic()
+                    msg.ttft_s, first = t_first - t0, False
                 if finished:
                     msg.finish_reason = FINISH.get(reason, pb.FINISH_REASON_STOP)
                     msg.usage.prompt_tokens, msg.usage.completion_tokens = len(ids), n_out
                     msg.e2e_s = time.monotonic() - t0
+                    if r.metrics is not None:
+                        r.metrics.observe_request(t_first - t0, msg.e2e_s, n_out, reason or "stop")
                 yield msg
                 if finished:
                     break
@@ -286,8 +423,10 @@ class MiniInferService(pb_grpc.MiniInferServicer):
             await r.abort_legs(rid)
             status = (grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
         finally:
-            r.active.pop(rid, None)
+            r.release(rid)
         if status is not None:
+            if r.metrics is not None:
+                r.metrics.observe_failure(status[0].name)
             await context.abort(*status)
 
     async def Abort(self, request, context):  # noqa: N802
@@ -330,18 +469,37 @@ class MiniInferService(pb_grpc.MiniInferServicer):
                                  pages_used=s.get("pages_used", 0), running=s.get("running", 0),
                                  waiting=s.get("waiting", 0), warmup_s=w.info.get("ready_s", 0.0),
                                  num_devices=1)
+        if r.controller is not None:
+            r.controller.fill_status(out)
         return out
 
+    async def ApplyConfig(self, request, context):  # noqa: N802
+        """Hand a new cluster config to the controller, which reconciles the pools to it."""
+        if self.r.controller is None:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this router has no controller (fixed pools)")
+        res = await self.r.controller.apply(request.config_yaml, request.cluster_token, request.dry_run)
+        if "error" in res:
+            await context.abort(grpc.StatusCode[res["code"]], res["error"])
+        return pb.ApplyConfigResponse(changes=res["changes"], message=res["message"])
 
-async def serve(router: Router, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Start the public server (MiniInfer + health + reflection). Returns it and its port."""
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 4 << 20)])
-    pb_grpc.add_MiniInferServicer_to_server(MiniInferService(router), server)
+
+async def serve(router: Router, host: str, port: int, *, max_message_bytes: int = 4 << 20, api_token: str = "",
+                tls_cert: str | None = None, tls_key: str | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start the public server (MiniInfer + health + reflection). Returns it and its port.
+
+    Larger messages than max_message_bytes fail with RESOURCE_EXHAUSTED; with api_token every
+    MiniInfer call needs `authorization: Bearer <token>`; with tls_cert/tls_key it serves TLS."""
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes)],
+                             interceptors=[TokenAuth(api_token)] if api_token else None)
+    add_service(MiniInferService(router), server)
     router.health = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(router.health, server)
     names = (pb.DESCRIPTOR.services_by_name["MiniInfer"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls_cert and tls_key:
+        bound = server.add_secure_port(f"{host}:{port}", server_credentials(tls_cert, tls_key))
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind the router to {host}:{port}")
     await router.start()

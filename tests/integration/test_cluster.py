@@ -35,6 +35,11 @@ TOPOLOGIES = [
     pytest.param(dict(transport="grpc", kv_dtype="fp32"), id="1p1d-grpc"),
     pytest.param(dict(transport="gloo", kv_dtype="fp32", prefill=TWO, decode=TWO), id="2p2d-gloo"),
     pytest.param(dict(transport="grpc", kv_dtype="fp32", prefill=TWO, decode=TWO), id="2p2d-grpc"),
+    # the baseline disaggregation is measured against: one worker prefills and decodes its own prompts
+    pytest.param(dict(mode="colocated", kv_dtype="fp32", prefill={"replicas": 0}), id="colocated"),
+    # speculative decoding on the decode worker (n-gram drafts, 4 per step): lossless when greedy
+    pytest.param(dict(transport="gloo", kv_dtype="fp32", decode={"speculative": {"drafter": "ngram", "k": 4}}),
+                 id="1p1d-spec-ngram"),
 ]
 
 
@@ -82,6 +87,19 @@ def test_32_concurrent_streams_match_local_engine(cluster, local_outputs):
         "prefill": len(cluster.cluster.table.pool("prefill")),
         "decode": len(cluster.cluster.table.pool("decode")),
     }
+
+
+def test_decode_workers_speculate_only_when_configured(cluster):
+    import ray
+
+    stream(cluster.stub, "one two three four one two three four one two three four one two", max_tokens=16)
+    stats = [ray.get(w.handle.status.remote(), timeout=30) for w in cluster.cluster.table.pool("decode")]
+    spec = cluster.cluster.config.decode.speculative
+    drafted = sum(s.get("spec_drafted_tokens", 0) for s in stats)
+    if spec is None:
+        assert drafted == 0 and not any("spec_drafted_tokens" in s for s in stats)
+    else:  # requests ran through draft + verify steps, and some drafts were kept
+        assert drafted > 0 and sum(s["spec_accepted_tokens"] for s in stats) > 0, stats
 
 
 def test_greedy_matches_hf(cluster, hf_smollm2, smollm2):

@@ -32,6 +32,11 @@ def test_local_default_is_the_embedded_cpu_cluster():
         ({"transport": "nccl"}, "transport"),
         ({"device": "cuda", "transport": "nccl"}, "gpus_per_worker"),
         ({"limits": {"request_timeout_s": 0}}, "limits.request_timeout_s"),
+        ({"mode": "colocated"}, "prefill.replicas: must be 0 in colocated mode"),
+        ({"mode": "mixed"}, "mode"),
+        ({"prefill": {"speculative": {"drafter": "ngram"}}}, "prefill.speculative"),
+        ({"decode": {"speculative": {"drafter": "eagle"}}}, "decode.speculative.drafter"),
+        ({"decode": {"speculative": {"k": 0}}}, "decode.speculative.k"),
     ],
 )
 def test_bad_field_is_named(data, needle):

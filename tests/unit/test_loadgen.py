@@ -80,3 +80,18 @@ def test_cli_reports_bad_arguments_with_exit_2(capsys):
     assert "--rate" in capsys.readouterr().err
     assert main(["bench", "--prompt-len", "5:1"]) == 2
     assert "--prompt-len" in capsys.readouterr().err
+
+
+def test_disagg_rescore_applies_new_slos_to_saved_records():
+    from dataclasses import asdict
+
+    from bench.disagg import rescore
+
+    recs = [_rec(0, 0.1, 1.0, 10), _rec(1, 0.1, 2.0, 10)]  # TPOT 0.1 and 0.211
+    saved = [{"setup": "x", "runs": [{"summary": loadgen.summarize(recs, 2.0, 4.0, 1.0, 1.0),
+                                      "records": [asdict(r) for r in recs]}]}]
+    assert saved[0]["runs"][0]["summary"]["slo_attainment"] == 1.0
+    out = rescore(saved, slo_ttft_s=1.0, slo_tpot_s=0.15)
+    assert out[0]["runs"][0]["summary"]["slo_attainment"] == 0.5
+    assert out[0]["max_rate_at_90pct_slo"] is None
+    assert rescore(saved, 1.0, 0.5)[0]["max_rate_at_90pct_slo"] == 4.0
