@@ -117,15 +117,17 @@ def cmd_status(args) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
+    from cluster.client import Client
     from cluster.errors import CLIError
     from protos.miniinfer.v1 import miniinfer_pb2 as pb
-    from protos.miniinfer.v1 import miniinfer_pb2_grpc as pb_grpc
 
-    with grpc.insecure_channel(args.address) as ch:
-        try:
-            st = pb_grpc.MiniInferStub(ch).GetClusterStatus(pb.ClusterStatusRequest(), timeout=args.timeout)
-        except grpc.RpcError as e:
-            raise CLIError(f"cannot reach {args.address}: {e.code().name} {e.details()}") from None
+    client = Client(args.address)  # bearer token / TLS CA from $MINIINFER_API_TOKEN / $MINIINFER_TLS_CA
+    try:
+        st = client.status(timeout=args.timeout)
+    except grpc.RpcError as e:
+        raise CLIError(f"cannot reach {args.address}: {e.code().name} {e.details()}") from None
+    finally:
+        client.close()
     if args.json:
         print(json.dumps(MessageToDict(st), indent=2))
         return 0
@@ -155,7 +157,6 @@ def cmd_apply(args) -> int:
     from cluster.config import ConfigError, load_config
     from cluster.errors import CLIError
     from protos.miniinfer.v1 import miniinfer_pb2 as pb
-    from protos.miniinfer.v1 import miniinfer_pb2_grpc as pb_grpc
 
     try:
         config = load_config(args.config)  # the same checks the cluster makes, before any traffic
@@ -166,17 +167,22 @@ def cmd_apply(args) -> int:
         raise CLIError(f"{args.config} has router.port 0; give the running cluster's --address")
     req = pb.ApplyConfigRequest(config_yaml=Path(args.config).read_text(), cluster_token=config.cluster_token,
                                 dry_run=args.dry_run)
-    with grpc.insecure_channel(address) as ch:
-        stub = pb_grpc.MiniInferStub(ch)
+    from cluster.client import Client
+
+    # the config's api_token if it has one, else $MINIINFER_API_TOKEN; TLS CA from $MINIINFER_TLS_CA
+    client = Client(address, token=config.router.api_token or None)
+    try:
         try:
-            res = stub.ApplyConfig(req, timeout=args.timeout)
+            res = client.stub.ApplyConfig(req, timeout=args.timeout, metadata=client.metadata)
         except grpc.RpcError as e:
             raise CLIError(f"apply refused by {address}: {e.code().name}: {e.details()}") from None
         for line in res.changes:
             print(f"  {line}")
         print(res.message)
         if args.wait > 0 and res.changes and not args.dry_run:
-            _wait_settled(stub, args.wait)
+            _wait_settled(client, args.wait)
+    finally:
+        client.close()
     return 0
 
 
@@ -187,16 +193,15 @@ def _settled(st) -> bool:
                for p in st.pools)
 
 
-def _wait_settled(stub, timeout: float) -> None:
+def _wait_settled(client, timeout: float) -> None:
     import grpc
 
     from cluster.errors import CLIError
-    from protos.miniinfer.v1 import miniinfer_pb2 as pb
 
     deadline = time.monotonic() + timeout
     while True:
         try:
-            st = stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=10)
+            st = client.status(timeout=10)
         except grpc.RpcError as e:
             raise CLIError(f"lost the cluster while waiting: {e.code().name} {e.details()}") from None
         if _settled(st):

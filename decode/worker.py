@@ -199,9 +199,13 @@ class DecodeWorker:
 
         try:
             await asyncio.wrap_future(self.loop.submit(commit))
-        except Exception:
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory importing the pages
+            self.transfers_failed += 1
             await asyncio.wrap_future(self.loop.submit(self.engine.pool.free, res.pages))
-            raise
+            # the ticket is gone, so no later cancel would reach the router: tell it now
+            self._publish([{"request_id": res.request_id, "token_ids": [], "logprobs": None, "finished": True,
+                            "finish_reason": "error", "error": f"KV commit failed: {type(e).__name__}: {e}"}])
+            raise KVTransferError(f"KV commit failed on {self.worker_id}: {e}") from e
         self.transfers_ok += 1
 
     def _cancel_ticket(self, ticket_id: str, reason: str) -> bool:

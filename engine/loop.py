@@ -73,6 +73,8 @@ class EngineLoop:
         self.on_outputs = on_outputs
         self.idle_wait_s = idle_wait_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False  # set (under _submit_lock) once pending commands have been failed
+        self._submit_lock = threading.Lock()
         self._stop = threading.Event()
         self.error: BaseException | None = None
         self.steps = 0
@@ -116,10 +118,11 @@ class EngineLoop:
 
     def submit(self, fn: Callable, *args) -> Future:
         fut: Future = Future()
-        if self._stop.is_set() or self.error is not None:
-            fut.set_exception(RuntimeError("engine loop is not running"))
-            return fut
-        self._commands.put((fn, args, fut))
+        with self._submit_lock:  # never queued after _fail_pending's last look: no future left hanging
+            if self._closed or self._stop.is_set() or self.error is not None:
+                fut.set_exception(RuntimeError("engine loop is not running"))
+                return fut
+            self._commands.put((fn, args, fut))
         return fut
 
     def _drain(self, block: bool) -> None:
@@ -175,6 +178,8 @@ class EngineLoop:
             self.on_outputs(outputs)
 
     def _fail_pending(self) -> None:
+        with self._submit_lock:
+            self._closed = True
         while True:
             try:
                 item = self._commands.get_nowait()

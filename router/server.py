@@ -67,6 +67,7 @@ class Active:
     transferred: bool = False  # the decode worker committed this attempt's KV
     attempts: int = 0
     excluded: set = field(default_factory=set)  # workers that failed this request: not picked again
+    aborted: bool = False  # the Abort RPC named it: a lost attempt is not retried
 
     def __post_init__(self) -> None:
         self.leg_id = self.leg_id or self.request_id
@@ -225,6 +226,9 @@ class Router:
                 return
             except LegLost as e:
                 await self._drop_leg(a)
+                if a.aborted:  # the attempt was lost because Abort took its legs down
+                    yield {"token_ids": [], "logprobs": None, "finished": True, "finish_reason": "abort"}
+                    return
                 a.attempts += 1
                 self.retries += 1
                 if a.attempts > self.config.max_retries:
@@ -431,10 +435,13 @@ class MiniInferService(pb_grpc.MiniInferServicer):
 
     async def Abort(self, request, context):  # noqa: N802
         found = request.request_id in self.r.active
+        a = self.r.active.get(request.request_id)
+        if a is not None:
+            a.aborted = True  # before the legs go: their failure must not start a retry
         await self.r.abort_legs(request.request_id)
         a = self.r.active.get(request.request_id)
         if a is not None:
-            a.queue.put_nowait({"token_ids": [], "finished": True, "finish_reason": "abort"})
+            a.queue.put_nowait({"token_ids": [], "logprobs": None, "finished": True, "finish_reason": "abort"})
         return pb.AbortResponse(found=found)
 
     async def Tokenize(self, request, context):  # noqa: N802

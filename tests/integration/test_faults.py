@@ -93,3 +93,41 @@ def _check_new_worker_serves(c, new_id: str) -> None:
     st = worker_tables(c)[new_id]
     assert st.get("prefilled", 0) > 0 or st.get("transfers_ok", 0) > 0, f"{new_id} took no request: {st}"
 
+
+
+def test_abort_rpc_during_prefill_ends_the_stream_without_a_retry(cluster):
+    """The Abort RPC while the prefill's reply is held back: the stream ends with ABORT, no
+    re-prefill starts, nothing is left behind. (The router also marks the request aborted so
+    that a leg failing *because of* the abort is never retried; this timing does not force
+    that race, it checks the outcome.)"""
+    from protos.miniinfer.v1 import miniinfer_pb2 as pb
+
+    rid = "abort-mid-prefill"
+    arm(cluster, f"prefill_running:delay:request={rid},delay_s=3")
+    retries = cluster.cluster.router.retries
+
+    def collect():
+        from cluster.client import build_request
+
+        req = build_request(PROMPT, max_tokens=N, temperature=0.0, request_id=rid)
+        return list(cluster.stub.Generate(req, timeout=TIMEOUT))
+
+    try:
+        with cf.ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(collect)
+            deadline = time.monotonic() + 20
+            while rid not in cluster.cluster.router.active:
+                assert time.monotonic() < deadline, "the request never reached the router"
+                time.sleep(0.02)
+            time.sleep(0.5)  # inside the injected prefill delay
+            found = cluster.stub.Abort(pb.AbortRequest(request_id=rid), timeout=10).found
+            msgs = fut.result(timeout=TIMEOUT)
+    finally:
+        arm(cluster, "")
+    assert found
+    assert msgs and msgs[-1].finish_reason == pb.FINISH_REASON_ABORT
+    # the prefill may finish its first token while the injected delay holds its reply back:
+    # that token can still arrive, but generation does not go on
+    assert sum(len(m.token_ids) for m in msgs) <= 1
+    assert cluster.cluster.router.retries == retries
+    assert_settled(cluster)

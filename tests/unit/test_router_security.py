@@ -62,6 +62,20 @@ def test_bearer_token_required_and_bad_bytes_are_invalid_argument():
     _run_router(check, api_token=TOKEN)
 
 
+def test_cli_status_sends_the_api_token_from_the_environment(monkeypatch, capsys):
+    from cluster.cli import main
+
+    def check(addr):
+        monkeypatch.delenv("MINIINFER_API_TOKEN", raising=False)
+        assert main(["status", "--address", addr]) == 2
+        assert "UNAUTHENTICATED" in capsys.readouterr().err
+        monkeypatch.setenv("MINIINFER_API_TOKEN", TOKEN)
+        assert main(["status", "--address", addr]) == 0
+        assert "model m" in capsys.readouterr().out
+
+    _run_router(check, api_token=TOKEN)
+
+
 def test_message_size_limit_is_resource_exhausted():
     def check(addr):
         with pytest.raises(grpc.RpcError) as e:
