@@ -234,6 +234,7 @@ class Controller:
             self._retry_at[w.role] = time.monotonic() + delay
             self.event(f"{w.worker_id} failed to start ({type(e).__name__}: {e}); retry in {delay:.0f}s")
             w.state = DEAD
+            self._retire_peers(w)  # an EP group is only whole or gone: its other ranks would block
             await self._retire(w)
             return
         if w.state != STARTING or self.table.get(w.worker_id) is not w:

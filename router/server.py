@@ -185,6 +185,10 @@ class Router:
         try:
             return await asyncio.wait_for(aw, left)
         except asyncio.TimeoutError:
+            if time.monotonic() < deadline - 0.05:
+                # the worker call's own bound ran out, not the request's deadline: the worker is
+                # stuck, so this attempt is lost (the caller excludes it and may retry elsewhere)
+                raise LegLost(f"{what}: the worker did not answer in time") from None
             raise asyncio.TimeoutError(what) from None
 
     def _pick_decode(self, prompt_len: int, exclude: set = frozenset()):
@@ -325,8 +329,11 @@ class Router:
         a.decode_id = d.worker_id
         d.inflight += 1
         try:
-            res = await self._within(call(d.handle.submit.remote(rid, ids, asdict(params)), self.config.call_timeout_s),
-                                     deadline, "admission")
+            try:
+                res = await self._within(call(d.handle.submit.remote(rid, ids, asdict(params)),
+                                              self.config.call_timeout_s), deadline, "admission")
+            except LegLost as e:  # colocated mode has no migration: the request fails here
+                raise LegError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
             if "error" in res:
                 raise LegError(grpc.StatusCode[res.get("code", "RESOURCE_EXHAUSTED")], res["error"])
             a.prefilled = True
