@@ -41,6 +41,8 @@ SETUPS = {
     "1p1d": ("disaggregated", 1, 1),
     "colocated1": ("colocated", 0, 1),
     "colocated2": ("colocated", 0, 2),
+    "2p2d": ("disaggregated", 2, 2),  # four GPUs
+    "colocated4": ("colocated", 0, 4),
 }
 
 
