@@ -254,7 +254,11 @@ class DecodeWorker:
 
         h = KVHeader.from_dict(header)
         try:
-            self._validate_header(h)
+            try:
+                self._validate_header(h)
+            except KVTransferError:
+                await self._drain_refused(key, h, tag, timeout_s)
+                raise
             group = self.pairs.get(key)
             if group is None:
                 raise KVTransferError(f"no pairwise group {key}")
@@ -273,6 +277,25 @@ class DecodeWorker:
             self._cancel_ticket(h.ticket_id, str(e))
             return str(e) or type(e).__name__
         return ""
+
+    async def _drain_refused(self, key: str, h: KVHeader, tag: int, timeout_s: float) -> None:
+        """The sender's pre-check passed (its send is coming) but the ticket is gone by now
+        (reaped, aborted): receive the bytes into scratch and drop them. Unmatched, an NCCL
+        send would wait for the group's timeout, whose watchdog may then end the process."""
+        from kvtransfer.torch_transport import recv_tensors
+
+        group = self.pairs.get(key)
+        try:  # the shape must be one this cache could take, whatever ticket it was for
+            validate_header(h, self.engine.cache)
+        except KVTransferError:
+            return
+        if group is None or not 0 < h.num_tokens <= self.engine.model_config.max_position:
+            return
+        try:
+            await asyncio.to_thread(recv_tensors, group, payload_shapes(self.engine.cache, h.num_tokens),
+                                    self.device, tag, timeout_s)
+        except Exception:  # noqa: BLE001 - the group is suspect now
+            self.pairs.drop(key)
 
     # ---- running requests ----
 

@@ -19,7 +19,9 @@ def arm(c, spec: str) -> None:
     faults.install(spec)
     for w in list(c.cluster.table.workers.values()):
         if w.state != DEAD:
-            c.run(call(w.handle.set_faults.remote(spec), 10))
+            # a replacement may still be loading its model (an actor answers after its
+            # constructor): on a loaded 2-core machine that takes well over 10 s
+            c.run(call(w.handle.set_faults.remote(spec), 90), timeout=100)
 
 
 def worker_tables(c) -> dict[str, dict]:
