@@ -42,5 +42,13 @@ class StepDriver:
         req.pages = []
 
 
+def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
+    """HF transformers' greedy continuation of `ids`: the next n token ids (the oracle)."""
+    with torch.no_grad():
+        out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()

@@ -6,12 +6,12 @@ import concurrent.futures as cf
 
 import grpc
 import pytest
-import torch
 
 from cluster.background import BackgroundCluster as RunningCluster
 from cluster.client import build_request
 from engine.llm import EngineConfig, LLMEngine
 from engine.sampling import SamplingParams
+from tests.helpers import hf_greedy
 from tests.integration.conftest import make_config
 
 PROMPTS = [
@@ -105,10 +105,7 @@ def test_decode_workers_speculate_only_when_configured(cluster):
 def test_greedy_matches_hf(cluster, hf_smollm2, smollm2):
     hf, _ = hf_smollm2
     for p in PROMPTS[:3]:
-        ids = smollm2.tokenizer.encode(p)
-        with torch.no_grad():
-            ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                              max_new_tokens=N, do_sample=False)[0, len(ids):].tolist()
+        ref = hf_greedy(hf, smollm2.tokenizer.encode(p), N)
         got, _, _ = stream(cluster.stub, p)
         assert got == ref
 

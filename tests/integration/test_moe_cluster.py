@@ -16,6 +16,7 @@ import torch
 
 from cluster.config import ConfigError
 from cluster.controller import LiveChangeRefused, plan
+from tests.helpers import hf_greedy
 from tests.integration.conftest import make_config
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "List three colors:",
@@ -46,13 +47,6 @@ def moe_dir(tmp_path_factory):
     return path, hf, tok
 
 
-def _hf_greedy(hf, ids: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                          max_new_tokens=n, do_sample=False)
-    return out[0, len(ids):].tolist()
-
-
 def _stream(stub, prompt: str, n: int) -> list[int]:
     from cluster.client import build_request
 
@@ -81,7 +75,7 @@ def moe_cluster(ray_session, moe_dir):
 def test_two_rank_ep_group_matches_hf(moe_cluster, moe_dir):
     c, (_, hf, tok) = moe_cluster, moe_dir
     # one request alone: one rank decodes it, the other only runs idle steps alongside
-    assert _stream(c.stub, PROMPTS[0], LENGTHS[0]) == _hf_greedy(hf, tok.encode(PROMPTS[0]), LENGTHS[0])
+    assert _stream(c.stub, PROMPTS[0], LENGTHS[0]) == hf_greedy(hf, tok.encode(PROMPTS[0]), LENGTHS[0])
     alone = _decode_status(c)
     assert sorted(s["idle_steps"] > 0 for s in alone) == [False, True], alone
     # then concurrent requests of uneven lengths, spread over both ranks
@@ -89,7 +83,7 @@ def test_two_rank_ep_group_matches_hf(moe_cluster, moe_dir):
         futs = [pool.submit(_stream, c.stub, p, n) for p, n in zip(PROMPTS, LENGTHS)]
         got = [f.result(timeout=120) for f in futs]
     for p, n, ids in zip(PROMPTS, LENGTHS, got):
-        assert ids == _hf_greedy(hf, tok.encode(p), n), p
+        assert ids == hf_greedy(hf, tok.encode(p), n), p
     c.wait_pools_full()
     status = _decode_status(c)
     assert [(s["ep_rank"], s["ep_size"]) for s in status] == [(0, 2), (1, 2)]
@@ -143,7 +137,7 @@ def test_a_dead_rank_takes_its_group_down_and_a_new_group_serves(moe_cluster, mo
     assert any(f"{a} stopped: its expert-parallel group lost {b}" in events for a, b in (old, old[::-1]))
     with cf.ThreadPoolExecutor(2) as pool:
         got = list(pool.map(lambda p: _stream(c.stub, p, 6), PROMPTS[:2], timeout=120))
-    assert got == [_hf_greedy(hf, tok.encode(p), 6) for p in PROMPTS[:2]]
+    assert got == [hf_greedy(hf, tok.encode(p), 6) for p in PROMPTS[:2]]
     assert sorted(s["ep_rank"] for s in _decode_status(c)) == [0, 1]
     assert len(c.cluster.groups) == 1  # the dead group's placement group was released
     c.wait_pools_full()

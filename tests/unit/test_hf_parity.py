@@ -6,7 +6,7 @@ import torch
 from engine.llm import EngineConfig, LLMEngine
 from engine.loader.registry import load_model
 from engine.sampling import SamplingParams
-from tests.helpers import StepDriver, rel_err
+from tests.helpers import StepDriver, hf_greedy, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -84,8 +84,5 @@ def test_greedy_tokens_identical_to_hf_generate(checkpoint):
     outs = engine.generate(prompts, SamplingParams(max_tokens=32, ignore_eos=True))
     hf.generation_config.eos_token_id = None  # like ignore_eos: never stop early
     for p, o in zip(prompts, outs):
-        with torch.no_grad():
-            ref = hf.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False,
-                              attention_mask=torch.ones(1, len(p), dtype=torch.long))
-        assert o.token_ids == ref[0, len(p):].tolist()
+        assert o.token_ids == hf_greedy(hf, p, 32)
     assert engine.pool.is_full()

@@ -9,7 +9,7 @@ from engine.llm import EngineConfig, LLMEngine
 from engine.loader.registry import dummy_model, load_model
 from engine.moe import EPContext, MoEBlock, load_balancing_loss
 from engine.sampling import SamplingParams
-from tests.helpers import StepDriver, rel_err
+from tests.helpers import StepDriver, hf_greedy, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -71,10 +71,7 @@ def test_greedy_tokens_identical_to_hf_generate(checkpoint):
     outs = engine.generate(prompts, SamplingParams(max_tokens=16, ignore_eos=True))
     hf.generation_config.eos_token_id = None
     for p, o in zip(prompts, outs):
-        with torch.no_grad():
-            ref = hf.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False,
-                              attention_mask=torch.ones(1, len(p), dtype=torch.long))
-        assert o.token_ids == ref[0, len(p):].tolist()
+        assert o.token_ids == hf_greedy(hf, p, 16)
     assert engine.pool.is_full()
     load = ours.model.expert_load(reset=True)
     assert len(load) == ours.config.num_layers and all(sum(row) > 0 for row in load)

@@ -1,10 +1,10 @@
 """The bundled SmolLM2-135M GGUF: tokenizer, chat template and greedy output vs HF."""
 
 import pytest
-import torch
 
 from engine.llm import EngineConfig, LLMEngine
 from engine.sampling import SamplingParams
+from tests.helpers import hf_greedy
 
 PROMPTS = [
     "The capital of France is",
@@ -60,13 +60,6 @@ def test_chat_template_matches_hf(smollm2, hf_smollm2):
         assert ours == theirs
 
 
-def _hf_greedy(hf_model, ids, n):
-    with torch.no_grad():
-        out = hf_model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                max_new_tokens=n, do_sample=False)
-    return out[0, len(ids):].tolist()
-
-
 @pytest.mark.parametrize("chat", [False, True], ids=["raw", "chat"])
 def test_greedy_48_tokens_match_hf(engine, hf_smollm2, chat):
     hf_model, _ = hf_smollm2
@@ -75,7 +68,7 @@ def test_greedy_48_tokens_match_hf(engine, hf_smollm2, chat):
     prompts = [tok.encode(t) for t in texts]
     outs = engine.generate(prompts, SamplingParams(max_tokens=48))
     for p, o in zip(prompts, outs):
-        ref = _hf_greedy(hf_model, p, 48)
+        ref = hf_greedy(hf_model, p, 48)
         if ref and ref[-1] in tok.eos_token_ids:
             assert o.finish_reason == "stop"
         assert o.token_ids == ref, f"diverged for {tok.decode(p)!r}"
