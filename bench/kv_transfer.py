@@ -99,7 +99,7 @@ def _ours_once(group, rank: int, payload, shapes, cache: KVCache, dst_pages: lis
         send_tensors(group, wire_tensors(payload), 2, TIMEOUT_S)
         return
     got = recv_tensors(group, shapes, cache.data.device, 2, TIMEOUT_S)
-    import_pages(cache, dst_pages, KVPayload(got[0], got[1] if len(got) > 1 else None))
+    import_pages(cache, dst_pages, KVPayload.from_tensors(got))
 
 
 def _timed(group, device, iters: int, batch: int, once, *args) -> float:
@@ -142,14 +142,9 @@ class _Receiver:
             start_receiver_server(service), self.loop).result(30)
 
     def import_into(self, cache: KVCache, pages: list[int], tokens: int) -> None:
-        from kvtransfer.layout import from_bytes
+        from kvtransfer.layout import payload_from_bytes
 
-        tensors, off = [], 0
-        for shape, dtype in payload_shapes(cache, tokens):
-            size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-            tensors.append(from_bytes(memoryview(self.blob)[off: off + size], shape, dtype))
-            off += size
-        import_pages(cache, pages, KVPayload(tensors[0], tensors[1] if len(tensors) > 1 else None))
+        import_pages(cache, pages, payload_from_bytes(cache, tokens, self.blob))
         _sync(cache.data.device)
         self.blob = None
 

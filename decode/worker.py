@@ -25,8 +25,8 @@ from kvtransfer.layout import (
     KVHeader,
     KVPayload,
     KVTransferError,
-    from_bytes,
     import_pages,
+    payload_from_bytes,
     payload_shapes,
     validate_header,
 )
@@ -106,22 +106,11 @@ class DecodeWorker:
         ticket_id = f"{self.worker_id}-t{next(self._ids)}"
 
         def alloc():
-            pool = self.engine.pool
-            # keep room for every running request's next page, so admission never forces a preemption
-            headroom = len(self.engine.scheduler.running)
-            if headroom + len(self.pending) >= self.spec.max_queue:  # bounded: refuse, never queue
-                return "full"
-            if not pool.can_allocate(n + headroom):
-                return None
-            return pool.allocate(n)
+            return self._refusal(n, len(self.engine.scheduler.running) + len(self.pending)) or self.engine.pool.allocate(n)
 
         pages = await asyncio.wrap_future(self.loop.submit(alloc))
-        if pages == "full":
-            return {"code": "RESOURCE_EXHAUSTED",
-                    "error": f"decode worker {self.worker_id} holds its limit of {self.spec.max_queue} requests"}
-        if pages is None:
-            return {"code": "RESOURCE_EXHAUSTED",
-                    "error": f"decode worker {self.worker_id} has no room for {n} KV pages"}
+        if isinstance(pages, dict):
+            return pages
         deadline = time.time() + timeout_s
         self.pending[ticket_id] = Reservation(ticket_id, request_id, list(prompt_token_ids),
                                               SamplingParams(**params), pages, deadline)
@@ -131,6 +120,19 @@ class DecodeWorker:
                 "deadline": deadline, "grpc_address": self.grpc_address,
                 "store_address": self.store_address, "epoch": self.epoch}
 
+    def _refusal(self, n: int, held: int) -> dict | None:
+        """Engine thread: why a prompt needing n pages cannot be admitted now, or None.
+
+        held: requests this worker already holds. Bounded: over max_queue it refuses, never
+        queues. Every running request keeps room for its next page, so admission never
+        forces a preemption."""
+        if held >= self.spec.max_queue:
+            return {"code": "RESOURCE_EXHAUSTED",
+                    "error": f"decode worker {self.worker_id} holds its limit of {self.spec.max_queue} requests"}
+        if not self.engine.pool.can_allocate(n + len(self.engine.scheduler.running)):
+            return {"code": "RESOURCE_EXHAUSTED", "error": f"decode worker {self.worker_id} has no room for {n} KV pages"}
+        return None
+
     async def submit(self, request_id: str, prompt_token_ids: list[int], params: dict) -> dict:
         """Colocated mode: prefill and decode here. Outputs, first token included, go out through poll.
 
@@ -139,21 +141,13 @@ class DecodeWorker:
         n = pages_needed(len(prompt_token_ids) + 1, self.engine.cache.page_size)
 
         def add():
-            pool, sched = self.engine.pool, self.engine.scheduler
-            if len(sched.running) + len(sched.waiting) >= self.spec.max_queue:
-                return None  # bounded: refuse, never queue
-            if not pool.can_allocate(n + len(self.engine.scheduler.running)):
-                return False
-            self.engine.add_request(prompt_token_ids, SamplingParams(**params), request_id=request_id)
-            return True
+            sched = self.engine.scheduler
+            refusal = self._refusal(n, len(sched.running) + len(sched.waiting))
+            if refusal is None:
+                self.engine.add_request(prompt_token_ids, SamplingParams(**params), request_id=request_id)
+            return refusal or {}
 
-        added = await asyncio.wrap_future(self.loop.submit(add))
-        if added is None:
-            return {"code": "RESOURCE_EXHAUSTED",
-                    "error": f"worker {self.worker_id} holds its limit of {self.spec.max_queue} requests"}
-        if not added:
-            return {"code": "RESOURCE_EXHAUSTED", "error": f"worker {self.worker_id} has no room for {n} KV pages"}
-        return {}
+        return await asyncio.wrap_future(self.loop.submit(add))
 
     # ---- receiving ----
 
@@ -166,12 +160,7 @@ class DecodeWorker:
         validate_header(h, self.engine.cache, len(res.prompt_token_ids))
 
     async def _commit_bytes(self, h: KVHeader, blob: bytes) -> None:
-        tensors, off = [], 0
-        for shape, dtype in payload_shapes(self.engine.cache, h.num_tokens):
-            size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-            tensors.append(from_bytes(memoryview(blob)[off : off + size], shape, dtype))
-            off += size
-        await self._commit(h, KVPayload(tensors[0], tensors[1] if len(tensors) > 1 else None))
+        await self._commit(h, payload_from_bytes(self.engine.cache, h.num_tokens, blob))
 
     async def _commit(self, h: KVHeader, payload: KVPayload) -> None:
         if faults.PLAN is not None:
@@ -264,7 +253,7 @@ class DecodeWorker:
                 raise KVTransferError(f"no pairwise group {key}")
             shapes = payload_shapes(self.engine.cache, h.num_tokens)
             tensors = await asyncio.to_thread(recv_tensors, group, shapes, self.device, tag, timeout_s)
-            payload = KVPayload(tensors[0], tensors[1] if len(tensors) > 1 else None)
+            payload = KVPayload.from_tensors(tensors)
             if h.checksum:
                 from kvtransfer.layout import checksum
 

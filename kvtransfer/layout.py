@@ -59,6 +59,11 @@ class KVPayload:
     def tensors(self) -> list[torch.Tensor]:
         return [self.data] if self.scales is None else [self.data, self.scales]
 
+    @classmethod
+    def from_tensors(cls, tensors: list[torch.Tensor]) -> KVPayload:
+        """The inverse of `tensors()`: pages, then (int8) their scales."""
+        return cls(tensors[0], tensors[1] if len(tensors) > 1 else None)
+
     @property
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -129,6 +134,17 @@ def from_bytes(buf: bytes | bytearray | memoryview, shape, dtype: torch.dtype) -
     if len(buf) == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def payload_from_bytes(cache: KVCache, num_tokens: int, blob) -> KVPayload:
+    """The payload laid out back to back in `blob` (pages, then int8 scales), as tensors over
+    it: no copy when the buffer is writable."""
+    tensors, off = [], 0
+    for shape, dtype in payload_shapes(cache, num_tokens):
+        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        tensors.append(from_bytes(memoryview(blob)[off: off + size], shape, dtype))
+        off += size
+    return KVPayload.from_tensors(tensors)
 
 
 def make_header(cache: KVCache, payload: KVPayload, request_id: str, ticket_id: str, num_tokens: int,
