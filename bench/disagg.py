@@ -148,15 +148,9 @@ def plot(out_dir: Path, results: list[dict]) -> None:
         ax.set_xlabel("offered rate (req/s)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "disagg_goodput.png", dpi=100)
-    plt.close(fig)
+    loadgen.save_figure(fig, out_dir / "disagg_goodput.png")
     for res in results:
-        loadgen.write_plots(out_dir, res["runs"], 0, 0)
-        os.replace(out_dir / "latency_cdf.png", out_dir / f"latency_cdf_{res['setup']}.png")
-        gp = out_dir / "goodput_vs_rate.png"
-        if gp.exists():
-            gp.unlink()
+        loadgen.write_plots(out_dir, res["runs"], 0, 0, tag=f"_{res['setup']}", goodput=False)
 
 
 def main(argv=None) -> list[dict]:

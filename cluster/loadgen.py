@@ -232,8 +232,10 @@ def format_table(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_plots(out_dir: Path, runs: list[dict], slo_ttft_s: float, slo_tpot_s: float) -> list[Path]:
-    """Latency CDFs per rate, and goodput / attainment vs rate. Needs matplotlib."""
+def write_plots(out_dir: Path, runs: list[dict], slo_ttft_s: float, slo_tpot_s: float, tag: str = "",
+                goodput: bool = True) -> list[Path]:
+    """Latency CDFs per rate (latency_cdf{tag}.png), and goodput / attainment vs rate
+    (goodput_vs_rate{tag}.png, unless goodput=False). Needs matplotlib."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -260,10 +262,10 @@ def write_plots(out_dir: Path, runs: list[dict], slo_ttft_s: float, slo_tpot_s: 
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    written.append(_save(fig, out_dir / "latency_cdf.png"))
+    written.append(save_figure(fig, out_dir / f"latency_cdf{tag}.png"))
 
     finite = [r["summary"] for r in runs if r["summary"]["rate"] != "inf"]
-    if finite:
+    if finite and goodput:
         fig, ax = plt.subplots(figsize=(6, 4))
         rates = [s["rate"] for s in finite]
         ax.plot(rates, [s["goodput"] for s in finite], marker="o", label="goodput (req/s)")
@@ -279,11 +281,11 @@ def write_plots(out_dir: Path, runs: list[dict], slo_ttft_s: float, slo_tpot_s: 
         ax.legend(loc="upper left", fontsize=7)
         ax2.legend(loc="lower right", fontsize=7)
         ax.grid(alpha=0.3)
-        written.append(_save(fig, out_dir / "goodput_vs_rate.png"))
+        written.append(save_figure(fig, out_dir / f"goodput_vs_rate{tag}.png"))
     return written
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
