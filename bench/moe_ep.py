@@ -1,24 +1,27 @@
-"""MoE expert parallelism on two GPUs (NCCL): dispatch / combine bandwidth and layer time.
+"""MoE expert parallelism on two or four GPUs (NCCL): dispatch / combine bandwidth, layer time.
 
-Two processes (torch.multiprocessing, one per GPU) hold one `engine.moe.MoEBlock` each
-(EP=2: half the experts per GPU; seeded random bf16 weights, shape of Qwen3-235B's MoE
-layer by default: hidden 4096, 128 experts, top-8, expert width 1536). Each rank routes its
-own T tokens (attention data-parallel). Rows, for T in 512 / 4096 / 16384 tokens per rank:
+N processes (torch.multiprocessing, one per GPU; --ranks, default 2) hold one
+`engine.moe.MoEBlock` each (EP=N: 1/N of the experts per GPU; seeded random bf16 weights,
+shape of Qwen3-235B's MoE layer by default: hidden 4096, 128 experts, top-8, expert width
+1536). Each rank routes its own T tokens (attention data-parallel). Rows, for T in 512 /
+4096 / 16384 tokens per rank:
 
-- p2p: both ranks `isend`/`irecv` the same number of bytes the dispatch moves across at
-  that T, at the same time (both directions, as all-to-all does); GB/s per direction.
-- a2a: a plain even `all_to_all_single` moving the same bytes across.
-- dispatch: `MoEBlock._dispatch` (count exchange, host sync, gather + one uneven
-  all-to-all of rows with their metadata); GB/s = bytes sent to the other GPU / time.
+- p2p: every rank `isend`s / `irecv`s to and from each other rank, at the same time, the
+  bytes the dispatch sends off the GPU at that T (split evenly over the peers); GB/s =
+  bytes off one GPU / time.
+- a2a: a plain `all_to_all_single` moving the same bytes off each GPU (nothing to itself).
+- dispatch: `MoEBlock._dispatch` (count exchange, host sync, row packing + one uneven
+  all-to-all of rows with their metadata); GB/s = bytes sent to other GPUs / time.
 - combine: `MoEBlock._combine` (the reverse all-to-all) + the sum in token order.
-- layer EP=2: the whole `MoEBlock.forward` (route, dispatch, grouped GEMM experts, combine)
-  on both GPUs at once, 2T tokens in all; layer EP=1: one GPU holding all experts, T tokens.
-  Speed-up = (2T / t_EP2) / (T / t_EP1).
+- layer: the whole `MoEBlock.forward` (route, dispatch, grouped GEMM experts, combine),
+  EP=N on all GPUs at once (N*T tokens in all); with N > 2 also EP=2 on GPUs 0-1; EP=1: one
+  GPU holding all experts, T tokens. Speed-up of EP=n = (n*T / t_EPn) / (T / t_EP1).
 
-Times are the median over iterations of the slower rank, each iteration fenced by a CUDA
+Times are the median over iterations of the slowest rank, each iteration fenced by a CUDA
 sync and a barrier.
 
-    python bench/moe_ep.py [--tokens 512,4096,16384] [--experts 128] [--iters 20]
+    python bench/moe_ep.py [--ranks 2|4] [--tokens 512,4096,16384] [--experts 128] [--iters 20]
+    python bench/moe_ep.py --cpu --ranks 4 --tokens 16 --hidden 64 --experts 8 --expert-width 32
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def _args(argv=None):
     p.add_argument("--expert-width", type=int, default=1536, help="moe_intermediate_size")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", default=None, help="also write the JSON lines to this file")
+    p.add_argument("--ranks", type=int, default=2, help="EP size: processes, one GPU each (>= 2)")
     p.add_argument("--port", type=int, default=29561)
     p.add_argument("--cpu", action="store_true", help="smoke-test the script on CPU (gloo, fp32, no Triton)")
     return p.parse_args(argv)
@@ -110,61 +114,78 @@ def _max(value: float) -> float:
     return t.item()
 
 
-def _p2p(nbytes: int, rank: int) -> callable:
+def _p2p(nbytes: int, rank: int, size: int) -> callable:
+    """Every rank sends nbytes in all, split evenly over its peers, and receives as much."""
     import torch.distributed as dist
 
-    n = nbytes // 2
-    send = torch.ones(n, dtype=torch.bfloat16, device=_DEVICE)
-    recv = torch.empty_like(send)
+    n = nbytes // 2 // (size - 1)
+    peers = [r for r in range(size) if r != rank]
+    send = [torch.ones(n, dtype=torch.bfloat16, device=_DEVICE) for _ in peers]
+    recv = [torch.empty_like(t) for t in send]
 
     def run():
-        ops = [dist.P2POp(dist.isend, send, 1 - rank), dist.P2POp(dist.irecv, recv, 1 - rank)]
+        ops = [dist.P2POp(dist.isend, t, r) for t, r in zip(send, peers)]
+        ops += [dist.P2POp(dist.irecv, t, r) for t, r in zip(recv, peers)]
         for w in dist.batch_isend_irecv(ops):
             w.wait()
     return run
 
 
-def _a2a(rows: int, hidden: int) -> callable:
+def _a2a(rows: int, hidden: int, rank: int, size: int) -> callable:
+    """all_to_all_single moving rows (split evenly over the peers) off this rank, none to itself."""
     import torch.distributed as dist
 
-    send = torch.ones(2 * rows, hidden, dtype=torch.bfloat16, device=_DEVICE)
+    per = rows // (size - 1)
+    splits = [0 if r == rank else per for r in range(size)]
+    send = torch.ones(per * (size - 1), hidden, dtype=torch.bfloat16, device=_DEVICE)
     recv = torch.empty_like(send)
-    return lambda: dist.all_to_all_single(recv, send)
+    return lambda: dist.all_to_all_single(recv, send, splits, splits)
 
 
-def _measure(a, rank: int, t: int, ep2, ep1, out: list) -> None:
+def _measure(a, rank: int, t: int, blocks: dict, out: list) -> None:
+    """blocks: EP size -> this rank's MoEBlock (None where the rank takes no part)."""
     from engine.layers import TritonOps
 
+    n = a.ranks
+    epn = blocks[n]
     ops = None if a.cpu else TritonOps()
     gen = torch.Generator(device=_DEVICE).manual_seed(rank * 7919 + t)
-    x = torch.randn(t, a.hidden, device=_DEVICE, generator=gen).to(ep2.gate.weight.dtype)
+    x = torch.randn(t, a.hidden, device=_DEVICE, generator=gen).to(epn.gate.weight.dtype)
     with torch.no_grad():
-        w, ids = ep2.route(x, ops)
-        rank_of, token, meta, counts = ep2._plan(w, ids)
-        recv_x, recv_meta, splits = ep2._dispatch(x, token, meta, counts)
-        partial, _ = ep2._experts(recv_x, recv_meta, ops)
+        w, ids = epn.route(x, ops)
+        rank_of, token, meta, counts = epn._plan(w, ids)
+        recv_x, recv_meta, splits = epn._dispatch(x, token, meta, counts, ops)
+        partial, _ = epn._experts(recv_x, recv_meta, ops)
         row_bytes = a.hidden * x.element_size() + meta.shape[1] * 4
-        # bytes each way between the GPUs (the larger direction): rows with their metadata,
-        # and the combine's rows back
-        cross = int(_max(splits[0][1 - rank] * row_bytes))
-        cross_back = int(_max(splits[1][1 - rank] * a.hidden * x.element_size()))
+        # bytes off each GPU (the busiest one's): rows with their metadata, and the combine's
+        # rows back
+        off = sum(c for r, c in enumerate(splits[0]) if r != rank)
+        back = sum(c for r, c in enumerate(splits[1]) if r != rank)
+        cross = int(_max(off * row_bytes))
+        cross_back = int(_max(back * a.hidden * x.element_size()))
 
         def combine():
-            return ep2._combine(partial, splits, x, rank_of, token, ops)
+            return epn._combine(partial, splits, x, rank_of, token, ops)
 
-        rec = dict(tokens=t, cross_bytes=cross, combine_bytes=cross_back, hidden=a.hidden,
+        def layer(ep_size):
+            block = blocks.get(ep_size)
+            return (lambda: block(x, ops)) if block is not None else (lambda: None)
+
+        rec = dict(tokens=t, ranks=n, cross_bytes=cross, combine_bytes=cross_back, hidden=a.hidden,
                    experts=a.experts, top_k=a.top_k, expert_width=a.expert_width)
-        rec["p2p_s"] = _time(_p2p(cross, rank), a.iters)
-        rec["a2a_s"] = _time(_a2a(cross // row_bytes, row_bytes // 2), a.iters)
-        rec["dispatch_s"] = _time(lambda: ep2._dispatch(x, token, meta, counts), a.iters)
+        rec["p2p_s"] = _time(_p2p(cross, rank, n), a.iters)
+        rec["a2a_s"] = _time(_a2a(cross // row_bytes, row_bytes // 2, rank, n), a.iters)
+        rec["dispatch_s"] = _time(lambda: epn._dispatch(x, token, meta, counts, ops), a.iters)
         rec["combine_s"] = _time(combine, a.iters)
-        rec["layer_ep2_s"] = _time(lambda: ep2(x, ops), a.iters)
-        y2 = ep2(x, ops)
+        rec[f"layer_ep{n}_s"] = _time(layer(n), a.iters)
+        if n > 2:  # EP=2 on GPUs 0-1; the others wait at each iteration's barrier
+            rec["layer_ep2_s"] = _time(layer(2), a.iters)
+        yn = epn(x, ops)
         if rank == 0:
-            rec["layer_ep1_s"] = _time(lambda: ep1(x, ops), a.iters, collective=False)
-            y1 = ep1(x, ops)
-            rec["ep2_vs_ep1_rel_err"] = ((y1.float() - y2.float()).abs().max() / y1.float().abs().max()).item()
-            rec["imbalance_rank0"] = ep2.expert_load()["imbalance"]
+            rec["layer_ep1_s"] = _time(layer(1), a.iters, collective=False)
+            y1 = blocks[1](x, ops)
+            rec["epn_vs_ep1_rel_err"] = ((y1.float() - yn.float()).abs().max() / y1.float().abs().max()).item()
+            rec["imbalance_rank0"] = epn.expert_load()["imbalance"]
         torch.distributed.barrier()
         for key in ("p2p", "a2a", "dispatch"):
             rec[f"{key}_GBps"] = cross / rec[f"{key}_s"] / 1e9
@@ -181,19 +202,22 @@ def _rank_main(rank: int, a, result_path: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(a.port))
     if a.cpu:
         _DEVICE, dtype = "cpu", torch.float32
-        dist.init_process_group("gloo", rank=rank, world_size=2)
+        dist.init_process_group("gloo", rank=rank, world_size=a.ranks)
     else:
         _DEVICE, dtype = "cuda", torch.bfloat16
         torch.cuda.set_device(rank)
-        dist.init_process_group("nccl", rank=rank, world_size=2, device_id=torch.device("cuda", rank))
+        dist.init_process_group("nccl", rank=rank, world_size=a.ranks, device_id=torch.device("cuda", rank))
     records = []
     try:
         cfg = _cfg(a)
-        ep2 = _block(cfg, EPContext.from_group(), _DEVICE, dtype)
-        ep1 = _block(cfg, None, _DEVICE, dtype) if rank == 0 else None
+        blocks = {a.ranks: _block(cfg, EPContext.from_group(), _DEVICE, dtype)}
+        if a.ranks > 2:
+            pair = dist.new_group([0, 1])  # every rank takes part in creating it
+            blocks[2] = _block(cfg, EPContext.from_group(pair), _DEVICE, dtype) if rank < 2 else None
+        blocks[1] = _block(cfg, None, _DEVICE, dtype) if rank == 0 else None
         for t in [int(s) for s in a.tokens.split(",")]:
             try:
-                _measure(a, rank, t, ep2, ep1, records)
+                _measure(a, rank, t, blocks, records)
             except Exception:  # keep the other sizes' figures
                 traceback.print_exc()
                 records.append(dict(tokens=t, error=traceback.format_exc(limit=3)))
@@ -205,25 +229,33 @@ def _rank_main(rank: int, a, result_path: str) -> None:
 
 
 def _table(records: list[dict]) -> str:
+    sizes = sorted({int(k[len("layer_ep"):-2]) for r in records for k in r if k.startswith("layer_ep")})
     rows = []
     for r in records:
         if "error" in r:
-            rows.append([r["tokens"], "error", *[None] * 9])
+            rows.append([r["tokens"], "error", *[None] * (6 + 2 * len(sizes))])
             continue
-        ep1, ep2 = r.get("layer_ep1_s"), r["layer_ep2_s"]
-        speed = (2 * r["tokens"] / ep2) / (r["tokens"] / ep1) if ep1 else None
+        t1 = r.get("layer_ep1_s")
+        times = [r.get(f"layer_ep{n}_s") for n in sizes]
+        speed = [(n * r["tokens"] / tn) / (r["tokens"] / t1) if t1 and tn else None
+                 for n, tn in zip(sizes, times) if n > 1]
         rows.append([r["tokens"], r["cross_bytes"] / 1e6, r["p2p_GBps"], r["a2a_GBps"],
                      r["dispatch_s"] * 1e3, r["dispatch_GBps"], r["combine_s"] * 1e3, r["combine_GBps"],
-                     ep1 * 1e3 if ep1 else None, ep2 * 1e3, speed])
-    heads = ["tokens/rank", "MB across", "p2p GB/s", "a2a GB/s", "dispatch ms", "dispatch GB/s",
-             "combine ms", "combine GB/s", "EP=1 ms", "EP=2 ms", "EP=2 speed-up"]
+                     *[tn * 1e3 if tn else None for tn in times], *speed])
+    heads = ["tokens/rank", "MB off GPU", "p2p GB/s", "a2a GB/s", "dispatch ms", "dispatch GB/s",
+             "combine ms", "combine GB/s", *[f"EP={n} ms" for n in sizes],
+             *[f"EP={n} speed-up" for n in sizes if n > 1]]
     return format_table(heads, rows)
 
 
 def main(argv=None) -> int:
     a = _args(argv)
-    if torch.cuda.device_count() < 2 and not a.cpu:
-        print("bench/moe_ep.py needs two CUDA GPUs", file=sys.stderr)
+    if a.ranks < 2:
+        print("bench/moe_ep.py: --ranks must be at least 2", file=sys.stderr)
+        return 2
+    if torch.cuda.device_count() < a.ranks and not a.cpu:
+        print(f"bench/moe_ep.py: --ranks {a.ranks} needs {a.ranks} CUDA GPUs, "
+              f"this machine has {torch.cuda.device_count()}", file=sys.stderr)
         return 2
     import tempfile
 
@@ -231,8 +263,8 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "records.pt")
-        progress(f"2 ranks, tokens {a.tokens}, hidden {a.hidden}, {a.experts} experts, top-{a.top_k}")
-        mp.spawn(_rank_main, args=(a, path), nprocs=2, join=True)
+        progress(f"{a.ranks} ranks, tokens {a.tokens}, hidden {a.hidden}, {a.experts} experts, top-{a.top_k}")
+        mp.spawn(_rank_main, args=(a, path), nprocs=a.ranks, join=True)
         records = torch.load(path, weights_only=False)
     sink = JsonLines(a.json)
     for r in records:

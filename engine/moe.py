@@ -162,7 +162,7 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor, ops=None) -> torch.Tensor:
         weights, ids = self.route(x, ops)  # [T, k]
         rank, token, send_meta, send_counts = self._plan(weights, ids)
-        recv_x, recv_meta, splits = self._dispatch(x, token, send_meta, send_counts)
+        recv_x, recv_meta, splits = self._dispatch(x, token, send_meta, send_counts, ops)
         partial, local_counts = self._experts(recv_x, recv_meta, ops)  # [M, hidden]
         self._record(ids, local_counts)
         return self._combine(partial, splits, x, rank, token, ops)
@@ -190,23 +190,26 @@ class MoEBlock(nn.Module):
         meta = torch.cat([lid.float(), w.float()], dim=1)  # [N, 2k]; ids < 2^24 are exact in fp32
         return rank, token, meta, hit.sum(0)
 
-    def _dispatch(self, x, token, meta, send_counts):
+    def _dispatch(self, x, token, meta, send_counts, ops=None):
         if self.ep.size == 1:
             return x, meta, None  # one row per token, in order: no gather needed
         import torch.distributed as dist
 
         g, h = self.ep.group, x.shape[1]
         recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts, group=g)
-        send, recv = send_counts.tolist(), recv_counts.tolist()  # the one host sync of the layer
-        # metadata bytes ride as extra columns of the rows: one collective instead of two.
-        # Widen x once ([T] rows), gather the [N] rows from it, then write the small metadata
-        # in place: one fewer pass over the [N, hidden] rows than gathering and concatenating.
+        counted = dist.all_to_all_single(recv_counts, send_counts, group=g, async_op=True)
+        # pack the send rows while the counts travel. The metadata bytes ride as extra
+        # columns of the rows: one collective instead of two.
         mv = meta.view(x.dtype)
-        wide = x.new_empty(x.shape[0], h + mv.shape[1])
-        wide[:, :h] = x
-        packed = wide.index_select(0, token)  # [N, hidden + meta]
-        packed[:, h:] = mv
+        if _use_triton(ops, x):
+            from kernels.moe import moe_pack_rows
+
+            packed = moe_pack_rows(x, token, mv)  # [N, hidden + meta], one pass
+        else:
+            packed = torch.cat([x.index_select(0, token), mv], dim=1)
+        counted.wait()
+        both = torch.cat([send_counts, recv_counts]).tolist()  # the one host sync of the layer
+        send, recv = both[: self.ep.size], both[self.ep.size:]
         got = packed.new_empty(sum(recv), packed.shape[1])
         dist.all_to_all_single(got, packed, recv, send, group=g)
         return got[:, :h], got[:, h:].contiguous().view(meta.dtype), (send, recv)

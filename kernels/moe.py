@@ -1,4 +1,5 @@
-"""MoE kernels: routing (softmax top-k) and the gather-sum that combines expert outputs.
+"""MoE kernels: routing (softmax top-k), the row packing of the EP dispatch, and the
+gather-sum that combines expert outputs.
 
 Routing: router logits -> softmax -> top-k experts (+ optional renormalization).
 
@@ -189,3 +190,75 @@ def moe_gather_sum_reference(src: torch.Tensor, pos: torch.Tensor, weights: torc
     if weights is not None:
         picked = picked * weights.unsqueeze(-1)
     return picked.sum(1).to(src.dtype)
+
+
+# ---- pack: out[i] = x[token[i]] ++ meta[i] (the rows the EP dispatch sends) ----
+
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@triton.jit
+def _moe_pack_rows_kernel(
+    x_ptr,
+    token_ptr,
+    meta_ptr,
+    out_ptr,
+    x_row_stride,
+    hidden,
+    meta_cols,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    width = hidden + meta_cols
+    src = tl.load(token_ptr + row).to(tl.int64)
+    in_x = cols < hidden
+    in_meta = (cols >= hidden) & (cols < width)
+    a = tl.load(x_ptr + src * x_row_stride + cols, mask=in_x, other=0)
+    b = tl.load(meta_ptr + row * meta_cols + (cols - hidden), mask=in_meta, other=0)
+    tl.store(out_ptr + row * width + cols, tl.where(in_x, a, b), mask=cols < width)
+
+
+@torch.library.custom_op("miniinfer::moe_pack_rows", mutates_args=())
+def _moe_pack_rows_op(x: torch.Tensor, token: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    n, hidden, cols = token.shape[0], x.shape[1], meta.shape[1]
+    out = x.new_empty((n, hidden + cols))
+    if n == 0 or hidden + cols == 0:
+        return out
+    bits = _SAME_SIZE_INT[x.element_size()]  # moved as integers: metadata bits pass unchanged
+    block = min(triton.next_power_of_2(hidden + cols), 1024)
+    with device_guard(x):
+        _moe_pack_rows_kernel[(n, triton.cdiv(hidden + cols, block))](
+            x.view(bits), token, meta.view(bits), out.view(bits), x.stride(0), hidden, cols,
+            BLOCK=block, num_warps=4,
+        )
+    return out
+
+
+@_moe_pack_rows_op.register_fake
+def _(x, token, meta):
+    return x.new_empty((token.shape[0], x.shape[1] + meta.shape[1]))
+
+
+def moe_pack_rows(x: torch.Tensor, token: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """x [T, H], token [N] row of x, meta [N, M] (same element size as x) -> [N, H + M].
+
+    Row i is x[token[i]] followed by meta[i], bits copied: the dispatch's send buffer
+    (token rows with their expert ids and weights as extra columns) in one pass.
+    """
+    name = "moe_pack_rows"
+    check_launchable(name, x, token, meta)
+    check_index(name, token=token)
+    check_last_dim_contiguous(name, x=x)
+    if x.dim() != 2 or token.dim() != 1 or meta.dim() != 2 or meta.shape[0] != token.shape[0]:
+        raise ValueError(f"{name}: need x [T, H], token [N], meta [N, M]; got {tuple(x.shape)}, "
+                         f"{tuple(token.shape)}, {tuple(meta.shape)}")
+    if meta.element_size() != x.element_size() or not meta.is_contiguous() or not token.is_contiguous():
+        raise ValueError(f"{name}: token and meta must be contiguous and meta's elements as wide as x's "
+                         f"({x.element_size()} bytes); view the metadata as {x.dtype}")
+    return _moe_pack_rows_op(x, token, meta)
+
+
+def moe_pack_rows_reference(x: torch.Tensor, token: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    bits = _SAME_SIZE_INT[x.element_size()]
+    return torch.cat([x.view(bits)[token.long()], meta.view(bits)], dim=1).view(x.dtype)

@@ -8,6 +8,8 @@ pytest.importorskip("triton")
 from kernels.moe import (  # noqa: E402
     moe_gather_sum,
     moe_gather_sum_reference,
+    moe_pack_rows,
+    moe_pack_rows_reference,
     moe_route,
     moe_route_reference,
 )
@@ -97,3 +99,44 @@ def test_moe_gather_sum_gpu(n, m, slots):
     src, pos, w = _gather_case(n, m, slots, 4096, torch.bfloat16, "cuda", slots == 8)
     torch.testing.assert_close(moe_gather_sum(src, pos, w), moe_gather_sum_reference(src, pos, w),
                                rtol=2e-2, atol=2e-2)
+
+
+def _pack_case(t, n, hidden, k, dtype, device):
+    """x [t, hidden]; n rows of tokens (repeats allowed); fp32 metadata [n, 2k] seen as dtype."""
+    x = torch.randn(t, hidden, device=device).to(dtype)
+    token = torch.randint(0, t, (n,), device=device)
+    ids = torch.randint(-1, 64, (n, k), device=device).float()
+    w = torch.rand(n, k, device=device)
+    w[:, 0] = float("nan")  # metadata words whose halves are NaN/odd bit patterns must pass unchanged
+    meta = torch.cat([ids, w], dim=1)
+    return x, token, meta, meta.view(dtype)
+
+
+@pytest.mark.parametrize("t,n,hidden,k", [(1, 1, 8, 1), (7, 20, 96, 2), (5, 9, 1500, 8), (3, 0, 16, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_moe_pack_rows_copies_rows_and_metadata_bits(t, n, hidden, k, dtype, device):
+    x, token, meta, mv = _pack_case(t, n, hidden, k, dtype, device)
+    out = moe_pack_rows(x, token, mv)
+    assert out.dtype == dtype and out.shape == (n, hidden + mv.shape[1])
+    ref = moe_pack_rows_reference(x, token, mv)
+    bits = {4: torch.int32, 2: torch.int16}[x.element_size()]
+    assert torch.equal(out.view(bits), ref.view(bits))
+    assert torch.equal(out[:, :hidden].view(bits), x.view(bits)[token])
+    back = out[:, hidden:].contiguous().view(torch.float32)
+    assert torch.equal(back.view(torch.int32), meta.view(torch.int32))  # NaNs included, bit for bit
+
+
+def test_moe_pack_rows_rejects_mismatched_metadata(device):
+    x, token, meta, _ = _pack_case(4, 3, 8, 2, torch.bfloat16, device)
+    with pytest.raises(ValueError, match="element"):
+        moe_pack_rows(x, token, meta)  # float32 metadata beside bf16 rows: must be viewed first
+    with pytest.raises(ValueError, match="token"):
+        moe_pack_rows(x, token.float(), meta.view(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@CUDA
+def test_moe_pack_rows_gpu():
+    x, token, meta, mv = _pack_case(16384, 32768, 4096, 8, torch.bfloat16, "cuda")
+    assert torch.equal(moe_pack_rows(x, token, mv).view(torch.int16),
+                       moe_pack_rows_reference(x, token, mv).view(torch.int16))
