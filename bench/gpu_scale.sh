@@ -27,9 +27,9 @@ for part in ${parts//,/ }; do
             --duration "${DURATION:-60}" --apply-at 10 --out "$out/scale_out" >"$out/scale_out.txt" 2>"$out/scale_out.err"
         echo "rc=$?"; cat "$out/scale_out.txt"; quiet "$out/scale_out.err" | tail -8 ;;
     disagg)
-        timeout "${DISAGG_S:-420}" python3 bench/disagg.py --model "$model" --dummy-weights \
-            --setups 1p1d,2p2d,colocated4 --mix summarize --rates "${RATES:-8,12,16,24}" --num-requests 48 \
-            --probe-n 3 --slo-ttft-ms 2000 --slo-tpot-ms 10 --out "$out/disagg" >"$out/disagg.txt" 2>"$out/disagg.err"
+        timeout "${DISAGG_S:-520}" python3 bench/disagg.py --model "$model" --dummy-weights \
+            --setups 1p1d,2p2d,colocated4 --mix summarize --rates "${RATES:-8,16,24,32}" \
+            --num-requests "${NUM_REQUESTS:-160}" --probe-n 3 --slo-ttft-ms 2000 --slo-tpot-ms 10 --out "$out/disagg" >"$out/disagg.txt" 2>"$out/disagg.err"
         echo "rc=$?"; cat "$out/disagg.txt"; quiet "$out/disagg.err" | tail -8 ;;
     *) echo "unknown part $part (tests, moe, apply, disagg)"; exit 2 ;;
     esac

@@ -11,7 +11,8 @@ shape of Qwen3-235B's MoE layer by default: hidden 4096, 128 experts, top-8, exp
   bytes off one GPU / time.
 - a2a: a plain `all_to_all_single` moving the same bytes off each GPU (nothing to itself).
 - dispatch: `MoEBlock._dispatch` (count exchange, host sync, row packing + one uneven
-  all-to-all of rows with their metadata); GB/s = bytes sent to other GPUs / time.
+  all-to-all of rows with their metadata); GB/s = bytes sent to other GPUs / time. The
+  JSON lines also time its parts alone (count exchange, packing, the rows' all-to-all).
 - combine: `MoEBlock._combine` (the reverse all-to-all) + the sum in token order.
 - layer: the whole `MoEBlock.forward` (route, dispatch, grouped GEMM experts, combine),
   EP=N on all GPUs at once (N*T tokens in all); with N > 2 also EP=2 on GPUs 0-1; EP=1: one
@@ -53,6 +54,8 @@ def _args(argv=None):
     p.add_argument("--expert-width", type=int, default=1536, help="moe_intermediate_size")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", default=None, help="also write the JSON lines to this file")
+    p.add_argument("--profile", default=None, help="write a profiler table of the dispatch at the "
+                   "largest size to PREFIX.rankN.txt (and rank 0's trace to PREFIX.rank0.json)")
     p.add_argument("--ranks", type=int, default=2, help="EP size: processes, one GPU each (>= 2)")
     p.add_argument("--port", type=int, default=29561)
     p.add_argument("--cpu", action="store_true", help="smoke-test the script on CPU (gloo, fp32, no Triton)")
@@ -176,6 +179,9 @@ def _measure(a, rank: int, t: int, blocks: dict, out: list) -> None:
         rec["p2p_s"] = _time(_p2p(cross, rank, n), a.iters)
         rec["a2a_s"] = _time(_a2a(cross // row_bytes, row_bytes // 2, rank, n), a.iters)
         rec["dispatch_s"] = _time(lambda: epn._dispatch(x, token, meta, counts, ops), a.iters)
+        rec.update(_dispatch_parts(a, epn, x, token, meta, counts, splits, ops))
+        if a.profile and t == max(int(v) for v in a.tokens.split(",")):
+            _profile(a, rank, lambda: epn._dispatch(x, token, meta, counts, ops))
         rec["combine_s"] = _time(combine, a.iters)
         rec[f"layer_ep{n}_s"] = _time(layer(n), a.iters)
         if n > 2:  # EP=2 on GPUs 0-1; the others wait at each iteration's barrier
@@ -191,6 +197,54 @@ def _measure(a, rank: int, t: int, blocks: dict, out: list) -> None:
             rec[f"{key}_GBps"] = cross / rec[f"{key}_s"] / 1e9
         rec["combine_GBps"] = cross_back / rec["combine_s"] / 1e9
         out.append(rec)
+
+
+def _dispatch_parts(a, block, x, token, meta, counts, splits, ops) -> dict:
+    """The dispatch's pieces timed alone: the count exchange with its host sync, packing all
+    the rows, and the all-to-all of the rows for other ranks with the real split sizes."""
+    import torch.distributed as dist
+
+    from engine.moe import _without
+
+    g, me = block.ep.group, block.ep.rank
+
+    def count_exchange():
+        got = torch.empty_like(counts)
+        dist.all_to_all_single(got, counts, group=g)
+        got.tolist()
+
+    def pack():
+        mv = meta.view(x.dtype)
+        if ops is None:
+            return torch.cat([x.index_select(0, token), mv], dim=1)
+        from kernels.moe import moe_pack_rows
+
+        return moe_pack_rows(x, token, mv)
+
+    packed = pack()
+    send, recv = splits
+    own = send[me]
+    got = packed.new_empty(sum(recv) - own, packed.shape[1])
+    packed = packed[: len(token) - own]
+    return {"dispatch_count_exchange_s": _time(count_exchange, a.iters),
+            "dispatch_pack_s": _time(pack, a.iters),
+            "dispatch_rows_a2a_s": _time(lambda: dist.all_to_all_single(
+                got, packed, _without(recv, me), _without(send, me), group=g), a.iters)}
+
+
+def _profile(a, rank: int, fn) -> None:
+    """A torch.profiler table of fn (5 calls) from each rank, to --profile's file + rank."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([] if a.cpu else [ProfilerActivity.CUDA])
+    with profile(activities=acts) as prof:
+        for _ in range(5):
+            fn()
+        _sync()
+    sort = "cpu_time_total" if a.cpu else "cuda_time_total"
+    Path(f"{a.profile}.rank{rank}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=25))
+    if rank == 0:
+        prof.export_chrome_trace(f"{a.profile}.rank0.json")
 
 
 def _rank_main(rank: int, a, result_path: str) -> None:
