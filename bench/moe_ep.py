@@ -200,13 +200,11 @@ def _measure(a, rank: int, t: int, blocks: dict, out: list) -> None:
 
 
 def _dispatch_parts(a, block, x, token, meta, counts, splits, ops) -> dict:
-    """The dispatch's pieces timed alone: the count exchange with its host sync, packing all
-    the rows, and the all-to-all of the rows for other ranks with the real split sizes."""
+    """The dispatch's pieces timed alone: the count exchange with its host sync, the row
+    packing, and the rows' all-to-all with the real split sizes."""
     import torch.distributed as dist
 
-    from engine.moe import _without
-
-    g, me = block.ep.group, block.ep.rank
+    g = block.ep.group
 
     def count_exchange():
         got = torch.empty_like(counts)
@@ -223,13 +221,11 @@ def _dispatch_parts(a, block, x, token, meta, counts, splits, ops) -> dict:
 
     packed = pack()
     send, recv = splits
-    own = send[me]
-    got = packed.new_empty(sum(recv) - own, packed.shape[1])
-    packed = packed[: len(token) - own]
+    got = packed.new_empty(sum(recv), packed.shape[1])
     return {"dispatch_count_exchange_s": _time(count_exchange, a.iters),
             "dispatch_pack_s": _time(pack, a.iters),
-            "dispatch_rows_a2a_s": _time(lambda: dist.all_to_all_single(
-                got, packed, _without(recv, me), _without(send, me), group=g), a.iters)}
+            "dispatch_rows_a2a_s": _time(lambda: dist.all_to_all_single(got, packed, recv, send, group=g),
+                                         a.iters)}
 
 
 def _profile(a, rank: int, fn) -> None:

@@ -176,17 +176,14 @@ class MoEBlock(nn.Module):
         """-> (destination rank [N] and token [N] of each row to send, its metadata [N, 2k],
         rows per destination rank [R]).
 
-        Rows go rank-major, the other ranks in order and this rank's own rows last (the
-        all-to-all sends a prefix), tokens ascending within a rank. Metadata: k local expert
-        ids (-1 where the slot's expert is on another rank), then the k weights (0 there).
+        Rows go rank-major, tokens ascending within a rank. Metadata: k local expert ids
+        (-1 where the slot's expert is on another rank), then the k weights (0 there).
         """
         owner, local = self._table(ids.device)
-        t, size, me = ids.shape[0], self.ep.size, self.ep.rank
+        t, size = ids.shape[0], self.ep.size
         dest = owner[ids]  # [T, k]
         hit = torch.zeros(t, size, dtype=torch.bool, device=ids.device).scatter_(1, dest, True)  # [T, R]
-        order = [r for r in range(size) if r != me] + [me]
-        col, token = hit[:, order].t().nonzero(as_tuple=True)  # [N]
-        rank = torch.tensor(order, device=ids.device)[col]
+        rank, token = hit.t().nonzero(as_tuple=True)  # [N]
         mine = dest[token] == rank[:, None]  # [N, k]
         lid = torch.where(mine, local[ids[token]], -1)
         w = torch.where(mine, weights[token], 0.0)
@@ -194,59 +191,38 @@ class MoEBlock(nn.Module):
         return rank, token, meta, hit.sum(0)
 
     def _dispatch(self, x, token, meta, send_counts, ops=None):
-        """Each row (a token for one rank, see _plan) to its rank, with its metadata.
-
-        -> (rows [M, hidden], their metadata [M, 2k], (send, recv) row counts per rank); the
-        M rows are this rank's own first, then the other ranks' in rank order.
-        """
         if self.ep.size == 1:
             return x, meta, None  # one row per token, in order: no gather needed
         import torch.distributed as dist
 
-        g, h, me, n = self.ep.group, x.shape[1], self.ep.rank, len(token)
+        g, h = self.ep.group, x.shape[1]
         recv_counts = torch.empty_like(send_counts)
         counted = dist.all_to_all_single(recv_counts, send_counts, group=g, async_op=True)
-        # Pack the rows for the other ranks while the counts travel; the metadata bytes ride
-        # as extra columns of the rows (one collective instead of two). This rank's own rows
-        # (the last ones) are packed straight into the receive buffer while the rest travel.
+        # pack the send rows while the counts travel. The metadata bytes ride as extra
+        # columns of the rows: one collective instead of two.
         mv = meta.view(x.dtype)
-        kernels = _use_triton(ops, x)
-        if kernels:
+        if _use_triton(ops, x):
             from kernels.moe import moe_pack_rows
 
-            peers = (n - send_counts[me]).reshape(1)  # rows for other ranks, on the device
-            packed = moe_pack_rows(x, token, mv, limit=peers)
+            packed = moe_pack_rows(x, token, mv)  # [N, hidden + meta], one pass
         else:
             packed = torch.cat([x.index_select(0, token), mv], dim=1)
         counted.wait()
         both = torch.cat([send_counts, recv_counts]).tolist()  # the one host sync of the layer
         send, recv = both[: self.ep.size], both[self.ep.size:]
-        own = send[me]
-        got = packed.new_empty(sum(recv), packed.shape[1])  # [own rows | the others', rank order]
-        out_split, in_split = _without(recv, me), _without(send, me)
-        work = dist.all_to_all_single(got[own:], packed[: n - own], out_split, in_split, group=g, async_op=True)
-        if kernels:
-            moe_pack_rows(x, token[n - own:], mv[n - own:], out=got[:own])
-        else:
-            got[:own] = packed[n - own:]
-        work.wait()
+        got = packed.new_empty(sum(recv), packed.shape[1])
+        dist.all_to_all_single(got, packed, recv, send, group=g)
         return got[:, :h], got[:, h:].contiguous().view(meta.dtype), (send, recv)
 
     def _combine(self, partial, splits, x, rank, token, ops=None):
-        """Partial sums [M, hidden] (rows as _dispatch returned them) back to their ranks,
-        then each token's summed -> [T, hidden]."""
+        """Partial sums [M, hidden] back to their ranks, then each token's summed -> [T, hidden]."""
         if splits is None:
             return partial  # one rank: one row per token, in order
         import torch.distributed as dist
 
         send, recv = splits
-        me, own = self.ep.rank, send[self.ep.rank]
-        n = sum(send)
-        back = partial.new_empty(n, partial.shape[1])  # [N, hidden] in send order: own rows last
-        work = dist.all_to_all_single(back[: n - own], partial[own:], _without(send, me), _without(recv, me),
-                                      group=self.ep.group, async_op=True)
-        back[n - own:] = partial[:own]
-        work.wait()
+        back = partial.new_empty(sum(send), partial.shape[1])  # [N, hidden], one row per (token, rank)
+        dist.all_to_all_single(back, partial, send, recv, group=self.ep.group)
         if _use_triton(ops, x):
             from kernels.moe import moe_gather_sum
 
@@ -324,11 +300,6 @@ class MoEBlock(nn.Module):
     def expert_rows(self, full: torch.Tensor) -> torch.Tensor:
         """A tensor with one entry per expert [E, ...] -> this rank's entries [L, ...]."""
         return full[self.local_experts]
-
-
-def _without(counts: list[int], rank: int) -> list[int]:
-    """Split sizes with this rank's own entry zeroed: its rows do not go through the collective."""
-    return [0 if r == rank else c for r, c in enumerate(counts)]
 
 
 def _use_triton(ops, x: torch.Tensor) -> bool:

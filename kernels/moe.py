@@ -203,55 +203,52 @@ def _moe_pack_rows_kernel(
     token_ptr,
     meta_ptr,
     out_ptr,
-    limit_ptr,
     x_row_stride,
     hidden,
     meta_cols,
-    HAS_LIMIT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     width = hidden + meta_cols
-    end = width
-    if HAS_LIMIT:  # rows from limit on are left alone (their count is known only on the device)
-        end = tl.where(row < tl.load(limit_ptr).to(tl.int64), width, 0)
-    live = cols < end
     src = tl.load(token_ptr + row).to(tl.int64)
-    in_x = live & (cols < hidden)
-    in_meta = live & (cols >= hidden)
+    in_x = cols < hidden
+    in_meta = (cols >= hidden) & (cols < width)
     a = tl.load(x_ptr + src * x_row_stride + cols, mask=in_x, other=0)
     b = tl.load(meta_ptr + row * meta_cols + (cols - hidden), mask=in_meta, other=0)
-    tl.store(out_ptr + row * width + cols, tl.where(in_x, a, b), mask=live)
+    tl.store(out_ptr + row * width + cols, tl.where(in_x, a, b), mask=cols < width)
 
 
-@torch.library.custom_op("miniinfer::moe_pack_rows", mutates_args=("out",))
-def _moe_pack_rows_op(x: torch.Tensor, token: torch.Tensor, meta: torch.Tensor, out: torch.Tensor,
-                      limit: torch.Tensor | None) -> None:
+@torch.library.custom_op("miniinfer::moe_pack_rows", mutates_args=())
+def _moe_pack_rows_op(x: torch.Tensor, token: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     n, hidden, cols = token.shape[0], x.shape[1], meta.shape[1]
+    out = x.new_empty((n, hidden + cols))
     if n == 0 or hidden + cols == 0:
-        return
+        return out
     bits = _SAME_SIZE_INT[x.element_size()]  # moved as integers: metadata bits pass unchanged
     block = min(triton.next_power_of_2(hidden + cols), 1024)
     with device_guard(x):
         _moe_pack_rows_kernel[(n, triton.cdiv(hidden + cols, block))](
-            x.view(bits), token, meta.view(bits), out.view(bits), limit if limit is not None else token,
-            x.stride(0), hidden, cols, HAS_LIMIT=limit is not None, BLOCK=block, num_warps=4,
+            x.view(bits), token, meta.view(bits), out.view(bits), x.stride(0), hidden, cols,
+            BLOCK=block, num_warps=4,
         )
+    return out
 
 
-def moe_pack_rows(x: torch.Tensor, token: torch.Tensor, meta: torch.Tensor, out: torch.Tensor | None = None,
-                  limit: torch.Tensor | None = None) -> torch.Tensor:
+@_moe_pack_rows_op.register_fake
+def _(x, token, meta):
+    return x.new_empty((token.shape[0], x.shape[1] + meta.shape[1]))
+
+
+def moe_pack_rows(x: torch.Tensor, token: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     """x [T, H], token [N] row of x, meta [N, M] (same element size as x) -> [N, H + M].
 
     Row i is x[token[i]] followed by meta[i], bits copied: the dispatch's send buffer
-    (token rows with their expert ids and weights as extra columns) in one pass. out: a
-    contiguous [N, H + M] destination (else a new tensor); limit: a one-element int tensor
-    on the device, rows i >= limit[0] are not written (a count not yet known on the host).
+    (token rows with their expert ids and weights as extra columns) in one pass.
     """
     name = "moe_pack_rows"
-    check_launchable(name, x, token, meta, *[t for t in (out, limit) if t is not None])
-    check_index(name, token=token, **({} if limit is None else {"limit": limit}))
+    check_launchable(name, x, token, meta)
+    check_index(name, token=token)
     check_last_dim_contiguous(name, x=x)
     if x.dim() != 2 or token.dim() != 1 or meta.dim() != 2 or meta.shape[0] != token.shape[0]:
         raise ValueError(f"{name}: need x [T, H], token [N], meta [N, M]; got {tuple(x.shape)}, "
@@ -259,15 +256,7 @@ def moe_pack_rows(x: torch.Tensor, token: torch.Tensor, meta: torch.Tensor, out:
     if meta.element_size() != x.element_size() or not meta.is_contiguous() or not token.is_contiguous():
         raise ValueError(f"{name}: token and meta must be contiguous and meta's elements as wide as x's "
                          f"({x.element_size()} bytes); view the metadata as {x.dtype}")
-    shape = (token.shape[0], x.shape[1] + meta.shape[1])
-    if out is None:
-        out = x.new_empty(shape)
-    elif out.shape != shape or out.dtype != x.dtype or not out.is_contiguous():
-        raise ValueError(f"{name}: out must be contiguous {x.dtype} {shape}, got {out.dtype} {tuple(out.shape)}")
-    if limit is not None and limit.numel() != 1:
-        raise ValueError(f"{name}: limit must hold one count, got shape {tuple(limit.shape)}")
-    _moe_pack_rows_op(x, token, meta, out, limit)
-    return out
+    return _moe_pack_rows_op(x, token, meta)
 
 
 def moe_pack_rows_reference(x: torch.Tensor, token: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:

@@ -126,18 +126,6 @@ def test_moe_pack_rows_copies_rows_and_metadata_bits(t, n, hidden, k, dtype, dev
     assert torch.equal(back.view(torch.int32), meta.view(torch.int32))  # NaNs included, bit for bit
 
 
-def test_moe_pack_rows_into_out_up_to_a_device_limit(device):
-    x, token, meta, mv = _pack_case(6, 10, 40, 2, torch.bfloat16, device)
-    out = torch.full((10, 40 + mv.shape[1]), 7.0, dtype=torch.bfloat16, device=device)
-    limit = torch.tensor([4], device=device)  # rows 4.. stay as they were
-    assert moe_pack_rows(x, token, mv, out=out, limit=limit) is out
-    ref = moe_pack_rows_reference(x, token, mv)
-    assert torch.equal(out[:4].view(torch.int16), ref[:4].view(torch.int16))
-    assert (out[4:] == 7.0).all()
-    with pytest.raises(ValueError, match="out must be"):
-        moe_pack_rows(x, token, mv, out=out[:, :8])
-
-
 def test_moe_pack_rows_rejects_mismatched_metadata(device):
     x, token, meta, _ = _pack_case(4, 3, 8, 2, torch.bfloat16, device)
     with pytest.raises(ValueError, match="element"):
