@@ -137,8 +137,12 @@ def cmd_status(args) -> int:
     for pool in st.pools:
         for w in pool.workers:
             state = pb.WorkerState.Name(w.state).removeprefix("WORKER_STATE_")
+            moe = ""
+            if w.expert_load:
+                moe = f"  experts: imbalance {w.expert_imbalance:.2f} over {len(w.expert_load)} layers"
+                moe += f", EP rank {w.ep_rank}/{w.ep_size}" if w.ep_size else ""
             print(f"{pool.name:8} {w.worker_id:8} {state:10} {w.pages_used:>8}/{w.pages_total:<8} "
-                  f"{w.running:>8} {w.waiting:>8}")
+                  f"{w.running:>8} {w.waiting:>8}{moe}")
     for pool in st.pools:
         a = pool.autoscale
         line = f"{pool.name}: desired {pool.desired_replicas}"

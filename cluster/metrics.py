@@ -47,8 +47,10 @@ class WorkerCollector:
                                    labels=["worker"])
         latency = SummaryMetricFamily("miniinfer_kv_transfer_seconds", "KV push latency (prefill side)",
                                       labels=["worker"])
-        experts = GaugeMetricFamily("miniinfer_moe_expert_load", "tokens routed to each expert, last window",
+        experts = GaugeMetricFamily("miniinfer_moe_expert_load", "tokens routed to each expert since the worker started",
                                     labels=["worker", "layer", "expert"])
+        skew = GaugeMetricFamily("miniinfer_moe_expert_imbalance",
+                                 "max/mean tokens per expert, worst MoE layer (1 = even)", labels=["worker"])
         for w in workers:
             s, lab = w.status, [w.role, w.worker_id]
             g["worker_ready"].add_metric(lab, 1.0 if w.ready else 0.0)
@@ -63,8 +65,10 @@ class WorkerCollector:
                 sent.add_metric([w.worker_id], s.get("transfer_bytes", 0))
                 latency.add_metric([w.worker_id], s.get("transfers_ok", 0), s.get("transfer_seconds", 0.0))
             self._experts(experts, w.worker_id, s.get("expert_load"))
+            if "expert_imbalance" in s:
+                skew.add_metric([w.worker_id], float(s["expert_imbalance"]))
         yield from g.values()
-        yield from (steps, failures, sent, latency, experts)
+        yield from (steps, failures, sent, latency, experts, skew)
         yield from self._pools(workers)
 
     @staticmethod

@@ -482,7 +482,9 @@ class MiniInferService(pb_grpc.MiniInferServicer):
                                  pages_total=s.get("pages_total", 0), pages_free=s.get("pages_free", 0),
                                  pages_used=s.get("pages_used", 0), running=s.get("running", 0),
                                  waiting=s.get("waiting", 0), warmup_s=w.info.get("ready_s", 0.0),
-                                 num_devices=1)
+                                 num_devices=1, expert_imbalance=s.get("expert_imbalance", 0.0),
+                                 ep_rank=s.get("ep_rank", 0), ep_size=s.get("ep_size", 0),
+                                 expert_load=[pb.ExpertLoad(tokens=row) for row in s.get("expert_load", [])])
         if r.controller is not None:
             r.controller.fill_status(out)
         return out

@@ -9,6 +9,8 @@ the ranks report must add up to exactly the decode tokens they ran.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import subprocess
+import sys
 import time
 
 import pytest
@@ -99,6 +101,21 @@ def test_two_rank_ep_group_matches_hf(moe_cluster, moe_dir):
     assert all(s["expert_imbalance"] >= 1.0 for s in status)
     assert status[0]["steps"] == status[1]["steps"]  # lockstep: the same number of model calls
     _check_gauge(c, [layers[0] for layers in per_rank])
+    # the same figures through the public API (GetClusterStatus), per decode worker
+    api = {w.worker_id: w for p in c.status().pools if p.name == "decode" for w in p.workers}
+    for wid, s in zip(sorted(api), status):
+        w = api[wid]
+        assert [list(layer.tokens) for layer in w.expert_load] == s["expert_load"]
+        assert w.expert_imbalance == pytest.approx(s["expert_imbalance"]) and w.expert_imbalance >= 1.0
+        assert (w.ep_rank, w.ep_size) == (s["ep_rank"], 2)
+    prefill = [w for p in c.status().pools if p.name == "prefill" for w in p.workers]
+    assert all(len(w.expert_load) == 2 and w.ep_size == 0 for w in prefill)
+    out = subprocess.run([sys.executable, "-m", "cluster.cli", "status", "--address", c.address],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = {line.split()[1]: line for line in out.stdout.splitlines() if line.startswith(("decode", "prefill"))}
+    assert "experts: imbalance" in lines["p0"] and "EP rank" not in lines["p0"]
+    assert "EP rank 0/2" in lines["d0"] and "EP rank 1/2" in lines["d1"]
 
 
 def _check_gauge(c, layer0_per_rank: list[int], timeout_s: float = 10.0) -> None:
@@ -112,10 +129,14 @@ def _check_gauge(c, layer0_per_rank: list[int], timeout_s: float = 10.0) -> None
         got = [sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith("miniinfer_moe_expert_load{") and f'worker="d{r}"' in line
                    and 'layer="0"' in line) for r in range(2)]
+        skew = [line for line in text.splitlines() if line.startswith("miniinfer_moe_expert_imbalance{")]
         if got == layer0_per_rank or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert got == layer0_per_rank
+    # one series per worker: the prefill worker runs the MoE layers too (all experts, no EP)
+    assert sorted(line.split('"')[1] for line in skew) == ["d0", "d1", "p0"]
+    assert all(float(line.rsplit(" ", 1)[1]) >= 1.0 for line in skew)
 
 
 def test_a_dead_rank_takes_its_group_down_and_a_new_group_serves(moe_cluster, moe_dir):

@@ -182,7 +182,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "state", "address", "pages_total", "pages_free", "pages_used", "running", "waiting", "warmup_s", "num_devices")
+    __slots__ = ("worker_id", "state", "address", "pages_total", "pages_free", "pages_used", "running", "waiting", "warmup_s", "num_devices", "expert_load", "expert_imbalance", "ep_rank", "ep_size")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -193,6 +193,10 @@ class WorkerStatus(_message.Message):
     WAITING_FIELD_NUMBER: _ClassVar[int]
     WARMUP_S_FIELD_NUMBER: _ClassVar[int]
     NUM_DEVICES_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_LOAD_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_IMBALANCE_FIELD_NUMBER: _ClassVar[int]
+    EP_RANK_FIELD_NUMBER: _ClassVar[int]
+    EP_SIZE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     state: WorkerState
     address: str
@@ -203,7 +207,17 @@ class WorkerStatus(_message.Message):
     waiting: int
     warmup_s: float
     num_devices: int
-    def __init__(self, worker_id: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., address: _Optional[str] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_used: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., warmup_s: _Optional[float] = ..., num_devices: _Optional[int] = ...) -> None: ...
+    expert_load: _containers.RepeatedCompositeFieldContainer[ExpertLoad]
+    expert_imbalance: float
+    ep_rank: int
+    ep_size: int
+    def __init__(self, worker_id: _Optional[str] = ..., state: _Optional[_Union[WorkerState, str]] = ..., address: _Optional[str] = ..., pages_total: _Optional[int] = ..., pages_free: _Optional[int] = ..., pages_used: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., warmup_s: _Optional[float] = ..., num_devices: _Optional[int] = ..., expert_load: _Optional[_Iterable[_Union[ExpertLoad, _Mapping]]] = ..., expert_imbalance: _Optional[float] = ..., ep_rank: _Optional[int] = ..., ep_size: _Optional[int] = ...) -> None: ...
+
+class ExpertLoad(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PoolStatus(_message.Message):
     __slots__ = ("name", "desired_replicas", "workers", "autoscale")
