@@ -130,6 +130,8 @@ class LLMEngine:
                     self.runner.spec.capture(self.runner.model, self.cache, self.backend, max_bs,
                                              self.max_model_len)
         torch.cuda.synchronize(self.device)
+        if self.model_config.is_moe:  # the warm-up's made-up tokens are not expert load
+            self.runner.model.expert_load(reset=True)
         seconds = time.perf_counter() - t0
         log.info("warm-up on %s (%s backend, cuda graphs %s) took %.2fs", self.device,
                  self.backend.name, self.runner.graphs is not None, seconds)
