@@ -35,12 +35,16 @@ def build_request(prompt: str | None = None, *, messages: list[dict] | None = No
     return req
 
 
-def open_channel(address: str, tls_ca: str | None = None) -> grpc.Channel:
-    """Plain channel, or TLS trusting the PEM file tls_ca."""
-    if tls_ca is None:
-        return grpc.insecure_channel(address)
-    with open(tls_ca, "rb") as f:
-        return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=f.read()))
+def credentials(token: str | None = None, tls_ca: str | None = None):
+    """-> (call metadata or None, channel credentials or None) for the router's api_token and
+    TLS CA file; each defaults to $MINIINFER_API_TOKEN / $MINIINFER_TLS_CA."""
+    token = os.environ.get("MINIINFER_API_TOKEN", "") if token is None else token
+    tls_ca = tls_ca or os.environ.get("MINIINFER_TLS_CA") or None
+    creds = None
+    if tls_ca is not None:
+        with open(tls_ca, "rb") as f:
+            creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+    return ((("authorization", f"Bearer {token}"),) if token else None), creds
 
 
 class Client:
@@ -50,10 +54,9 @@ class Client:
     tls_ca: PEM file to trust when the router serves TLS (default: $MINIINFER_TLS_CA)."""
 
     def __init__(self, address: str = "127.0.0.1:50051", token: str | None = None, tls_ca: str | None = None) -> None:
-        token = os.environ.get("MINIINFER_API_TOKEN", "") if token is None else token
-        self.channel = open_channel(address, tls_ca or os.environ.get("MINIINFER_TLS_CA") or None)
+        self.metadata, creds = credentials(token, tls_ca)
+        self.channel = grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)
         self.stub = pb_grpc.MiniInferStub(self.channel)
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     def generate(self, request: pb.GenerateRequest, timeout: float | None = 300.0) -> Iterator[pb.GenerateResponse]:
         return self.stub.Generate(request, timeout=timeout, metadata=self.metadata)

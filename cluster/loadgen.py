@@ -155,7 +155,7 @@ def max_rate_meeting(summaries: list[dict], attainment: float = 0.9) -> float | 
     return max(rates) if rates else None
 
 
-async def _one(stub, pb, spec: RequestSpec, start: float, timeout_s: float) -> RequestRecord:
+async def _one(stub, pb, spec: RequestSpec, start: float, timeout_s: float, metadata=None) -> RequestRecord:
     import grpc
 
     from cluster.client import build_request
@@ -167,7 +167,7 @@ async def _one(stub, pb, spec: RequestSpec, start: float, timeout_s: float) -> R
     rec.sent_s = t0 - start
     last = None
     try:
-        async for msg in stub.Generate(req, timeout=timeout_s):
+        async for msg in stub.Generate(req, timeout=timeout_s, metadata=metadata):
             now = time.perf_counter()
             n = len(msg.token_ids)
             if n:
@@ -189,15 +189,22 @@ async def _one(stub, pb, spec: RequestSpec, start: float, timeout_s: float) -> R
 
 
 async def run_rate(address: str, specs: list[RequestSpec], timeout_s: float,
-                   max_concurrency: int | None = None) -> tuple[list[RequestRecord], float]:
-    """Send `specs` at their arrival times; returns records and the run's duration."""
+                   max_concurrency: int | None = None, token: str | None = None,
+                   tls_ca: str | None = None) -> tuple[list[RequestRecord], float]:
+    """Send `specs` at their arrival times; returns records and the run's duration.
+
+    token / tls_ca: the router's api_token and TLS CA file (default: $MINIINFER_API_TOKEN,
+    $MINIINFER_TLS_CA), as for `miniinfer generate`."""
     import grpc
 
+    from cluster.client import credentials
     from protos.miniinfer.v1 import miniinfer_pb2 as pb
     from protos.miniinfer.v1 import miniinfer_pb2_grpc as pb_grpc
 
+    metadata, creds = credentials(token, tls_ca)
     sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
-    async with grpc.aio.insecure_channel(address) as channel:
+    channel = grpc.aio.secure_channel(address, creds) if creds else grpc.aio.insecure_channel(address)
+    async with channel:
         stub = pb_grpc.MiniInferStub(channel)
         start = time.perf_counter()
 
@@ -206,9 +213,9 @@ async def run_rate(address: str, specs: list[RequestSpec], timeout_s: float,
             if delay > 0:
                 await asyncio.sleep(delay)
             if sem is None:
-                return await _one(stub, pb, spec, start, timeout_s)
+                return await _one(stub, pb, spec, start, timeout_s, metadata)
             async with sem:
-                return await _one(stub, pb, spec, start, timeout_s)
+                return await _one(stub, pb, spec, start, timeout_s, metadata)
 
         records = await asyncio.gather(*(fire(s) for s in specs))
         return list(records), time.perf_counter() - start

@@ -76,6 +76,27 @@ def test_cli_status_sends_the_api_token_from_the_environment(monkeypatch, capsys
     _run_router(check, api_token=TOKEN)
 
 
+def _bench_statuses(addr: str, **kw) -> set[str]:
+    """Two requests from `miniinfer bench`'s load generator; -> the gRPC status names seen."""
+    from cluster import loadgen
+
+    specs = loadgen.make_workload(2, float("inf"), (4, 4), (2, 2), (1, 50), seed=0)
+    records, _ = asyncio.run(loadgen.run_rate(addr, specs, timeout_s=10, **kw))
+    return {r.status for r in records}
+
+
+def test_bench_load_generator_sends_the_api_token(monkeypatch):
+    def check(addr):
+        monkeypatch.delenv("MINIINFER_API_TOKEN", raising=False)
+        assert _bench_statuses(addr) == {"UNAUTHENTICATED"}
+        assert _bench_statuses(addr, token="wrong") == {"UNAUTHENTICATED"}
+        monkeypatch.setenv("MINIINFER_API_TOKEN", TOKEN)
+        # past the token check: this router has no workers, so admission refuses the requests
+        assert _bench_statuses(addr) == {"RESOURCE_EXHAUSTED"}
+
+    _run_router(check, api_token=TOKEN)
+
+
 def test_message_size_limit_is_resource_exhausted():
     def check(addr):
         with pytest.raises(grpc.RpcError) as e:
@@ -97,6 +118,10 @@ def test_tls(tmp_path):
         with pytest.raises(grpc.RpcError) as e:  # a plaintext client cannot talk to it
             Client(addr, token=TOKEN).status(timeout=3)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        # the bench's load generator reaches the router over TLS (which, with no workers,
+        # refuses admission), and fails the handshake without the CA
+        assert _bench_statuses(addr, token=TOKEN, tls_ca=str(cert)) == {"RESOURCE_EXHAUSTED"}
+        assert _bench_statuses(addr, token=TOKEN, tls_ca=None) == {"UNAVAILABLE"}
 
     _run_router(check, api_token=TOKEN, tls_cert=str(cert), tls_key=str(key))
 
