@@ -130,7 +130,7 @@ def rescore(results: list[dict], slo_ttft_s: float, slo_tpot_s: float) -> list[d
     return results
 
 
-def plot(out_dir: Path, results: list[dict]) -> None:
+def plot(out_dir: Path, results: list[dict], slo_ttft_s: float, slo_tpot_s: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,7 +150,7 @@ def plot(out_dir: Path, results: list[dict]) -> None:
         ax.legend()
     loadgen.save_figure(fig, out_dir / "disagg_goodput.png")
     for res in results:
-        loadgen.write_plots(out_dir, res["runs"], 0, 0, tag=f"_{res['setup']}", goodput=False)
+        loadgen.write_plots(out_dir, res["runs"], slo_ttft_s, slo_tpot_s, tag=f"_{res['setup']}", goodput=False)
 
 
 def main(argv=None) -> list[dict]:
@@ -206,7 +206,7 @@ def main(argv=None) -> list[dict]:
         (d / "disagg.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()},
                                                    "results": results}, indent=1, default=str))
         try:
-            plot(d, results)
+            plot(d, results, args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
         except ImportError:
             progress("matplotlib not installed: no plots")
     return results
