@@ -11,6 +11,7 @@ import torch
 from engine.backend import BACKENDS, select_backend
 from engine.errors import InvalidRequest
 from engine.kv_cache import KVCache, KVCacheSpec, resolve_kv_dtype
+from engine.layers import transpose_linears
 from engine.loader.registry import LoadedModel, load_model
 from engine.page_pool import PAGE_SIZE, PagePool
 from engine.request import FinishReason, Request, RequestOutput
@@ -97,6 +98,8 @@ class LLMEngine:
             num_spec_tokens=0 if config.spec_drafter == "none" else config.spec_k,
         )
         self.backend = select_backend(self.device, config.attention_backend)
+        if self.device.type == "cpu":  # batch-1 decode is GEMVs: the faster weight layout there
+            transpose_linears(loaded.model)
         self.runner = ModelRunner(loaded.model, self.cache, self.device, self.backend)
         self.runner.spec = build_spec_decoder(config, loaded.model, self.runner, kv_dtype, self.device,
                                               self.backend)
