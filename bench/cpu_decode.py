@@ -104,8 +104,9 @@ class Measurement:
 class OursRunner:
     name = "ours"
 
-    def __init__(self) -> None:
-        self.engine = LLMEngine.from_name(MODEL, EngineConfig(kv_dtype="auto"), quiet=True)
+    def __init__(self, transposed: bool = True) -> None:
+        cfg = EngineConfig(kv_dtype="auto", cpu_transposed_weights=transposed)
+        self.engine = LLMEngine.from_name(MODEL, cfg, quiet=True)
         self.model = self.engine.loaded.model
         self.tokenizer = self.engine.tokenizer
 
@@ -198,10 +199,17 @@ def copy_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of all parameters, each storage once (a tied embedding is read once per step)."""
+    """Bytes a decode step reads: every parameter storage once, but not the embedding table
+    when the LM head has its own copy (untied, or the CPU engine's transposed head): the
+    step only gathers a row of it. A tied, untransposed embedding is the head: counted once."""
     seen: dict[int, int] = {}
     for p in model.parameters():
         seen[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
+    embed, head = getattr(model, "embed", None), getattr(model, "lm_head", None)
+    if embed is not None and head is not None:
+        table = embed.weight.untyped_storage().data_ptr()
+        if head.weight.untyped_storage().data_ptr() != table:
+            seen.pop(table, None)
     return sum(seen.values())
 
 
@@ -259,6 +267,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="full-generate runs per row, best kept (prefill: at least 3)",
     )
     ap.add_argument("--skip-hf", action="store_true", help="measure our engine only")
+    ap.add_argument("--compare-layout", action="store_true",
+                    help="also run our engine with nn.Linear's [out, in] weights (the layout before "
+                         "CPULinear), in the same run")
     ap.add_argument("--json-out", default=None, help="also write the JSON lines to this file")
     args = ap.parse_args(argv)
     try:
@@ -280,6 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth = copy_bandwidth()
     out.emit(_record("bandwidth", copy_mb=256, gb_s=round(bandwidth / 1e9, 2)))
     ours, hf = _load_runners(args.skip_hf, out)
+    plain = None
+    if args.compare_layout:
+        progress(f"loading {MODEL} again, with the [out, in] weight layout")
+        plain = OursRunner(transposed=False)
+        plain.name = "ours-[out,in]"
     floor_ms = 1e3 * weight_bytes(ours.model) / bandwidth
     out.emit(
         _record(
@@ -297,10 +313,15 @@ def main(argv: list[str] | None = None) -> int:
         if hf is not None:
             ref, ref_tokens = measure(hf, batch_prompts, n, args.repeats)
             out.emit({**ref.record(), "vs_ours": token_agreement(mine_tokens, ref_tokens)})
-        rows.append(_row(mine, ref, floor_ms))
+        row = _row(mine, ref, floor_ms)
+        if plain is not None:
+            old, old_tokens = measure(plain, batch_prompts, n, args.repeats)
+            out.emit({**old.record(), "layout": "nn.Linear", "vs_ours": token_agreement(mine_tokens, old_tokens)})
+            row += [old.ms_per_step, f"{old.ms_per_step / mine.ms_per_step:.2f}x"]
+        rows.append(row)
     out.emit(_record("end", loadavg_1m=machine_info()["loadavg_1m"]))
     out.close()
-    _print_table(rows)
+    _print_table(rows, plain is not None)
     return 0
 
 
@@ -321,8 +342,10 @@ def _record(kind: str, **fields) -> dict:
     return {"bench": "cpu_decode", "kind": kind, **fields}
 
 
-def _print_table(rows: list[list]) -> None:
+def _print_table(rows: list[list], layouts: bool = False) -> None:
     headers = ["batch", "N", "ours tok/s", "HF tok/s", "ratio", "ours ms/step", "floor ms/step"]
+    if layouts:
+        headers += ["[out,in] ms/step", "layout speed-up"]
     print()
     print("decode tok/s = batch*(N-1)/(t_total - t_prefill); floor = weight bytes / copy bandwidth")
     print(format_table(headers, rows))

@@ -212,12 +212,7 @@ def _dispatch_parts(a, block, x, token, meta, counts, splits, ops) -> dict:
         got.tolist()
 
     def pack():
-        mv = meta.view(x.dtype)
-        if ops is None:
-            return torch.cat([x.index_select(0, token), mv], dim=1)
-        from kernels.moe import moe_pack_rows
-
-        return moe_pack_rows(x, token, mv)
+        return block._pack(x, token, meta, ops)
 
     packed = pack()
     send, recv = splits

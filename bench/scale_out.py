@@ -56,7 +56,7 @@ class Watch:
             for p in st.pools:
                 for w in p.workers:
                     key = f"{p.name}/{w.worker_id}"
-                    held = w.running + w.waiting + (1 if w.pages_used else 0)
+                    held = w.running + w.waiting
                     self.busiest[key] = max(self.busiest.get(key, 0), held)
 
     def close(self) -> dict[str, int]:
@@ -66,7 +66,8 @@ class Watch:
 
 
 def windows(records, t_apply: float, t_settled: float, end: float, args) -> list[tuple[str, dict]]:
-    """Records grouped by when they were sent, each group summarized over its window."""
+    """Records grouped by when they were sent, each group summarized over its window (the last
+    window runs to the last completion, so its req/s includes the drain after the last send)."""
     spans = [("before apply", 0.0, t_apply), ("while scaling", t_apply, t_settled), ("after (2P2D)", t_settled, end)]
     out = []
     for name, lo, hi in spans:
@@ -158,9 +159,11 @@ def main(argv=None) -> int:
         cluster.close()
         disagg._shutdown_ray()
 
-    print(f"apply at t={result['t_apply_s']:.1f}s, settled (CLI returned {result['apply_rc']}) at "
-          f"t={result['t_settled_s']:.1f}s; {result['requests']} requests, {result['failed']} failed")
-    print("worker warm-up (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["warmup_s"].items()))
+    print(f"apply at t={result['t_apply_s']:.1f}s; the CLI (apply --wait) returned {result['apply_rc']} at "
+          f"t={result['t_settled_s']:.1f}s (its start-up and 0.5 s polls included); "
+          f"{result['requests']} requests, {result['failed']} failed")
+    print("worker start-up inside the actor, s (model + warm-up; the controller's events below also "
+          "count the actor's creation): " + ", ".join(f"{k} {v:.1f}" for k, v in result["warmup_s"].items()))
     print("engine steps: " + ", ".join(f"{k} {v}" for k, v in sorted(result["steps"].items())))
     print("most requests held at once: " + ", ".join(f"{k} {v}" for k, v in sorted(result["busiest"].items())))
     table = loadgen.format_table([s for _, s in parts]).splitlines()

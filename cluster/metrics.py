@@ -50,7 +50,7 @@ class WorkerCollector:
         experts = GaugeMetricFamily("miniinfer_moe_expert_load", "tokens routed to each expert since the worker started",
                                     labels=["worker", "layer", "expert"])
         skew = GaugeMetricFamily("miniinfer_moe_expert_imbalance",
-                                 "max/mean tokens per expert, worst MoE layer (1 = even)", labels=["worker"])
+                                 "max/mean tokens per expert, worst MoE layer (1 = even, 0 = no tokens yet)", labels=["worker"])
         for w in workers:
             s, lab = w.status, [w.role, w.worker_id]
             g["worker_ready"].add_metric(lab, 1.0 if w.ready else 0.0)

@@ -100,13 +100,17 @@ class CPULinear(nn.Module):
 
 
 def transpose_linears(model: nn.Module) -> int:
-    """Swap every `nn.Linear` in model for a `CPULinear` (idempotent); -> how many were swapped.
-    A tied LM head gets its own transposed copy; the embedding keeps its rows."""
-    swaps = [(parent, name, child) for parent in model.modules()
+    """Swap every `nn.Linear` in model for a `CPULinear`, in place (idempotent); -> how many.
+
+    Each old weight is released as soon as its copy exists, so the peak is one layer over.
+    A tied LM head gets its own transposed copy; the embedding keeps its rows. Afterwards
+    the model's parameters are named `*.w_t` ([in, out]): load weights before, not after.
+    """
+    slots = [(parent, name) for parent in model.modules()
              for name, child in parent.named_children() if isinstance(child, nn.Linear)]
-    for parent, name, child in swaps:
-        setattr(parent, name, CPULinear(child))
-    return len(swaps)
+    for parent, name in slots:
+        setattr(parent, name, CPULinear(getattr(parent, name)))
+    return len(slots)
 
 
 class LayerOps:

@@ -35,6 +35,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | torch | triton
     cuda_graphs: bool = True  # on CUDA, replay decode steps from CUDA graphs captured at start
     max_graph_batch_size: int = 256  # largest captured decode batch (capped by max_num_seqs)
+    cpu_transposed_weights: bool = True  # on CPU, linear weights kept [in, out] (engine.layers.CPULinear)
     # speculative decoding (engine/spec/): off unless spec_drafter is "ngram" or "draft"
     spec_drafter: str = "none"  # none | ngram (prompt lookup) | draft (a small draft model)
     spec_k: int = 4  # tokens drafted and verified per decode step
@@ -98,8 +99,8 @@ class LLMEngine:
             num_spec_tokens=0 if config.spec_drafter == "none" else config.spec_k,
         )
         self.backend = select_backend(self.device, config.attention_backend)
-        if self.device.type == "cpu":  # batch-1 decode is GEMVs: the faster weight layout there
-            transpose_linears(loaded.model)
+        if self.device.type == "cpu" and config.cpu_transposed_weights:  # batch-1 decode is GEMVs:
+            transpose_linears(loaded.model)  # the faster weight layout there (in place)
         self.runner = ModelRunner(loaded.model, self.cache, self.device, self.backend)
         self.runner.spec = build_spec_decoder(config, loaded.model, self.runner, kv_dtype, self.device,
                                               self.backend)

@@ -198,21 +198,24 @@ class MoEBlock(nn.Module):
         g, h = self.ep.group, x.shape[1]
         recv_counts = torch.empty_like(send_counts)
         counted = dist.all_to_all_single(recv_counts, send_counts, group=g, async_op=True)
-        # pack the send rows while the counts travel. The metadata bytes ride as extra
-        # columns of the rows: one collective instead of two.
-        mv = meta.view(x.dtype)
-        if _use_triton(ops, x):
-            from kernels.moe import moe_pack_rows
-
-            packed = moe_pack_rows(x, token, mv)  # [N, hidden + meta], one pass
-        else:
-            packed = torch.cat([x.index_select(0, token), mv], dim=1)
+        packed = self._pack(x, token, meta, ops)  # while the counts travel
         counted.wait()
         both = torch.cat([send_counts, recv_counts]).tolist()  # the one host sync of the layer
         send, recv = both[: self.ep.size], both[self.ep.size:]
         got = packed.new_empty(sum(recv), packed.shape[1])
         dist.all_to_all_single(got, packed, recv, send, group=g)
         return got[:, :h], got[:, h:].contiguous().view(meta.dtype), (send, recv)
+
+    @staticmethod
+    def _pack(x, token, meta, ops=None) -> torch.Tensor:
+        """The rows to send, [N, hidden + meta]: x[token] with each row's metadata bytes as
+        extra columns, so rows and metadata travel in one collective instead of two."""
+        mv = meta.view(x.dtype)
+        if _use_triton(ops, x):
+            from kernels.moe import moe_pack_rows
+
+            return moe_pack_rows(x, token, mv)  # one pass
+        return torch.cat([x.index_select(0, token), mv], dim=1)
 
     def _combine(self, partial, splits, x, rank, token, ops=None):
         """Partial sums [M, hidden] back to their ranks, then each token's summed -> [T, hidden]."""

@@ -187,6 +187,10 @@ def build_spec_decoder(config, target, runner, kv_dtype: torch.dtype, device, ba
 
             dtype = next(target.parameters()).dtype
             draft = load_model(config.spec_draft_model, dtype=dtype, device=device, quiet=True).model
+            if torch.device(device).type == "cpu" and config.cpu_transposed_weights:
+                from engine.layers import transpose_linears
+
+                transpose_linears(draft)  # the target's CPU weight layout (engine/llm.py)
             if draft.cfg.vocab_size != target.cfg.vocab_size:
                 raise ValueError(
                     f"spec_draft_model: vocabulary {draft.cfg.vocab_size} differs from the target's "

@@ -86,6 +86,8 @@ def _bench_statuses(addr: str, **kw) -> set[str]:
 
 
 def test_bench_load_generator_sends_the_api_token(monkeypatch):
+    monkeypatch.delenv("MINIINFER_TLS_CA", raising=False)
+
     def check(addr):
         monkeypatch.delenv("MINIINFER_API_TOKEN", raising=False)
         assert _bench_statuses(addr) == {"UNAUTHENTICATED"}
@@ -107,7 +109,8 @@ def test_message_size_limit_is_resource_exhausted():
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-def test_tls(tmp_path):
+def test_tls(tmp_path, monkeypatch):
+    monkeypatch.delenv("MINIINFER_TLS_CA", raising=False)  # tls_ca=None below must mean plaintext
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
                     "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
