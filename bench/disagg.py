@@ -153,12 +153,22 @@ def plot(out_dir: Path, results: list[dict], slo_ttft_s: float, slo_tpot_s: floa
         loadgen.write_plots(out_dir, res["runs"], slo_ttft_s, slo_tpot_s, tag=f"_{res['setup']}", goodput=False)
 
 
-def main(argv=None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    """The options setup_config reads (model and pools), shared with bench/scale_out.py."""
     p.add_argument("--model", required=True, help="alias, .gguf or a folder with config.json + tokenizer")
     p.add_argument("--dummy-weights", action="store_true")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--kv-dtype", default="int8")
+    p.add_argument("--prefill-pages", type=int, default=16384)
+    p.add_argument("--decode-pages", type=int, default=32768)
+    p.add_argument("--max-batched-tokens", type=int, default=4096)
+    p.add_argument("--cpu-threads", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=300.0, help="per-request deadline, s")
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_cluster_args(p)
     p.add_argument("--setups", default="1p1d,colocated2")
     p.add_argument("--mix", default="summarize", choices=sorted(loadgen.MIXES))
     p.add_argument("--rates", default="2,4,8")
@@ -167,11 +177,6 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--slo-tpot-ms", type=float, default=30.0)
     p.add_argument("--probe-len", type=int, default=4096)
     p.add_argument("--probe-n", type=int, default=5)
-    p.add_argument("--prefill-pages", type=int, default=16384)
-    p.add_argument("--decode-pages", type=int, default=32768)
-    p.add_argument("--max-batched-tokens", type=int, default=4096)
-    p.add_argument("--cpu-threads", type=int, default=1)
-    p.add_argument("--timeout", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     p.add_argument("--verbose", action="store_true")

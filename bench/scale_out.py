@@ -79,10 +79,7 @@ def windows(records, t_apply: float, t_settled: float, end: float, args) -> list
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--dummy-weights", action="store_true")
-    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--kv-dtype", default="int8")
+    disagg.add_cluster_args(p)  # model and pools, as bench/disagg.py's setups use them
     p.add_argument("--mix", default="summarize", choices=sorted(loadgen.MIXES))
     p.add_argument("--rate", type=float, default=8.0, help="Poisson arrival rate, req/s")
     p.add_argument("--duration", type=float, default=90.0, help="seconds of arrivals")
@@ -90,11 +87,6 @@ def main(argv=None) -> int:
     p.add_argument("--settle-timeout", type=float, default=300.0)
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=20.0)
-    p.add_argument("--prefill-pages", type=int, default=16384)
-    p.add_argument("--decode-pages", type=int, default=32768)
-    p.add_argument("--max-batched-tokens", type=int, default=4096)
-    p.add_argument("--cpu-threads", type=int, default=1)
-    p.add_argument("--timeout", type=float, default=300.0, help="per-request deadline, s")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write scale_out.json (records, windows, events) here")
     p.add_argument("--verbose", action="store_true")

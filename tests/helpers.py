@@ -52,3 +52,19 @@ def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def save_tiny_qwen3_moe(path, base, top_k: int, **sizes):
+    """A random-weight HF Qwen3-MoE with `base`'s vocabulary and special tokens, saved to path
+    (beside the tokenizer files already there); -> the HF model, EOS off for fixed lengths."""
+    import transformers
+
+    torch.manual_seed(5)
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=base.vocab_size, num_hidden_layers=2, num_experts_per_tok=top_k, initializer_range=0.2,
+        max_position_embeddings=512, bos_token_id=base.bos_token_id, eos_token_id=list(base.eos_token_ids),
+        **sizes)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    hf.save_pretrained(path)
+    hf.generation_config.eos_token_id = None
+    return hf

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from tests.helpers import hf_greedy
+from tests.helpers import hf_greedy, save_tiny_qwen3_moe
 
 pytestmark = [
     pytest.mark.gpu,
@@ -31,7 +31,7 @@ TOP_K = 2
 
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from engine.loader.registry import load_tokenizer
 
     src = os.environ.get("MINIINFER_GPU_MODEL")
@@ -42,15 +42,8 @@ def moe_dir(tmp_path_factory):
         if name.startswith("tokenizer"):
             shutil.copy(os.path.join(src, name), path)
     tok, base = load_tokenizer(src)
-    torch.manual_seed(5)
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=base.vocab_size, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
-        num_experts_per_tok=TOP_K, initializer_range=0.2, max_position_embeddings=512,
-        bos_token_id=base.bos_token_id, eos_token_id=list(base.eos_token_ids))
-    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    hf.save_pretrained(path)
-    hf.generation_config.eos_token_id = None
+    hf = save_tiny_qwen3_moe(path, base, TOP_K, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8)
     return path, hf, tok
 
 

@@ -14,11 +14,10 @@ import sys
 import time
 
 import pytest
-import torch
 
 from cluster.config import ConfigError
 from cluster.controller import LiveChangeRefused, plan
-from tests.helpers import hf_greedy
+from tests.helpers import hf_greedy, save_tiny_qwen3_moe
 from tests.integration.conftest import make_config
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "List three colors:",
@@ -30,22 +29,15 @@ TOP_K = 2
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory):
     """Qwen3-MoE with random weights, SmolLM2's vocabulary and tokenizer (for the router)."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from engine.loader.export import export_model_dir
     from engine.loader.registry import load_tokenizer
 
     path = tmp_path_factory.mktemp("qwen3moe")
     export_model_dir("smollm2-135m", path)  # tokenizer files (its config.json is replaced below)
     tok, base = load_tokenizer("smollm2-135m")
-    torch.manual_seed(5)
-    cfg = transformers.Qwen3MoeConfig(
-        vocab_size=base.vocab_size, hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
-        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=6,
-        num_experts_per_tok=TOP_K, initializer_range=0.2, max_position_embeddings=512,
-        bos_token_id=base.bos_token_id, eos_token_id=list(base.eos_token_ids))
-    hf = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    hf.save_pretrained(path)
-    hf.generation_config.eos_token_id = None
+    hf = save_tiny_qwen3_moe(path, base, TOP_K, hidden_size=32, intermediate_size=64, moe_intermediate_size=24,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=6)
     return path, hf, tok
 
 
