@@ -95,6 +95,13 @@ class WorkerCollector:
             active = GaugeMetricFamily("miniinfer_active_requests", "requests admitted by the router")
             active.add_metric([], float(len(self.router.active)))
             yield active
+            retries = CounterMetricFamily("miniinfer_request_retries", "re-prefills after a lost leg")
+            retries.add_metric([], float(self.router.retries))
+            yield retries
+            orphans = CounterMetricFamily("miniinfer_orphan_legs_reaped",
+                                          "legs a worker ran with no request owning them, aborted by the router")
+            orphans.add_metric([], float(self.router.orphans_reaped))
+            yield orphans
 
 
 def pool_queue(workers, role: str) -> int:

@@ -10,6 +10,7 @@ failure: both legs are told, and the client gets a final status.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -94,6 +95,10 @@ class Router:
         self.retries = 0  # re-prefills after a lost leg (status, tests)
         self._pollers: dict[str, asyncio.Task] = {}
         self._bg: list[asyncio.Task] = []
+        self._stopped = False
+        self._aborts: set[asyncio.Task] = set()  # aborts sent from where no one could wait for them
+        self._orphans: dict[str, float] = {}  # leg id -> when its worker was last told to drop it
+        self.orphans_reaped = 0  # legs a worker ran that no request here owned (status, tests)
         self.health: health.aio.HealthServicer | None = None
         self.requests_total = 0
         self.controller = None  # cluster/controller.py: ApplyConfig and pool status (None: fixed pools)
@@ -107,9 +112,14 @@ class Router:
         self.ensure_pollers()
 
     async def stop(self) -> None:
-        for t in [*self._bg, *self._pollers.values()]:
+        # The flag, not only the cancel: before Python 3.12, asyncio.wait_for swallows a
+        # cancel that lands as its inner call completes, and a poller would then go on.
+        self._stopped = True
+        tasks = [*self._bg, *self._pollers.values()]
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._bg, *self._pollers.values(), return_exceptions=True)
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
 
     def ensure_pollers(self) -> None:
         for w in self.table.pool("decode"):
@@ -117,7 +127,7 @@ class Router:
                 self._pollers[w.worker_id] = asyncio.create_task(self._poll(w.worker_id))
 
     async def _refresh_loop(self) -> None:
-        while True:
+        while not self._stopped:
             await asyncio.sleep(self.config.status_interval_s)
             try:
                 await self.table.refresh()
@@ -153,7 +163,7 @@ class Router:
 
     async def _poll(self, worker_id: str) -> None:
         w = self.table.get(worker_id)
-        while w is not None and w.state != DEAD:
+        while w is not None and w.state != DEAD and not self._stopped:
             try:
                 items = await call(w.handle.poll.remote(self.config.poll_wait_s), self.config.call_timeout_s)
             except asyncio.CancelledError:
@@ -167,8 +177,26 @@ class Router:
                 a = self.legs.get(item["request_id"])
                 if a is not None and a.leg_id == item["request_id"]:  # stale attempts are dropped
                     a.queue.put_nowait(item)
+                elif a is None and not item.get("finished"):
+                    self._reap_orphan(w, item["request_id"])
             w = self.table.get(worker_id)
         self._pollers.pop(worker_id, None)
+
+    def _reap_orphan(self, w, leg: str) -> None:
+        """A worker steps a leg no request here owns (its abort was lost in a race): drop it.
+
+        The backstop behind every abort path: whatever went wrong, a running leg with no
+        client costs at most one poll round before its pages go back. At most one abort per
+        leg a second, and the memory of them stays bounded."""
+        now = time.monotonic()
+        if now - self._orphans.get(leg, -1e9) < 1.0:
+            return
+        if len(self._orphans) >= 4096:
+            self._orphans = {k: t for k, t in self._orphans.items() if now - t < 1.0}
+        self._orphans[leg] = now
+        self.orphans_reaped += 1
+        log.warning("worker %s is running %s, which no request owns: aborting it", w.worker_id, leg)
+        self._spawn_abort(call(w.handle.abort.remote(leg), self.config.call_timeout_s))
 
     # ---- one request ----
 
@@ -349,14 +377,27 @@ class Router:
 
     async def abort_legs(self, rid: str) -> None:
         a = self.active.get(rid)
-        if a is None:
-            return
+        if a is not None:
+            await self._abort_calls(a)
+
+    def _abort_calls(self, a: Active):
+        """Send the abort of a's current leg to its workers now. -> an awaitable of the answers."""
         calls = []
         for wid in {a.decode_id, a.prefill_id} - {""}:
             w = self.table.get(wid)
             if w is not None and w.state != DEAD:
                 calls.append(call(w.handle.abort.remote(a.leg_id), self.config.call_timeout_s))
-        await asyncio.gather(*calls, return_exceptions=True)
+        return asyncio.gather(*calls, return_exceptions=True)
+
+    def abort_soon(self, a: Active) -> None:
+        """Abort a's legs from where nothing can wait (a stream closed under its handler)."""
+        self._spawn_abort(self._abort_calls(a))
+
+    def _spawn_abort(self, aw) -> None:
+        t = asyncio.ensure_future(aw)
+        self._aborts.add(t)
+        t.add_done_callback(self._aborts.discard)
+        t.add_done_callback(lambda t: t.cancelled() or t.exception())  # answers are not needed
 
 
 async def _streaming_fault(rid: str) -> None:
@@ -390,50 +431,53 @@ class MiniInferService(pb_grpc.MiniInferServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                 f"router is at its limit of {r.config.max_active_requests} active requests")
         deadline = r._deadline(context)
-        r.admit(rid)
+        a = r.admit(rid)
         r.requests_total += 1
         eos = () if params.ignore_eos else r.tokenizer.eos_token_ids
         stream = TextStream(r.tokenizer, ids, params.stop, eos)
         n_out, status, first = 0, None, True
+        settled = False  # the workers are done with this request, or have been told to drop it
         try:
             leg = r.run_colocated if r.config.colocated else r.run
-            async for item in leg(rid, ids, params, deadline):
-                text = stream.push(item["token_ids"], item["finished"])
-                n_out += len(item["token_ids"])
-                finished, reason = item["finished"], item["finish_reason"]
-                if stream.stopped and not finished:
-                    await r.abort_legs(rid)
-                    finished, reason = True, "stop"
-                msg = pb.GenerateResponse(request_id=rid, token_ids=item["token_ids"], text=text,
-                                          logprobs=item.get("logprobs") or [])
-                if faults.PLAN is not None:
-                    await _streaming_fault(rid)
-                if first:
-                    t_first = time.monotonic()
-                    msg.ttft_s, first = t_first - t0, False
-                if finished:
-                    msg.finish_reason = FINISH.get(reason, pb.FINISH_REASON_STOP)
-                    msg.usage.prompt_tokens, msg.usage.completion_tokens = len(ids), n_out
-                    msg.e2e_s = time.monotonic() - t0
-                    if r.metrics is not None:
-                        r.metrics.observe_request(t_first - t0, msg.e2e_s, n_out, reason or "stop")
-                yield msg
-                if finished:
-                    break
+            async with contextlib.aclosing(leg(rid, ids, params, deadline)) as items:
+                async for item in items:
+                    text = stream.push(item["token_ids"], item["finished"])
+                    n_out += len(item["token_ids"])
+                    finished, reason = item["finished"], item["finish_reason"]
+                    if stream.stopped and not finished:
+                        await r.abort_legs(rid)
+                        finished, reason = True, "stop"
+                    msg = pb.GenerateResponse(request_id=rid, token_ids=item["token_ids"], text=text,
+                                              logprobs=item.get("logprobs") or [])
+                    if faults.PLAN is not None:
+                        await _streaming_fault(rid)
+                    if first:
+                        t_first = time.monotonic()
+                        msg.ttft_s, first = t_first - t0, False
+                    if finished:
+                        settled = True
+                        msg.finish_reason = FINISH.get(reason, pb.FINISH_REASON_STOP)
+                        msg.usage.prompt_tokens, msg.usage.completion_tokens = len(ids), n_out
+                        msg.e2e_s = time.monotonic() - t0
+                        if r.metrics is not None:
+                            r.metrics.observe_request(t_first - t0, msg.e2e_s, n_out, reason or "stop")
+                    yield msg
+                    if finished:
+                        break
         except LegError as e:
-            await r.abort_legs(rid)
             status = (e.code, str(e))
         except asyncio.TimeoutError as e:
-            await r.abort_legs(rid)
             status = (grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline exceeded during {e}")
-        except asyncio.CancelledError:
-            await asyncio.shield(r.abort_legs(rid))
-            raise
         except Exception as e:  # noqa: BLE001 - never leave legs running behind an INTERNAL
             log.exception("request %s failed", rid)
-            await r.abort_legs(rid)
             status = (grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
         finally:
+            # Every way out that is not a finished stream tells both legs, at once and without
+            # waiting: an error, a cancel, and also a stream closed under this handler (the
+            # client's deadline passing while a message was being written ends it at the
+            # `yield`, with no exception of its own to catch).
+            if not settled:
+                r.abort_soon(a)
             r.release(rid)
         if status is not None:
             if r.metrics is not None:

@@ -170,6 +170,9 @@ def test_metrics_move_when_requests_flow(live, reference):
             assert total(after, "miniinfer_worker_ready", **lab) == 1
     assert ("miniinfer_queue_depth", (("pool", "prefill"),)) in after
     assert total(after, "miniinfer_pool_desired_replicas", pool="decode") == 1
+    # clean requests: nothing re-prefilled, no leg left running for the router to reap
+    assert ("miniinfer_request_retries_total", ()) in after
+    assert total(after, "miniinfer_request_retries_total") == total(after, "miniinfer_orphan_legs_reaped_total") == 0
 
 
 def test_apply_scales_1p1d_to_2p2d_and_back_under_load(live, reference, tmp_path):

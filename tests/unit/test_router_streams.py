@@ -1,0 +1,160 @@
+"""The router never leaves a leg running behind a request that has gone.
+
+No Ray and no model: fake prefill/decode handles (async methods behind `.remote()`) in the
+worker table, the real Router and Generate handler over them. The fake decode worker emits
+one token per poll for every leg it runs until it is told to abort that leg.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from cluster.client import build_request
+from engine.loader.registry import load_tokenizer
+from router.server import MiniInferService, Router, RouterConfig
+from router.validate import Limits
+from router.workers import READY, WorkerRef, WorkerTable
+
+
+class _Method:
+    def __init__(self, fn) -> None:
+        self.fn = fn
+
+    def remote(self, *args):
+        return asyncio.ensure_future(self.fn(*args))
+
+
+class _Handle:
+    """Ray-handle look-alike: every public coroutine method is reachable as handle.name.remote()."""
+
+    def __init__(self, impl) -> None:
+        for name in dir(impl):
+            if not name.startswith("_") and asyncio.iscoroutinefunction(getattr(impl, name)):
+                setattr(self, name, _Method(getattr(impl, name)))
+
+
+class FakeDecode:
+    def __init__(self) -> None:
+        self.running: dict[str, float] = {}  # leg -> tokens it has left to emit
+        self.budget: dict[str, float] = {}  # reserved leg -> its max_tokens
+        self.aborted: list[str] = []
+
+    async def status(self) -> dict:
+        return {"pages_free": 100, "pages_total": 100, "running": len(self.running), "alive": True}
+
+    async def reserve(self, leg, ids, params, timeout_s) -> dict:
+        self.budget[leg] = params["max_tokens"]
+        return {"ticket_id": f"t-{leg}", "request_id": leg}
+
+    async def poll(self, max_wait_s: float) -> list[dict]:
+        await asyncio.sleep(0.01)
+        out = []
+        for leg in sorted(self.running):
+            self.running[leg] -= 1
+            done = self.running[leg] <= 0
+            out.append({"request_id": leg, "token_ids": [7], "logprobs": None, "finished": done,
+                        "finish_reason": "length" if done else None})
+            if done:
+                del self.running[leg]
+        return out
+
+    async def abort(self, leg: str) -> bool:
+        self.aborted.append(leg)
+        return self.running.pop(leg, None) is not None
+
+
+class FakePrefill:
+    def __init__(self, decode: FakeDecode) -> None:
+        self.decode = decode
+        self.aborted: list[str] = []
+
+    async def status(self) -> dict:
+        return {"alive": True}
+
+    async def prefill(self, leg, ids, params, ticket, decode_handle) -> dict:
+        # the KV "landed": the decode worker runs the leg from now on (the first token was ours)
+        self.decode.running[leg] = self.decode.budget.pop(leg) - 1
+        return {"token": 5, "logprob": None, "finish_reason": None}
+
+    async def abort(self, leg: str) -> bool:
+        self.aborted.append(leg)
+        return False
+
+
+class FakeContext:
+    def time_remaining(self) -> float:
+        return 30.0
+
+    async def abort(self, code, details):
+        raise AssertionError(f"unexpected abort {code}: {details}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("smollm2-135m")[0]
+
+
+async def _router(tokenizer) -> tuple[Router, FakeDecode, FakePrefill]:
+    dec = FakeDecode()
+    pre = FakePrefill(dec)
+    table = WorkerTable()
+    table.add(WorkerRef("d0", "decode", _Handle(dec), state=READY))
+    table.add(WorkerRef("p0", "prefill", _Handle(pre), state=READY))
+    cfg = RouterConfig(model="m", kv_dtype="fp32", transport="gloo", poll_wait_s=0.05, status_interval_s=60)
+    router = Router(cfg, tokenizer, Limits(max_model_len=2048, vocab_size=tokenizer.vocab_size), table)
+    await router.start()
+    return router, dec, pre
+
+
+async def _until(cond, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def test_stream_closed_at_a_yield_aborts_both_legs(tokenizer):
+    """grpc.aio ends a handler whose client went away (cancel, deadline) while a message was
+    being written by closing the generator at its `yield`: no exception reaches the handler's
+    except clauses. The decode leg must still be told at once, not left to run to max_tokens."""
+    async def main():
+        router, dec, pre = await _router(tokenizer)
+        try:
+            req = build_request(token_ids=[1, 2, 3], max_tokens=400, temperature=0.0, request_id="r1")
+            gen = MiniInferService(router).Generate(req, FakeContext())
+            got = [await gen.__anext__() for _ in range(3)]
+            assert [m.token_ids[0] for m in got] == [5, 7, 7]
+            assert set(dec.running) == {"r1"}
+            await gen.aclose()
+            assert await _until(lambda: not dec.running), "decode leg still running after the stream closed"
+            assert "r1" in dec.aborted and "r1" in pre.aborted
+            assert router.active == {} and router.legs == {}
+            assert router.orphans_reaped == 0  # the handler did it, not the backstop
+        finally:
+            await router.stop()
+    asyncio.run(main())
+
+
+def test_a_leg_no_request_owns_is_reaped_once(tokenizer):
+    """The backstop: a decode worker stepping a leg the router does not know (its abort was
+    lost in a race) is told to drop it from the next poll, and only once while it obeys."""
+    async def main():
+        router, dec, _ = await _router(tokenizer)
+        try:
+            dec.running["ghost"] = float("inf")
+            assert await _until(lambda: not dec.running), "orphan leg never aborted"
+            assert dec.aborted == ["ghost"] and router.orphans_reaped == 1
+            # a request the router owns is never touched by the reaper
+            req = build_request(token_ids=[1, 2, 3], max_tokens=4, temperature=0.0, request_id="r2")
+            gen = MiniInferService(router).Generate(req, FakeContext())
+            msgs = [m async for m in gen]
+            assert sum(len(m.token_ids) for m in msgs) == 4 and msgs[-1].finish_reason
+            assert dec.aborted == ["ghost"] and router.orphans_reaped == 1
+        finally:
+            await router.stop()
+    asyncio.run(main())
