@@ -169,11 +169,24 @@ def _decode_reduce_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-def _blocks(device: torch.device, partition_size: int) -> tuple[int, int]:
-    """(BLOCK_N, num_warps): big tiles on GPU; 16-token tiles for the slow interpreter."""
+# Launch-parameter override {"block_n", "num_warps", "num_stages"}: set only by
+# bench/decode_attn_tune.py, which sweeps them on a GPU. None: the rules in _blocks.
+TUNING: dict | None = None
+
+
+def _blocks(device: torch.device, partition_size: int, quantized: bool) -> tuple[int, int, int | None]:
+    """(BLOCK_N, num_warps, num_stages or None for Triton's default): big tiles on GPU;
+    16-token tiles for the slow interpreter."""
+    if TUNING is not None:
+        return TUNING["block_n"], TUNING["num_warps"], TUNING.get("num_stages")
     if device.type == "cuda":
-        return math.gcd(partition_size, 64), 4  # a power of two that tiles the partition
-    return 16, 1
+        if quantized and partition_size >= 512 and partition_size % 128 == 0:
+            # int8 tiles carry half the bytes, and the loop's per-tile latency, not bandwidth,
+            # bounds them: 128-token tiles ran 1.26x faster than 64 on an H200 at b32 x ctx
+            # 8192 (bench/decode_attn_tune.py; 256 spills and is slower than either)
+            return 128, 4, None
+        return math.gcd(partition_size, 64), 4, None  # a power of two that tiles the partition
+    return 16, 1, None
 
 
 @torch.library.custom_op("miniinfer::decode_attention", mutates_args=())
@@ -198,7 +211,8 @@ def _decode_attention_op(
     quantized = scales_layer is not None
     s_strides = scales_layer.stride() if quantized else (0, 0, 0, 0)
     group = h // hkv
-    block_n, num_warps = _blocks(q.device, partition_size)
+    block_n, num_warps, num_stages = _blocks(q.device, partition_size, quantized)
+    stages = {} if num_stages is None else {"num_stages": num_stages}
     block_d = max(16, triton.next_power_of_2(d))
     with device_guard(q):
         _decode_partition_kernel[(b, hkv, num_parts)](
@@ -227,6 +241,7 @@ def _decode_attention_op(
             BLOCK_N=block_n,
             BLOCK_D=block_d,
             num_warps=num_warps,
+            **stages,
         )
         _decode_reduce_kernel[(b, h)](
             mid_out,
