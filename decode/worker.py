@@ -163,6 +163,16 @@ class DecodeWorker:
         await self._commit(h, payload_from_bytes(self.engine.cache, h.num_tokens, blob))
 
     async def _commit(self, h: KVHeader, payload: KVPayload) -> None:
+        """Hand received KV to the engine thread and return without waiting for it.
+
+        The import and admission run at the engine's next step boundary; the sender is
+        released now. Waiting for the commit made every transfer on a pair wait for a step
+        to end, so a burst of prompts joined the decode batch one per step (on the 2-core
+        CPU, 16 prompts took 16 steps of ~160 ms to be admitted). Once the ticket is popped
+        here an abort no longer cancels it: it reaches the engine after the commit (the
+        engine thread runs commands in order) and finishes the admitted request. A failed
+        commit frees the pages and tells the router itself, naming this worker so that the
+        retry goes elsewhere."""
         if faults.PLAN is not None:
             try:
                 await faults.ahit("decode_receiving", self.worker_id, h.request_id)
@@ -174,28 +184,35 @@ class DecodeWorker:
         self.by_request.pop(res.request_id, None)
 
         def commit():
-            import_pages(self.engine.cache, res.pages, payload)
-            req = Request(res.prompt_token_ids, res.params, request_id=res.request_id,
-                          output_token_ids=[h.first_token], pages=res.pages,
-                          num_computed_tokens=len(res.prompt_token_ids), arrival=time.monotonic())
-            if not res.params.greedy and req.generator is not None:
-                # the prefill worker drew once from this seed for the first token
-                torch.empty(self.engine.model_config.vocab_size).exponential_(generator=req.generator)
-            self.engine.scheduler.add_running(req)
+            try:
+                import_pages(self.engine.cache, res.pages, payload)
+                req = Request(res.prompt_token_ids, res.params, request_id=res.request_id,
+                              output_token_ids=[h.first_token], pages=res.pages,
+                              num_computed_tokens=len(res.prompt_token_ids), arrival=time.monotonic())
+                if not res.params.greedy and req.generator is not None:
+                    # the prefill worker drew once from this seed for the first token
+                    torch.empty(self.engine.model_config.vocab_size).exponential_(generator=req.generator)
+                self.engine.scheduler.add_running(req)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory importing the pages
+                self.transfers_failed += 1
+                self.engine.pool.free(res.pages)
+                log.warning("KV commit of %s failed: %s", res.request_id, e)
+                # the ticket is gone, so no later cancel would reach the router: tell it now
+                self._publish([{"request_id": res.request_id, "token_ids": [], "logprobs": None, "finished": True,
+                                "finish_reason": "error", "worker": self.worker_id,
+                                "error": f"KV commit failed: {type(e).__name__}: {e}"}])
+                return
+            self.transfers_ok += 1
             # on the engine thread, so the router hears of the commit before any step output
             self._publish([{"request_id": res.request_id, "token_ids": [], "logprobs": None,
                             "finished": False, "finish_reason": None, "committed": True}])
 
-        try:
-            await asyncio.wrap_future(self.loop.submit(commit))
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory importing the pages
-            self.transfers_failed += 1
-            await asyncio.wrap_future(self.loop.submit(self.engine.pool.free, res.pages))
-            # the ticket is gone, so no later cancel would reach the router: tell it now
+        fut = self.loop.submit(commit)
+        if fut.done() and fut.exception() is not None:  # the engine loop is down: nothing will run it
             self._publish([{"request_id": res.request_id, "token_ids": [], "logprobs": None, "finished": True,
-                            "finish_reason": "error", "error": f"KV commit failed: {type(e).__name__}: {e}"}])
-            raise KVTransferError(f"KV commit failed on {self.worker_id}: {e}") from e
-        self.transfers_ok += 1
+                            "finish_reason": "error", "worker": self.worker_id,
+                            "error": f"decode worker {self.worker_id} cannot commit: {fut.exception()}"}])
+            raise KVTransferError(f"KV commit on {self.worker_id} refused: {fut.exception()}")
 
     def _cancel_ticket(self, ticket_id: str, reason: str) -> bool:
         """Drop a reservation (transfer failed, timed out, or the request was aborted)."""

@@ -8,8 +8,9 @@ test arms one running cluster many times). Spec grammar, faults separated by `;`
     point:action[:key=value,...]
     e.g.  decode_running:kill:worker=d0,after=3   transfer_half:delay:delay_s=2
 
-keys: worker (worker id, "" = any), request (the id a worker knows the request by, "" = any;
-a re-prefilled attempt is "<id>#retryN", so a fault on "<id>" hits only the first attempt),
+keys: worker (worker id, "" = any), request (the client's request id, "" = any; workers know
+an attempt as "<id>~<n>", and a re-prefilled one as "<id>~<n>#retryN": a fault on "<id>" hits
+only the first attempt, one on "<id>#retry1" only the first retry),
 after (trigger on the n-th matching hit, default 1), times (how many triggers, default 1;
 0 = unlimited), delay_s (for delay). Imports neither engine, ray nor grpc.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field, fields
@@ -49,7 +51,16 @@ class Fault:
 
     def matches(self, point: str, worker: str, request: str) -> bool:
         return (point == self.point and (not self.worker or worker == self.worker)
-                and (not self.request or request == self.request))
+                and (not self.request or client_id(request) == self.request))
+
+
+_LEG = re.compile(r"^(.*)~\d+(#retry\d+)?$")
+
+
+def client_id(leg: str) -> str:
+    """The router's worker-side id of an attempt ("<id>~<n>[#retryN]") without its "~<n>"."""
+    m = _LEG.match(leg)
+    return leg if m is None else m.group(1) + (m.group(2) or "")
 
 
 def parse(spec: str) -> list[Fault]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -64,7 +65,7 @@ class Active:
     decode_id: str = ""
     prefill_id: str = ""
     prefilled: bool = False
-    leg_id: str = ""  # the id the workers know this attempt by (request id, then request id#retryN)
+    leg_id: str = ""  # the id the workers know this attempt by: "<id>~<n>", then "<id>~<n>#retryN"
     transferred: bool = False  # the decode worker committed this attempt's KV
     attempts: int = 0
     excluded: set = field(default_factory=set)  # workers that failed this request: not picked again
@@ -97,7 +98,8 @@ class Router:
         self._bg: list[asyncio.Task] = []
         self._stopped = False
         self._aborts: set[asyncio.Task] = set()  # aborts sent from where no one could wait for them
-        self._orphans: dict[str, float] = {}  # leg id -> when its worker was last told to drop it
+        self._orphans: dict[str, float] = {}  # leg id -> when its workers were last told to drop it
+        self._leg_seq = itertools.count(1)
         self.orphans_reaped = 0  # legs a worker ran that no request here owned (status, tests)
         self.health: health.aio.HealthServicer | None = None
         self.requests_total = 0
@@ -118,6 +120,7 @@ class Router:
         tasks = [*self._bg, *self._pollers.values()]
         for t in tasks:
             t.cancel()
+        tasks += list(self._aborts)  # aborts already sent: let their answers come (bounded)
         if tasks:
             await asyncio.wait(tasks, timeout=5.0)
 
@@ -186,17 +189,25 @@ class Router:
         """A worker steps a leg no request here owns (its abort was lost in a race): drop it.
 
         The backstop behind every abort path: whatever went wrong, a running leg with no
-        client costs at most one poll round before its pages go back. At most one abort per
-        leg a second, and the memory of them stays bounded."""
-        now = time.monotonic()
-        if now - self._orphans.get(leg, -1e9) < 1.0:
+        client costs at most one poll round before its pages go back. Outputs already on
+        their way when a leg was aborted do not count: every abort is noted, and a leg is
+        an orphan only if it still steps a second after its last abort. At most one abort
+        per leg a second, and the memory of them stays bounded."""
+        if time.monotonic() - self._orphans.get(leg, -1e9) < 1.0:
             return
+        self.orphans_reaped += 1
+        log.warning("worker %s is running %s, which no request owns: aborting it", w.worker_id, leg)
+        self._note_aborted(leg)
+        try:
+            self._spawn_abort(call(w.handle.abort.remote(leg), self.config.call_timeout_s))
+        except Exception as e:  # noqa: BLE001 - never let the poller die of it
+            log.warning("could not abort %s on %s: %s", leg, w.worker_id, e)
+
+    def _note_aborted(self, leg: str) -> None:
+        now = time.monotonic()
         if len(self._orphans) >= 4096:
             self._orphans = {k: t for k, t in self._orphans.items() if now - t < 1.0}
         self._orphans[leg] = now
-        self.orphans_reaped += 1
-        log.warning("worker %s is running %s, which no request owns: aborting it", w.worker_id, leg)
-        self._spawn_abort(call(w.handle.abort.remote(leg), self.config.call_timeout_s))
 
     # ---- one request ----
 
@@ -232,7 +243,10 @@ class Router:
         return None if wid is None else self.table.get(wid)
 
     def admit(self, rid: str) -> Active:
-        a = self.active[rid] = self.legs[rid] = Active(rid)
+        # The workers know it by a router-unique id, never the client's own: a client that
+        # reuses an id (say, after a deadline) can never receive or abort the old leg's output.
+        a = self.active[rid] = Active(rid, leg_id=f"{rid}~{next(self._leg_seq)}")
+        self.legs[a.leg_id] = a
         return a
 
     def release(self, rid: str) -> None:
@@ -276,7 +290,7 @@ class Router:
     async def _attempt(self, a: Active, ids: list[int], params: SamplingParams, deadline: float):
         cfg = self.config
         if a.attempts:
-            a.leg_id = f"{a.request_id}#retry{a.attempts}"
+            a.leg_id = f"{a.leg_id.split('#', 1)[0]}#retry{a.attempts}"
             a.queue = asyncio.Queue()  # items of the lost attempt must not leak into this one
         a.decode_id = a.prefill_id = ""
         a.prefilled = a.transferred = False
@@ -358,7 +372,7 @@ class Router:
         d.inflight += 1
         try:
             try:
-                res = await self._within(call(d.handle.submit.remote(rid, ids, asdict(params)),
+                res = await self._within(call(d.handle.submit.remote(a.leg_id, ids, asdict(params)),
                                               self.config.call_timeout_s), deadline, "admission")
             except LegLost as e:  # colocated mode has no migration: the request fails here
                 raise LegError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
@@ -382,6 +396,7 @@ class Router:
 
     def _abort_calls(self, a: Active):
         """Send the abort of a's current leg to its workers now. -> an awaitable of the answers."""
+        self._note_aborted(a.leg_id)
         calls = []
         for wid in {a.decode_id, a.prefill_id} - {""}:
             w = self.table.get(wid)
@@ -476,9 +491,11 @@ class MiniInferService(pb_grpc.MiniInferServicer):
             # waiting: an error, a cancel, and also a stream closed under this handler (the
             # client's deadline passing while a message was being written ends it at the
             # `yield`, with no exception of its own to catch).
-            if not settled:
-                r.abort_soon(a)
-            r.release(rid)
+            try:
+                if not settled:
+                    r.abort_soon(a)
+            finally:
+                r.release(rid)
         if status is not None:
             if r.metrics is not None:
                 r.metrics.observe_failure(status[0].name)

@@ -41,6 +41,7 @@ class FakeDecode:
         self.running: dict[str, float] = {}  # leg -> tokens it has left to emit
         self.budget: dict[str, float] = {}  # reserved leg -> its max_tokens
         self.aborted: list[str] = []
+        self.obey = True  # False: a worker whose aborts are lost (the leg keeps stepping)
 
     async def status(self) -> dict:
         return {"pages_free": 100, "pages_total": 100, "running": len(self.running), "alive": True}
@@ -63,7 +64,7 @@ class FakeDecode:
 
     async def abort(self, leg: str) -> bool:
         self.aborted.append(leg)
-        return self.running.pop(leg, None) is not None
+        return self.obey and self.running.pop(leg, None) is not None
 
 
 class FakePrefill:
@@ -118,6 +119,10 @@ async def _until(cond, timeout: float = 5.0) -> bool:
     return True
 
 
+def _request(rid: str, max_tokens: int):
+    return build_request(token_ids=[1, 2, 3], max_tokens=max_tokens, temperature=0.0, request_id=rid)
+
+
 def test_stream_closed_at_a_yield_aborts_both_legs(tokenizer):
     """grpc.aio ends a handler whose client went away (cancel, deadline) while a message was
     being written by closing the generator at its `yield`: no exception reaches the handler's
@@ -125,36 +130,73 @@ def test_stream_closed_at_a_yield_aborts_both_legs(tokenizer):
     async def main():
         router, dec, pre = await _router(tokenizer)
         try:
-            req = build_request(token_ids=[1, 2, 3], max_tokens=400, temperature=0.0, request_id="r1")
-            gen = MiniInferService(router).Generate(req, FakeContext())
+            gen = MiniInferService(router).Generate(_request("r1", 400), FakeContext())
             got = [await gen.__anext__() for _ in range(3)]
             assert [m.token_ids[0] for m in got] == [5, 7, 7]
-            assert set(dec.running) == {"r1"}
+            (leg,) = dec.running
+            assert leg.startswith("r1~")  # workers know the attempt by a router-unique id
             await gen.aclose()
             assert await _until(lambda: not dec.running), "decode leg still running after the stream closed"
-            assert "r1" in dec.aborted and "r1" in pre.aborted
+            assert leg in dec.aborted and leg in pre.aborted
             assert router.active == {} and router.legs == {}
-            assert router.orphans_reaped == 0  # the handler did it, not the backstop
+            await asyncio.sleep(0.2)  # outputs already on their way when it was aborted ...
+            assert router.orphans_reaped == 0  # ... are not orphans: the handler did the abort
         finally:
             await router.stop()
     asyncio.run(main())
 
 
-def test_a_leg_no_request_owns_is_reaped_once(tokenizer):
-    """The backstop: a decode worker stepping a leg the router does not know (its abort was
-    lost in a race) is told to drop it from the next poll, and only once while it obeys."""
+def test_a_reused_request_id_never_gets_the_old_legs_tokens(tokenizer):
+    """A client retries with the same request id while the first attempt's leg is still
+    stepping (its abort lost): the new stream carries exactly its own tokens."""
     async def main():
         router, dec, _ = await _router(tokenizer)
         try:
-            dec.running["ghost"] = float("inf")
-            assert await _until(lambda: not dec.running), "orphan leg never aborted"
-            assert dec.aborted == ["ghost"] and router.orphans_reaped == 1
-            # a request the router owns is never touched by the reaper
-            req = build_request(token_ids=[1, 2, 3], max_tokens=4, temperature=0.0, request_id="r2")
-            gen = MiniInferService(router).Generate(req, FakeContext())
-            msgs = [m async for m in gen]
-            assert sum(len(m.token_ids) for m in msgs) == 4 and msgs[-1].finish_reason
-            assert dec.aborted == ["ghost"] and router.orphans_reaped == 1
+            dec.obey = False
+            gen = MiniInferService(router).Generate(_request("same", 400), FakeContext())
+            await gen.__anext__()
+            await gen.aclose()  # the old leg goes on emitting a token every poll
+            msgs = [m async for m in MiniInferService(router).Generate(_request("same", 4), FakeContext())]
+            assert [t for m in msgs for t in m.token_ids] == [5, 7, 7, 7]
+            assert msgs[-1].finish_reason and len(dec.running) == 1  # only the old leg is left
         finally:
             await router.stop()
     asyncio.run(main())
+
+
+def test_a_leg_no_request_owns_is_reaped_at_most_once_a_second(tokenizer):
+    """The backstop: a decode worker stepping a leg the router does not know (its abort was
+    lost in a race) is told to drop it from the next poll, and again only a second later
+    if it goes on, however often it is polled meanwhile."""
+    async def main():
+        router, dec, _ = await _router(tokenizer)
+        try:
+            dec.obey = False
+            dec.running["ghost"] = float("inf")
+            assert await _until(lambda: dec.aborted == ["ghost"]), "orphan leg never aborted"
+            await asyncio.sleep(0.5)  # ~50 polls, all inside the second after that abort
+            assert dec.aborted == ["ghost"] and router.orphans_reaped == 1
+            assert await _until(lambda: len(dec.aborted) >= 2, timeout=5.0), "not aborted again"
+            assert set(dec.aborted) == {"ghost"}
+            # once it obeys, it is gone; a request the router owns is never touched by the reaper
+            dec.obey = True
+            assert await _until(lambda: not dec.running)
+            reaped = router.orphans_reaped
+            msgs = [m async for m in MiniInferService(router).Generate(_request("r2", 4), FakeContext())]
+            assert sum(len(m.token_ids) for m in msgs) == 4 and msgs[-1].finish_reason
+            assert router.orphans_reaped == reaped and all(a == "ghost" for a in dec.aborted)
+        finally:
+            await router.stop()
+    asyncio.run(main())
+
+
+def test_fault_filters_name_the_client_id_and_see_through_the_attempt_tag():
+    from kvtransfer.faults import Fault
+
+    first = Fault("prefill_running", "fail", request="r")
+    assert first.matches("prefill_running", "p0", "r~5")
+    assert not first.matches("prefill_running", "p0", "r~5#retry1")  # only the first attempt
+    assert not first.matches("prefill_running", "p0", "rr~5")
+    retry = Fault("prefill_running", "fail", request="r#retry1")
+    assert retry.matches("prefill_running", "p0", "r~5#retry1")
+    assert not retry.matches("prefill_running", "p0", "r~5")

@@ -1,0 +1,105 @@
+"""The decode worker's commit of received KV: it releases the sender before the engine
+thread imports the pages, and every path still ends with the pool full. One DecodeWorker
+in this process, no Ray, no transfer: the received payload is handed to `_commit` directly."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import decode.worker as dw
+from decode.worker import DecodeWorker
+from engine.sampling import SamplingParams
+from kvtransfer.layout import export_pages, make_header
+from kvtransfer.worker_spec import WorkerSpec
+
+PAGES = 64
+PROMPT = list(range(100, 140))  # 40 tokens: 3 pages
+
+
+@pytest.fixture
+def worker():
+    """A fresh worker per test (an EngineLoop thread starts once)."""
+    return DecodeWorker("dcommit", WorkerSpec(num_pages=PAGES, transport="gloo", torch_threads=1, kv_dtype="int8"))
+
+
+def _run(w: DecodeWorker, body):
+    async def main():
+        await w.start()
+        try:
+            return await asyncio.wait_for(body(), 60)
+        finally:
+            await w.stop()
+    return asyncio.run(main())
+
+
+async def _free(w: DecodeWorker) -> int:
+    return await asyncio.wrap_future(w.loop.submit(lambda: w.engine.pool.num_free))
+
+
+async def _polled(w: DecodeWorker, leg: str, pred, timeout: float = 20.0) -> list[dict]:
+    """Poll until an item of `leg` satisfies pred; -> every item of leg seen."""
+    seen: list[dict] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        seen += [i for i in await w.poll(0.2) if i["request_id"] == leg]
+        if any(pred(i) for i in seen):
+            return seen
+    raise AssertionError(f"no matching item for {leg}: {seen}")
+
+
+async def _receive(w: DecodeWorker, leg: str, max_tokens: int):
+    """Reserve pages for leg and hand _commit a payload as a transfer would."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    from dataclasses import asdict
+
+    ticket = await w.reserve(leg, PROMPT, asdict(params), 30.0)
+    assert "error" not in ticket, ticket
+    payload = await asyncio.wrap_future(w.loop.submit(export_pages, w.engine.cache, list(range(3)), len(PROMPT)))
+    header = make_header(w.engine.cache, payload, leg, ticket["ticket_id"], len(PROMPT), first_token=7)
+    await w._commit(header, payload)
+
+
+def test_commit_runs_on_the_engine_thread_and_the_request_decodes_to_the_end(worker):
+    async def body():
+        await _receive(worker, "leg-ok", max_tokens=6)
+        items = await _polled(worker, "leg-ok", lambda i: i["finished"])
+        assert items[0].get("committed") is True  # the router hears of the commit first
+        tokens = [t for i in items for t in i["token_ids"]]
+        assert len(tokens) == 5 and items[-1]["finish_reason"] == "length"  # 1 from prefill + 5
+        return await _free(worker)
+
+    assert _run(worker, body) == PAGES
+
+
+def test_a_failed_import_frees_the_pages_and_names_the_worker(worker, monkeypatch):
+    def broken(*a, **k):
+        raise MemoryError("no room for the pages")
+
+    monkeypatch.setattr(dw, "import_pages", broken)
+
+    async def body():
+        await _receive(worker, "leg-bad", max_tokens=6)  # returns: the sender is not told
+        items = await _polled(worker, "leg-bad", lambda i: i["finished"])
+        err = items[-1]
+        assert err["finish_reason"] == "error" and "no room for the pages" in err["error"]
+        assert err["worker"] == "dcommit"  # the router excludes this worker on the retry
+        assert not any(i.get("committed") for i in items)
+        return await _free(worker), worker.transfers_failed
+
+    free, failed = _run(worker, body)
+    assert free == PAGES and failed >= 1
+
+
+def test_an_abort_right_after_the_commit_finishes_the_request(worker):
+    async def body():
+        await _receive(worker, "leg-abort", max_tokens=400)
+        # no await between: the abort is queued behind the commit on the engine thread
+        assert await worker.abort("leg-abort") is True
+        await asyncio.sleep(0.3)
+        return await _free(worker), await asyncio.wrap_future(
+            worker.loop.submit(lambda: len(worker.engine.scheduler.running)))
+
+    assert _run(worker, body) == (PAGES, 0)
