@@ -30,6 +30,7 @@ from kvtransfer.layout import (
     payload_shapes,
     validate_header,
 )
+from kvtransfer.ticket import EarlyAborts
 from kvtransfer.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class DecodeWorker:
         self.loop = EngineLoop(self.engine, self._on_outputs, ep=self.ep)
         self.pending: dict[str, Reservation] = {}
         self.by_request: dict[str, str] = {}  # request id -> ticket id while pending
+        self.early_aborts = EarlyAborts()  # legs aborted before their reserve/submit arrived
         self._outbox: list[dict] = []
         self._wake: asyncio.Event | None = None
         self._aio: asyncio.AbstractEventLoop | None = None
@@ -111,6 +113,9 @@ class DecodeWorker:
         pages = await asyncio.wrap_future(self.loop.submit(alloc))
         if isinstance(pages, dict):
             return pages
+        if self.early_aborts.take(request_id):  # the router gave up while this call waited
+            await asyncio.wrap_future(self.loop.submit(self.engine.pool.free, pages))
+            return {"code": "CANCELLED", "error": f"{request_id} was aborted before its pages were reserved"}
         deadline = time.time() + timeout_s
         self.pending[ticket_id] = Reservation(ticket_id, request_id, list(prompt_token_ids),
                                               SamplingParams(**params), pages, deadline)
@@ -139,6 +144,9 @@ class DecodeWorker:
         -> {} once queued, or {"error": ..., "code": ...} when there is no room for the prompt.
         """
         n = pages_needed(len(prompt_token_ids) + 1, self.engine.cache.page_size)
+
+        if self.early_aborts.take(request_id):
+            return {"code": "CANCELLED", "error": f"{request_id} was aborted before it was submitted"}
 
         def add():
             sched = self.engine.scheduler
@@ -350,7 +358,10 @@ class DecodeWorker:
         tid = self.by_request.get(request_id)
         if tid is not None:
             return self._cancel_ticket(tid, "aborted")
-        return await asyncio.wrap_future(self.loop.submit(self.engine.abort, request_id))
+        found = await asyncio.wrap_future(self.loop.submit(self.engine.abort, request_id))
+        if not found and request_id not in self.by_request:
+            self.early_aborts.note(request_id)  # its reserve may still be on its way
+        return found
 
     async def status(self) -> dict:
         s = await asyncio.wrap_future(self.loop.submit(self.loop.stats))

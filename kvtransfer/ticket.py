@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -24,3 +25,34 @@ class Ticket:
         """Rebuild from the dict a decode worker's `reserve` returned (unknown keys ignored)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names}, decode_handle=decode_handle)
+
+
+class EarlyAborts:
+    """Legs a worker was told to abort before it had heard of them.
+
+    The router may give up on a call (its deadline, its own timeout) while the call is
+    still queued on the worker, and abort it at once; the abort can then run first. A worker
+    notes such legs here, and the late call (reserve, submit, prefill) is refused instead of
+    running for nobody. The router never reuses a leg id (`<id>~<n>`), so a note cannot
+    refuse a later request. Bounded: at most `limit` notes, each kept `ttl_s`.
+    """
+
+    def __init__(self, ttl_s: float = 120.0, limit: int = 4096, clock=time.monotonic) -> None:
+        self.ttl_s, self.limit, self.clock = ttl_s, limit, clock
+        self._seen: dict[str, float] = {}
+
+    def note(self, leg: str) -> None:
+        now = self.clock()
+        if len(self._seen) >= self.limit:
+            self._seen = {k: t for k, t in self._seen.items() if now - t < self.ttl_s}
+            while len(self._seen) >= self.limit:  # all fresh: drop the oldest
+                self._seen.pop(next(iter(self._seen)))
+        self._seen[leg] = now
+
+    def take(self, leg: str) -> bool:
+        """True (and forget it) if leg was aborted before it arrived, within the ttl."""
+        t = self._seen.pop(leg, None)
+        return t is not None and self.clock() - t < self.ttl_s
+
+    def __len__(self) -> int:
+        return len(self._seen)

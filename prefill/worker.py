@@ -22,7 +22,7 @@ from engine.request import ScheduledBatch, StepOutput
 from engine.sampling import SamplingParams
 from kvtransfer import faults
 from kvtransfer.layout import KVTransferError, export_pages, make_header
-from kvtransfer.ticket import Ticket
+from kvtransfer.ticket import EarlyAborts, Ticket
 from kvtransfer.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ class PrefillWorker:
         self.device = torch.device(spec.device)
         self.loop = EngineLoop(self.engine, lambda outputs: None)
         self._waiters: dict[str, Future] = {}  # request id -> (token, logprob, payload)
+        self.early_aborts = EarlyAborts()  # legs aborted before their prefill call arrived
         self._transfers: set[asyncio.Task] = set()
         self.sender = None
         self.prefilled = 0
@@ -97,6 +98,8 @@ class PrefillWorker:
                       ticket: dict, decode_handle=None) -> dict:
         """-> {"token", "logprob", "finish_reason"} as soon as the first token exists."""
         sp = SamplingParams(**params)
+        if self.early_aborts.take(request_id):  # the router gave up while this call was queued
+            return {"error": f"{request_id} was aborted before its prefill started", "code": "CANCELLED"}
         if len(self._waiters) >= self.spec.max_queue:  # bounded queue: refuse at once, never grow
             return {"error": f"prefill worker {self.worker_id} has {len(self._waiters)} prompts queued",
                     "code": "RESOURCE_EXHAUSTED"}
@@ -154,7 +157,10 @@ class PrefillWorker:
         fut = self._waiters.pop(request_id, None)
         if fut is not None and not fut.done():
             fut.set_exception(RuntimeError("aborted"))
-        return await asyncio.wrap_future(self.loop.submit(self.engine.abort, request_id))
+        found = await asyncio.wrap_future(self.loop.submit(self.engine.abort, request_id))
+        if fut is None and not found:
+            self.early_aborts.note(request_id)  # its prefill call may still be on its way
+        return found or fut is not None
 
     async def status(self) -> dict:
         s = await asyncio.wrap_future(self.loop.submit(self.loop.stats))

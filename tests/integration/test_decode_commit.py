@@ -103,3 +103,43 @@ def test_an_abort_right_after_the_commit_finishes_the_request(worker):
             worker.loop.submit(lambda: len(worker.engine.scheduler.running)))
 
     assert _run(worker, body) == (PAGES, 0)
+
+
+def test_an_abort_that_overtakes_its_reserve_refuses_the_late_reserve(worker):
+    """The router gave up on a reserve still queued on the worker and aborted it: the abort
+    ran first. The late reserve must not hold pages until the transfer timeout."""
+    from dataclasses import asdict
+
+    async def body():
+        assert await worker.abort("late~1") is False
+        params = asdict(SamplingParams(max_tokens=4, temperature=0.0))
+        refused = await worker.reserve("late~1", PROMPT, params, 30.0)
+        assert refused.get("code") == "CANCELLED" and "aborted" in refused["error"]
+        again = await worker.reserve("late~2", PROMPT, params, 30.0)  # other legs are untouched
+        assert "ticket_id" in again
+        assert await worker.abort("late~2") is True  # cancels the pending ticket
+        return await _free(worker), len(worker.pending)
+
+    assert _run(worker, body) == (PAGES, 0)
+
+
+def test_a_prefill_call_overtaken_by_its_abort_does_not_run():
+    from dataclasses import asdict
+
+    from prefill.worker import PrefillWorker
+
+    p = PrefillWorker("ptest", WorkerSpec(num_pages=PAGES, transport="gloo", torch_threads=1, kv_dtype="int8"))
+
+    async def main():
+        await p.start()
+        try:
+            assert await p.abort("gone~1") is False
+            res = await p.prefill("gone~1", PROMPT, asdict(SamplingParams(max_tokens=4)), {}, None)
+            steps = await asyncio.wrap_future(p.loop.submit(lambda: p.loop.steps))
+            return res, steps, p.prefilled
+        finally:
+            await p.stop()
+
+    res, steps, prefilled = asyncio.run(main())
+    assert res.get("code") == "CANCELLED" and "aborted" in res["error"]
+    assert steps == 0 and prefilled == 0  # no prefill step ran for nobody

@@ -200,3 +200,18 @@ def test_fault_filters_name_the_client_id_and_see_through_the_attempt_tag():
     retry = Fault("prefill_running", "fail", request="r#retry1")
     assert retry.matches("prefill_running", "p0", "r~5#retry1")
     assert not retry.matches("prefill_running", "p0", "r~5")
+
+
+def test_early_abort_notes_are_taken_once_and_stay_bounded():
+    from kvtransfer.ticket import EarlyAborts
+
+    clock = [100.0]
+    e = EarlyAborts(ttl_s=10.0, limit=3, clock=lambda: clock[0])
+    e.note("a~1")
+    assert e.take("a~1") and not e.take("a~1")  # refused once, then forgotten
+    e.note("b~1")
+    clock[0] += 11.0
+    assert not e.take("b~1")  # too old: the call it was waiting for never came
+    for i in range(10):
+        e.note(f"c~{i}")
+    assert len(e) == 3 and e.take("c~9") and not e.take("c~0")  # the oldest made room
