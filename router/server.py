@@ -313,6 +313,9 @@ class Router:
                 a.excluded.add(d.worker_id)
                 raise LegLost(f"decode worker {d.worker_id} failed: {type(e).__name__}") from None
             if "error" in ticket:
+                if a.aborted:  # the Abort RPC overtook the reserve, which the worker then refused
+                    yield {"token_ids": [], "logprobs": None, "finished": True, "finish_reason": "abort"}
+                    return
                 raise LegError(grpc.StatusCode.RESOURCE_EXHAUSTED, ticket["error"])
             first = await self._prefill(a, ids, pdict, ticket, d, deadline)
             reason = first["finish_reason"]
@@ -377,6 +380,9 @@ class Router:
             except LegLost as e:  # colocated mode has no migration: the request fails here
                 raise LegError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
             if "error" in res:
+                if a.aborted:  # the Abort RPC overtook the submit, which the worker then refused
+                    yield {"token_ids": [], "logprobs": None, "finished": True, "finish_reason": "abort"}
+                    return
                 raise LegError(grpc.StatusCode[res.get("code", "RESOURCE_EXHAUSTED")], res["error"])
             a.prefilled = True
             while True:

@@ -14,6 +14,7 @@ import pytest
 
 from cluster.client import build_request
 from engine.loader.registry import load_tokenizer
+from protos.miniinfer.v1 import miniinfer_pb2 as pb
 from router.server import MiniInferService, Router, RouterConfig
 from router.validate import Limits
 from router.workers import READY, WorkerRef, WorkerTable
@@ -42,11 +43,16 @@ class FakeDecode:
         self.budget: dict[str, float] = {}  # reserved leg -> its max_tokens
         self.aborted: list[str] = []
         self.obey = True  # False: a worker whose aborts are lost (the leg keeps stepping)
+        self.reserve_gate: asyncio.Event | None = None  # set: reserve calls wait for it
 
     async def status(self) -> dict:
         return {"pages_free": 100, "pages_total": 100, "running": len(self.running), "alive": True}
 
     async def reserve(self, leg, ids, params, timeout_s) -> dict:
+        if self.reserve_gate is not None:
+            await self.reserve_gate.wait()
+        if leg in self.aborted:  # as the real worker does when an abort overtook the call
+            return {"code": "CANCELLED", "error": f"{leg} was aborted before its pages were reserved"}
         self.budget[leg] = params["max_tokens"]
         return {"ticket_id": f"t-{leg}", "request_id": leg}
 
@@ -71,11 +77,13 @@ class FakePrefill:
     def __init__(self, decode: FakeDecode) -> None:
         self.decode = decode
         self.aborted: list[str] = []
+        self.calls = 0
 
     async def status(self) -> dict:
         return {"alive": True}
 
     async def prefill(self, leg, ids, params, ticket, decode_handle) -> dict:
+        self.calls += 1
         # the KV "landed": the decode worker runs the leg from now on (the first token was ours)
         self.decode.running[leg] = self.decode.budget.pop(leg) - 1
         return {"token": 5, "logprob": None, "finish_reason": None}
@@ -215,3 +223,27 @@ def test_early_abort_notes_are_taken_once_and_stay_bounded():
     for i in range(10):
         e.note(f"c~{i}")
     assert len(e) == 3 and e.take("c~9") and not e.take("c~0")  # the oldest made room
+
+
+def test_an_abort_rpc_that_overtakes_the_reserve_ends_the_stream_as_aborted(tokenizer):
+    """Abort arrives while the decode worker's reserve is still queued; the worker then
+    refuses the late reserve. The client gets a finished `abort` message, not an error,
+    and no prefill runs."""
+    async def main():
+        router, dec, pre = await _router(tokenizer)
+        try:
+            dec.reserve_gate = asyncio.Event()
+            svc = MiniInferService(router)
+            gen = svc.Generate(_request("ab", 10), FakeContext())
+            first = asyncio.ensure_future(gen.__anext__())
+            assert await _until(lambda: "ab" in router.active and router.active["ab"].decode_id)
+            assert (await svc.Abort(pb.AbortRequest(request_id="ab"), FakeContext())).found
+            dec.reserve_gate.set()
+            msg = await asyncio.wait_for(first, 10)
+            assert msg.finish_reason == pb.FINISH_REASON_ABORT and list(msg.token_ids) == []
+            with pytest.raises(StopAsyncIteration):  # the stream ends there
+                await gen.__anext__()
+            assert pre.calls == 0 and router.active == {} and router.legs == {}
+        finally:
+            await router.stop()
+    asyncio.run(main())
