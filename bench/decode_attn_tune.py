@@ -25,14 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import kernels.decode_attention as da  # noqa: E402
-from bench.gpu_decode import event_ms  # noqa: E402
-
-
-def copy_gbps() -> float:
-    src = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
-    dst = torch.empty_like(src)
-    ms = min(event_ms(lambda: dst.copy_(src), iters=10) for _ in range(3))
-    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+from bench.gpu_decode import copy_bandwidth, event_ms  # noqa: E402
 
 
 def make_cache(kv: str, batch: int, ctx: int, hkv: int, d: int, head_major_scales: bool):
@@ -71,7 +64,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("decode_attn_tune.py: needs a CUDA GPU", file=sys.stderr)
         return 2
-    bw = copy_gbps()
+    bw = copy_bandwidth() / 1e9
     print(f"# {torch.cuda.get_device_name()}, copy {bw:.0f} GB/s (read + write); "
           f"b{a.batch} ctx{a.ctx} H{a.heads}/{a.kv_heads} D{a.head_dim}", flush=True)
     q = torch.randn(a.batch, a.heads, a.head_dim, dtype=torch.bfloat16, device="cuda")

@@ -30,7 +30,7 @@ from kvtransfer.layout import (
     payload_shapes,
     validate_header,
 )
-from kvtransfer.ticket import EarlyAborts
+from kvtransfer.ticket import RecentLegs
 from kvtransfer.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class DecodeWorker:
         self.loop = EngineLoop(self.engine, self._on_outputs, ep=self.ep)
         self.pending: dict[str, Reservation] = {}
         self.by_request: dict[str, str] = {}  # request id -> ticket id while pending
-        self.early_aborts = EarlyAborts()  # legs aborted before their reserve/submit arrived
+        self.early_aborts = RecentLegs()  # legs aborted before their reserve/submit arrived
         self._outbox: list[dict] = []
         self._wake: asyncio.Event | None = None
         self._aio: asyncio.AbstractEventLoop | None = None
@@ -206,9 +206,7 @@ class DecodeWorker:
                 self.engine.pool.free(res.pages)
                 log.warning("KV commit of %s failed: %s", res.request_id, e)
                 # the ticket is gone, so no later cancel would reach the router: tell it now
-                self._publish([{"request_id": res.request_id, "token_ids": [], "logprobs": None, "finished": True,
-                                "finish_reason": "error", "worker": self.worker_id,
-                                "error": f"KV commit failed: {type(e).__name__}: {e}"}])
+                self._publish_error(res.request_id, f"KV commit failed: {type(e).__name__}: {e}")
                 return
             self.transfers_ok += 1
             # on the engine thread, so the router hears of the commit before any step output
@@ -217,10 +215,13 @@ class DecodeWorker:
 
         fut = self.loop.submit(commit)
         if fut.done() and fut.exception() is not None:  # the engine loop is down: nothing will run it
-            self._publish([{"request_id": res.request_id, "token_ids": [], "logprobs": None, "finished": True,
-                            "finish_reason": "error", "worker": self.worker_id,
-                            "error": f"decode worker {self.worker_id} cannot commit: {fut.exception()}"}])
+            self._publish_error(res.request_id, f"decode worker {self.worker_id} cannot commit: {fut.exception()}")
             raise KVTransferError(f"KV commit on {self.worker_id} refused: {fut.exception()}")
+
+    def _publish_error(self, request_id: str, error: str) -> None:
+        """End request_id with an error that names this worker (the router's retry avoids it)."""
+        self._publish([{"request_id": request_id, "token_ids": [], "logprobs": None, "finished": True,
+                        "finish_reason": "error", "worker": self.worker_id, "error": error}])
 
     def _cancel_ticket(self, ticket_id: str, reason: str) -> bool:
         """Drop a reservation (transfer failed, timed out, or the request was aborted)."""

@@ -27,30 +27,39 @@ class Ticket:
         return cls(**{k: v for k, v in d.items() if k in names}, decode_handle=decode_handle)
 
 
-class EarlyAborts:
-    """Legs a worker was told to abort before it had heard of them.
+class RecentLegs:
+    """A bounded memory of leg ids and when each was noted: at most `limit`, each `ttl_s`.
 
-    The router may give up on a call (its deadline, its own timeout) while the call is
-    still queued on the worker, and abort it at once; the abort can then run first. A worker
-    notes such legs here, and the late call (reserve, submit, prefill) is refused instead of
-    running for nobody. The router never reuses a leg id (`<id>~<n>`), so a note cannot
-    refuse a later request. Bounded: at most `limit` notes, each kept `ttl_s`.
+    Two uses, both about aborts racing the calls they abort:
+    - a worker notes a leg it was told to abort before it had heard of it. The router may
+      give up on a call (its deadline, its own timeout) while the call is still queued on
+      the worker and abort it at once, so the abort can run first; the late call (reserve,
+      submit, prefill) then `take`s the note and is refused instead of running for nobody.
+      The router never reuses a leg id (`<id>~<n>`), so a note cannot refuse a later request;
+    - the router notes every leg it aborts, so that outputs already on their way are not
+      taken for an orphan's (`seen` within a second).
     """
 
     def __init__(self, ttl_s: float = 120.0, limit: int = 4096, clock=time.monotonic) -> None:
         self.ttl_s, self.limit, self.clock = ttl_s, limit, clock
-        self._seen: dict[str, float] = {}
+        self._seen: dict[str, float] = {}  # in the order noted: the first is the oldest
 
     def note(self, leg: str) -> None:
         now = self.clock()
+        self._seen.pop(leg, None)
         if len(self._seen) >= self.limit:
             self._seen = {k: t for k, t in self._seen.items() if now - t < self.ttl_s}
             while len(self._seen) >= self.limit:  # all fresh: drop the oldest
                 self._seen.pop(next(iter(self._seen)))
         self._seen[leg] = now
 
+    def seen(self, leg: str) -> bool:
+        """Whether leg was noted less than ttl_s ago."""
+        t = self._seen.get(leg)
+        return t is not None and self.clock() - t < self.ttl_s
+
     def take(self, leg: str) -> bool:
-        """True (and forget it) if leg was aborted before it arrived, within the ttl."""
+        """`seen`, and forget it."""
         t = self._seen.pop(leg, None)
         return t is not None and self.clock() - t < self.ttl_s
 

@@ -22,7 +22,7 @@ from engine.request import ScheduledBatch, StepOutput
 from engine.sampling import SamplingParams
 from kvtransfer import faults
 from kvtransfer.layout import KVTransferError, export_pages, make_header
-from kvtransfer.ticket import EarlyAborts, Ticket
+from kvtransfer.ticket import RecentLegs, Ticket
 from kvtransfer.worker_spec import WorkerSpec
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ class PrefillWorker:
         self.device = torch.device(spec.device)
         self.loop = EngineLoop(self.engine, lambda outputs: None)
         self._waiters: dict[str, Future] = {}  # request id -> (token, logprob, payload)
-        self.early_aborts = EarlyAborts()  # legs aborted before their prefill call arrived
+        self.early_aborts = RecentLegs()  # legs aborted before their prefill call arrived
         self._transfers: set[asyncio.Task] = set()
         self.sender = None
         self.prefilled = 0

@@ -27,6 +27,7 @@ from engine.sampling import SamplingParams
 from engine.textstream import TextStream
 from engine.tokenizer import TextTokenizer
 from kvtransfer import faults
+from kvtransfer.ticket import RecentLegs
 from protos.miniinfer.v1 import miniinfer_pb2 as pb
 from protos.miniinfer.v1 import miniinfer_pb2_grpc as pb_grpc
 from router.policy import DecodeView, PrefillView, choose_decode, choose_prefill
@@ -75,6 +76,11 @@ class Active:
         self.leg_id = self.leg_id or self.request_id
 
 
+def _abort_item() -> dict:
+    """The last output item of a request ended by Abort."""
+    return {"token_ids": [], "logprobs": None, "finished": True, "finish_reason": "abort"}
+
+
 class LegLost(Exception):
     """A worker of this attempt died or failed it: the router may re-prefill elsewhere."""
 
@@ -98,7 +104,7 @@ class Router:
         self._bg: list[asyncio.Task] = []
         self._stopped = False
         self._aborts: set[asyncio.Task] = set()  # aborts sent from where no one could wait for them
-        self._orphans: dict[str, float] = {}  # leg id -> when its workers were last told to drop it
+        self._aborted = RecentLegs(ttl_s=1.0)  # legs whose workers were told to drop them, lately
         self._leg_seq = itertools.count(1)
         self.orphans_reaped = 0  # legs a worker ran that no request here owned (status, tests)
         self.health: health.aio.HealthServicer | None = None
@@ -193,21 +199,15 @@ class Router:
         their way when a leg was aborted do not count: every abort is noted, and a leg is
         an orphan only if it still steps a second after its last abort. At most one abort
         per leg a second, and the memory of them stays bounded."""
-        if time.monotonic() - self._orphans.get(leg, -1e9) < 1.0:
+        if self._aborted.seen(leg):
             return
         self.orphans_reaped += 1
         log.warning("worker %s is running %s, which no request owns: aborting it", w.worker_id, leg)
-        self._note_aborted(leg)
+        self._aborted.note(leg)
         try:
             self._spawn_abort(call(w.handle.abort.remote(leg), self.config.call_timeout_s))
         except Exception as e:  # noqa: BLE001 - never let the poller die of it
             log.warning("could not abort %s on %s: %s", leg, w.worker_id, e)
-
-    def _note_aborted(self, leg: str) -> None:
-        now = time.monotonic()
-        if len(self._orphans) >= 4096:
-            self._orphans = {k: t for k, t in self._orphans.items() if now - t < 1.0}
-        self._orphans[leg] = now
 
     # ---- one request ----
 
@@ -273,7 +273,7 @@ class Router:
             except LegLost as e:
                 await self._drop_leg(a)
                 if a.aborted:  # the attempt was lost because Abort took its legs down
-                    yield {"token_ids": [], "logprobs": None, "finished": True, "finish_reason": "abort"}
+                    yield _abort_item()
                     return
                 a.attempts += 1
                 self.retries += 1
@@ -314,7 +314,7 @@ class Router:
                 raise LegLost(f"decode worker {d.worker_id} failed: {type(e).__name__}") from None
             if "error" in ticket:
                 if a.aborted:  # the Abort RPC overtook the reserve, which the worker then refused
-                    yield {"token_ids": [], "logprobs": None, "finished": True, "finish_reason": "abort"}
+                    yield _abort_item()
                     return
                 raise LegError(grpc.StatusCode.RESOURCE_EXHAUSTED, ticket["error"])
             first = await self._prefill(a, ids, pdict, ticket, d, deadline)
@@ -381,7 +381,7 @@ class Router:
                 raise LegError(grpc.StatusCode.UNAVAILABLE, str(e)) from None
             if "error" in res:
                 if a.aborted:  # the Abort RPC overtook the submit, which the worker then refused
-                    yield {"token_ids": [], "logprobs": None, "finished": True, "finish_reason": "abort"}
+                    yield _abort_item()
                     return
                 raise LegError(grpc.StatusCode[res.get("code", "RESOURCE_EXHAUSTED")], res["error"])
             a.prefilled = True
@@ -402,7 +402,7 @@ class Router:
 
     def _abort_calls(self, a: Active):
         """Send the abort of a's current leg to its workers now. -> an awaitable of the answers."""
-        self._note_aborted(a.leg_id)
+        self._aborted.note(a.leg_id)
         calls = []
         for wid in {a.decode_id, a.prefill_id} - {""}:
             w = self.table.get(wid)
@@ -515,7 +515,7 @@ class MiniInferService(pb_grpc.MiniInferServicer):
         await self.r.abort_legs(request.request_id)
         a = self.r.active.get(request.request_id)
         if a is not None:
-            a.queue.put_nowait({"token_ids": [], "logprobs": None, "finished": True, "finish_reason": "abort"})
+            a.queue.put_nowait(_abort_item())
         return pb.AbortResponse(found=found)
 
     async def Tokenize(self, request, context):  # noqa: N802

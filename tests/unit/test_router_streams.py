@@ -211,10 +211,10 @@ def test_fault_filters_name_the_client_id_and_see_through_the_attempt_tag():
 
 
 def test_early_abort_notes_are_taken_once_and_stay_bounded():
-    from kvtransfer.ticket import EarlyAborts
+    from kvtransfer.ticket import RecentLegs
 
     clock = [100.0]
-    e = EarlyAborts(ttl_s=10.0, limit=3, clock=lambda: clock[0])
+    e = RecentLegs(ttl_s=10.0, limit=3, clock=lambda: clock[0])
     e.note("a~1")
     assert e.take("a~1") and not e.take("a~1")  # refused once, then forgotten
     e.note("b~1")
