@@ -359,9 +359,12 @@ class DecodeWorker:
         tid = self.by_request.get(request_id)
         if tid is not None:
             return self._cancel_ticket(tid, "aborted")
+        # Noted before the engine is asked: a reserve still waiting for its pages, or one that
+        # arrives meanwhile, finds the note and is refused. Forgotten if the engine had it.
+        self.early_aborts.note(request_id)
         found = await asyncio.wrap_future(self.loop.submit(self.engine.abort, request_id))
-        if not found and request_id not in self.by_request:
-            self.early_aborts.note(request_id)  # its reserve may still be on its way
+        if found:
+            self.early_aborts.take(request_id)
         return found
 
     async def status(self) -> dict:

@@ -157,9 +157,11 @@ class PrefillWorker:
         fut = self._waiters.pop(request_id, None)
         if fut is not None and not fut.done():
             fut.set_exception(RuntimeError("aborted"))
+        if fut is None:  # its prefill call may still be on its way, or arrive while we wait below
+            self.early_aborts.note(request_id)
         found = await asyncio.wrap_future(self.loop.submit(self.engine.abort, request_id))
-        if fut is None and not found:
-            self.early_aborts.note(request_id)  # its prefill call may still be on its way
+        if found:
+            self.early_aborts.take(request_id)
         return found or fut is not None
 
     async def status(self) -> dict:

@@ -123,6 +123,23 @@ def test_an_abort_that_overtakes_its_reserve_refuses_the_late_reserve(worker):
     assert _run(worker, body) == (PAGES, 0)
 
 
+def test_an_abort_that_lands_while_its_reserve_waits_for_pages_refuses_it(worker):
+    """The reserve is already running (waiting for the engine thread to allocate) when its
+    abort arrives: the reserve must not register a ticket nobody will use."""
+    from dataclasses import asdict
+
+    async def body():
+        params = asdict(SamplingParams(max_tokens=4, temperature=0.0))
+        reserve = asyncio.ensure_future(worker.reserve("race~1", PROMPT, params, 30.0))
+        await asyncio.sleep(0)  # the reserve runs up to its wait for the allocation
+        assert await worker.abort("race~1") is False
+        refused = await reserve
+        assert refused.get("code") == "CANCELLED", refused
+        return await _free(worker), len(worker.pending), len(worker.early_aborts)
+
+    assert _run(worker, body) == (PAGES, 0, 0)
+
+
 def test_a_prefill_call_overtaken_by_its_abort_does_not_run():
     from dataclasses import asdict
 
