@@ -104,8 +104,8 @@ class Measurement:
 class OursRunner:
     name = "ours"
 
-    def __init__(self, transposed: bool = True) -> None:
-        cfg = EngineConfig(kv_dtype="auto", cpu_transposed_weights=transposed)
+    def __init__(self, transposed: bool = True, packed: bool = True) -> None:
+        cfg = EngineConfig(kv_dtype="auto", cpu_transposed_weights=transposed, cpu_packed_weights=packed)
         self.engine = LLMEngine.from_name(MODEL, cfg, quiet=True)
         self.model = self.engine.loaded.model
         self.tokenizer = self.engine.tokenizer
@@ -199,9 +199,11 @@ def copy_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes a decode step reads: every parameter storage once, but not the embedding table
-    when the LM head has its own copy (untied, or the CPU engine's transposed head): the
-    step only gathers a row of it. A tied, untransposed embedding is the head: counted once."""
+    """Bytes a batch-1 decode step reads: every parameter storage once, but not the embedding
+    table when the LM head has its own copy (untied, or the CPU engine's transposed head):
+    the step only gathers a row of it. A tied, untransposed embedding is the head: counted
+    once. A linear layer that decodes from packed GGUF blocks (kernels/cpu_quant.py) reads
+    those instead of its dense copy."""
     seen: dict[int, int] = {}
     for p in model.parameters():
         seen[p.untyped_storage().data_ptr()] = p.untyped_storage().nbytes()
@@ -210,6 +212,10 @@ def weight_bytes(model: torch.nn.Module) -> int:
         table = embed.weight.untyped_storage().data_ptr()
         if head.weight.untyped_storage().data_ptr() != table:
             seen.pop(table, None)
+    for mod in model.modules():
+        packed = getattr(mod, "packed", None)
+        if packed is not None:
+            seen[mod.w_t.untyped_storage().data_ptr()] = packed.nbytes
     return sum(seen.values())
 
 
@@ -270,6 +276,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--compare-layout", action="store_true",
                     help="also run our engine with nn.Linear's [out, in] weights (the layout before "
                          "CPULinear), in the same run")
+    ap.add_argument("--compare-dense", action="store_true",
+                    help="also run our engine with dense fp32 matmuls only (no packed GGUF blocks, "
+                         "kernels/cpu_quant.py), in the same run")
     ap.add_argument("--json-out", default=None, help="also write the JSON lines to this file")
     args = ap.parse_args(argv)
     try:
@@ -294,8 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     plain = None
     if args.compare_layout:
         progress(f"loading {MODEL} again, with the [out, in] weight layout")
-        plain = OursRunner(transposed=False)
-        plain.name = "ours-[out,in]"
+        plain = OursRunner(transposed=False, packed=False)
+        plain.name, plain.label = "ours-[out,in]", "nn.Linear"
+    elif args.compare_dense:
+        progress(f"loading {MODEL} again, with dense fp32 matmuls only")
+        plain = OursRunner(packed=False)
+        plain.name, plain.label = "ours-dense", "dense"
     floor_ms = 1e3 * weight_bytes(ours.model) / bandwidth
     out.emit(
         _record(
@@ -316,12 +329,12 @@ def main(argv: list[str] | None = None) -> int:
         row = _row(mine, ref, floor_ms)
         if plain is not None:
             old, old_tokens = measure(plain, batch_prompts, n, args.repeats)
-            out.emit({**old.record(), "layout": "nn.Linear", "vs_ours": token_agreement(mine_tokens, old_tokens)})
+            out.emit({**old.record(), "layout": plain.label, "vs_ours": token_agreement(mine_tokens, old_tokens)})
             row += [old.ms_per_step, f"{old.ms_per_step / mine.ms_per_step:.2f}x"]
         rows.append(row)
     out.emit(_record("end", loadavg_1m=machine_info()["loadavg_1m"]))
     out.close()
-    _print_table(rows, plain is not None)
+    _print_table(rows, plain.label if plain is not None else None)
     return 0
 
 
@@ -342,10 +355,12 @@ def _record(kind: str, **fields) -> dict:
     return {"bench": "cpu_decode", "kind": kind, **fields}
 
 
-def _print_table(rows: list[list], layouts: bool = False) -> None:
+def _print_table(rows: list[list], other: str | None = None) -> None:
     headers = ["batch", "N", "ours tok/s", "HF tok/s", "ratio", "ours ms/step", "floor ms/step"]
-    if layouts:
+    if other == "nn.Linear":
         headers += ["[out,in] ms/step", "layout speed-up"]
+    elif other == "dense":
+        headers += ["dense ms/step", "packed speed-up"]
     print()
     print("decode tok/s = batch*(N-1)/(t_total - t_prefill); floor = weight bytes / copy bandwidth")
     print(format_table(headers, rows))

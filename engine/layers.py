@@ -83,33 +83,51 @@ class CPULinear(nn.Module):
     a chain of GEMVs): measured on the 2-core CI machine, SmolLM2's 30 layers + LM head take
     1.35-1.57x less time than through `F.linear` with [out, in] weights; prefill 1.19x less;
     batch 8-32 is within 8% either way (docs/PERF.md, CPU decode). `weight` stays readable.
+
+    packed: the weight's GGUF blocks (`kernels.cpu_quant.PackedWeight`, bit-exact), used for
+    inputs of at most `PACKED_MAX_ROWS` rows (decode), where streaming 5-8.5 bits a weight
+    instead of 32 wins; longer inputs (prefill) keep the dense matmul, which wins there.
     """
+
+    PACKED_MAX_ROWS = 16  # measured: packed 1.2-4x faster up to 16 rows, 0.85x at 32
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.w_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
         self.bias = linear.bias
+        self.packed = None  # kernels.cpu_quant.PackedWeight, set by transpose_linears
 
     @property
     def weight(self) -> torch.Tensor:
         return self.w_t.t()  # [out, in] view, as nn.Linear's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.w_t
+        if self.packed is not None and x.numel() <= self.PACKED_MAX_ROWS * x.shape[-1]:
+            y = self.packed.matmul(x)
+        else:
+            y = x @ self.w_t
         return y if self.bias is None else y + self.bias
 
 
-def transpose_linears(model: nn.Module) -> int:
+def transpose_linears(model: nn.Module, pack: bool = False) -> int:
     """Swap every `nn.Linear` in model for a `CPULinear`, in place (idempotent); -> how many.
 
     Each old weight is released as soon as its copy exists, so the peak is one layer over.
     A tied LM head gets its own transposed copy; the embedding keeps its rows. Afterwards
     the model's parameters are named `*.w_t` ([in, out]): load weights before, not after.
+    pack: also keep each weight's GGUF blocks where they rebuild it exactly (weights loaded
+    from a Q4_1 / Q8_0 GGUF) and the C kernel builds here (`kernels.cpu_quant`).
     """
+    from kernels import cpu_quant
+
+    pack = pack and cpu_quant.available()
     slots = [(parent, name) for parent in model.modules()
              for name, child in parent.named_children() if isinstance(child, nn.Linear)]
     for parent, name in slots:
         setattr(parent, name, CPULinear(getattr(parent, name)))
+    for layer in model.modules():  # a model that an earlier engine transposed follows this one
+        if isinstance(layer, CPULinear) and pack != (layer.packed is not None):
+            layer.packed = cpu_quant.pack(layer.weight) if pack else None
     return len(slots)
 
 

@@ -36,6 +36,7 @@ class EngineConfig:
     cuda_graphs: bool = True  # on CUDA, replay decode steps from CUDA graphs captured at start
     max_graph_batch_size: int = 256  # largest captured decode batch (capped by max_num_seqs)
     cpu_transposed_weights: bool = True  # on CPU, linear weights kept [in, out] (engine.layers.CPULinear)
+    cpu_packed_weights: bool = True  # ... and GGUF-quantized ones also packed (kernels/cpu_quant.py)
     # speculative decoding (engine/spec/): off unless spec_drafter is "ngram" or "draft"
     spec_drafter: str = "none"  # none | ngram (prompt lookup) | draft (a small draft model)
     spec_k: int = 4  # tokens drafted and verified per decode step
@@ -100,7 +101,7 @@ class LLMEngine:
         )
         self.backend = select_backend(self.device, config.attention_backend)
         if self.device.type == "cpu" and config.cpu_transposed_weights:  # batch-1 decode is GEMVs:
-            transpose_linears(loaded.model)  # the faster weight layout there (in place)
+            transpose_linears(loaded.model, pack=config.cpu_packed_weights)  # faster layouts (in place)
         self.runner = ModelRunner(loaded.model, self.cache, self.device, self.backend)
         self.runner.spec = build_spec_decoder(config, loaded.model, self.runner, kv_dtype, self.device,
                                               self.backend)

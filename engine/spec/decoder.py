@@ -190,7 +190,7 @@ def build_spec_decoder(config, target, runner, kv_dtype: torch.dtype, device, ba
             if torch.device(device).type == "cpu" and config.cpu_transposed_weights:
                 from engine.layers import transpose_linears
 
-                transpose_linears(draft)  # the target's CPU weight layout (engine/llm.py)
+                transpose_linears(draft, pack=config.cpu_packed_weights)  # as the target's (engine/llm.py)
             if draft.cfg.vocab_size != target.cfg.vocab_size:
                 raise ValueError(
                     f"spec_draft_model: vocabulary {draft.cfg.vocab_size} differs from the target's "
