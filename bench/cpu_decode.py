@@ -104,8 +104,9 @@ class Measurement:
 class OursRunner:
     name = "ours"
 
-    def __init__(self, transposed: bool = True, packed: bool = True) -> None:
-        cfg = EngineConfig(kv_dtype="auto", cpu_transposed_weights=transposed, cpu_packed_weights=packed)
+    def __init__(self, transposed: bool = True, c_kernels: bool = True) -> None:
+        cfg = EngineConfig(kv_dtype="auto", cpu_transposed_weights=transposed,
+                           cpu_packed_weights=c_kernels, cpu_kernels=c_kernels)
         self.engine = LLMEngine.from_name(MODEL, cfg, quiet=True)
         self.model = self.engine.loaded.model
         self.tokenizer = self.engine.tokenizer
@@ -202,7 +203,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes a batch-1 decode step reads: every parameter storage once, but not the embedding
     table when the LM head has its own copy (untied, or the CPU engine's transposed head):
     the step only gathers a row of it. A tied, untransposed embedding is the head: counted
-    once. A linear layer that decodes from packed GGUF blocks (kernels/cpu_quant.py) reads
+    once. A linear layer that decodes from packed GGUF blocks (kernels/cpu.py) reads
     those instead of its dense copy."""
     seen: dict[int, int] = {}
     for p in model.parameters():
@@ -277,8 +278,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="also run our engine with nn.Linear's [out, in] weights (the layout before "
                          "CPULinear), in the same run")
     ap.add_argument("--compare-dense", action="store_true",
-                    help="also run our engine with dense fp32 matmuls only (no packed GGUF blocks, "
-                         "kernels/cpu_quant.py), in the same run")
+                    help="also run our engine without its C kernels (kernels/cpu.c): dense fp32 "
+                         "matmuls and the torch reference ops, in the same run")
     ap.add_argument("--json-out", default=None, help="also write the JSON lines to this file")
     args = ap.parse_args(argv)
     try:
@@ -303,12 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     plain = None
     if args.compare_layout:
         progress(f"loading {MODEL} again, with the [out, in] weight layout")
-        plain = OursRunner(transposed=False, packed=False)
+        plain = OursRunner(transposed=False, c_kernels=False)
         plain.name, plain.label = "ours-[out,in]", "nn.Linear"
     elif args.compare_dense:
-        progress(f"loading {MODEL} again, with dense fp32 matmuls only")
-        plain = OursRunner(packed=False)
-        plain.name, plain.label = "ours-dense", "dense"
+        progress(f"loading {MODEL} again, without the C kernels (dense matmuls, torch ops)")
+        plain = OursRunner(c_kernels=False)
+        plain.name, plain.label = "ours-torch", "torch"
     floor_ms = 1e3 * weight_bytes(ours.model) / bandwidth
     out.emit(
         _record(
@@ -359,8 +360,8 @@ def _print_table(rows: list[list], other: str | None = None) -> None:
     headers = ["batch", "N", "ours tok/s", "HF tok/s", "ratio", "ours ms/step", "floor ms/step"]
     if other == "nn.Linear":
         headers += ["[out,in] ms/step", "layout speed-up"]
-    elif other == "dense":
-        headers += ["dense ms/step", "packed speed-up"]
+    elif other == "torch":
+        headers += ["torch-path ms/step", "C kernels speed-up"]
     print()
     print("decode tok/s = batch*(N-1)/(t_total - t_prefill); floor = weight bytes / copy bandwidth")
     print(format_table(headers, rows))

@@ -133,6 +133,27 @@ class TorchAttention(AttentionBackend):
         return paged_attention(q, cache, layer, meta)
 
 
+class CPUAttention(TorchAttention):
+    """The torch reference, but decode steps attend in one C call per layer
+    (kernels/cpu.c: pages read in place through the block table, no gather copy)."""
+
+    def __init__(self) -> None:
+        from kernels import cpu
+
+        self._k = cpu
+
+    def forward(self, q, k, v, cache, layer, meta):
+        cache.store(layer, k, v, meta.slots)
+        if meta.is_decode:
+            q = q.contiguous()
+            data = cache.data[layer]
+            scales = cache.scales[layer] if cache.quantized else None
+            if self._k.decode_attention_fits(q, data, scales, meta.block_tables, meta.ctx_lens_t):
+                return self._k.decode_attention(q, data, scales, meta.block_tables, meta.ctx_lens_t,
+                                                max(meta.ctx_lens))
+        return paged_attention(q, cache, layer, meta)
+
+
 class TritonAttention(AttentionBackend):
     """kernels/: store_kv (int8 quantized on write), split-K decode, varlen paged prefill."""
 

@@ -1,8 +1,9 @@
 """Which code computes a step: the torch reference or the Triton kernels.
 
 Chosen once, when an engine is built, from its device: CPU keeps the torch reference
-(bit-for-bit what the HF parity tests check), CUDA takes the Triton kernels. Nothing
-else in the engine asks which device it is on.
+attention (what the HF parity tests check), with its norms, rotary, activation and decode
+attention in C (`CPUOps`, `CPUAttention`, kernels/cpu.c) unless told not to; CUDA takes
+the Triton kernels. Nothing else in the engine asks which device it is on.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention import AttentionBackend, TorchAttention, TritonAttention
-from engine.layers import TORCH_OPS, LayerOps, TritonOps
+from engine.attention import AttentionBackend, CPUAttention, TorchAttention, TritonAttention
+from engine.layers import TORCH_OPS, CPUOps, LayerOps, TritonOps
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -33,13 +34,21 @@ class Backend:
 TORCH_BACKEND = Backend("torch", TORCH_OPS, TorchAttention())
 
 
-def select_backend(device: torch.device | str, name: str = "auto") -> Backend:
-    """auto = triton on CUDA, torch elsewhere. triton on CPU needs TRITON_INTERPRET=1."""
+def select_backend(device: torch.device | str, name: str = "auto", cpu_kernels: bool = False) -> Backend:
+    """auto = triton on CUDA, torch elsewhere. triton on CPU needs TRITON_INTERPRET=1.
+    cpu_kernels: on CPU, the torch backend's norms, rotary and activation
+    (`engine.layers.CPUOps`) and decode attention (`CPUAttention`) go through the C kernels
+    when they build here."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
     device = torch.device(device)
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
+        if cpu_kernels and device.type == "cpu":
+            from kernels import cpu
+
+            if cpu.available():
+                return Backend("torch", CPUOps(), CPUAttention())
         return Backend("torch", TORCH_OPS, TorchAttention(), nvtx=device.type == "cuda")
     return Backend("triton", TritonOps(), TritonAttention(), nvtx=device.type == "cuda")

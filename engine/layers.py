@@ -84,7 +84,7 @@ class CPULinear(nn.Module):
     1.35-1.57x less time than through `F.linear` with [out, in] weights; prefill 1.19x less;
     batch 8-32 is within 8% either way (docs/PERF.md, CPU decode). `weight` stays readable.
 
-    packed: the weight's GGUF blocks (`kernels.cpu_quant.PackedWeight`, bit-exact), used for
+    packed: the weight's GGUF blocks (`kernels.cpu.PackedWeight`, bit-exact), used for
     inputs of at most `PACKED_MAX_ROWS` rows (decode), where streaming 5-8.5 bits a weight
     instead of 32 wins; longer inputs (prefill) keep the dense matmul, which wins there.
     """
@@ -95,7 +95,7 @@ class CPULinear(nn.Module):
         super().__init__()
         self.w_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
         self.bias = linear.bias
-        self.packed = None  # kernels.cpu_quant.PackedWeight, set by transpose_linears
+        self.packed = None  # kernels.cpu.PackedWeight, set by transpose_linears
 
     @property
     def weight(self) -> torch.Tensor:
@@ -116,18 +116,18 @@ def transpose_linears(model: nn.Module, pack: bool = False) -> int:
     A tied LM head gets its own transposed copy; the embedding keeps its rows. Afterwards
     the model's parameters are named `*.w_t` ([in, out]): load weights before, not after.
     pack: also keep each weight's GGUF blocks where they rebuild it exactly (weights loaded
-    from a Q4_1 / Q8_0 GGUF) and the C kernel builds here (`kernels.cpu_quant`).
+    from a Q4_1 / Q8_0 GGUF) and the C kernel builds here (`kernels.cpu`).
     """
-    from kernels import cpu_quant
+    from kernels import cpu as cpu_kernels
 
-    pack = pack and cpu_quant.available()
+    pack = pack and cpu_kernels.available()
     slots = [(parent, name) for parent in model.modules()
              for name, child in parent.named_children() if isinstance(child, nn.Linear)]
     for parent, name in slots:
         setattr(parent, name, CPULinear(getattr(parent, name)))
     for layer in model.modules():  # a model that an earlier engine transposed follows this one
         if isinstance(layer, CPULinear) and pack != (layer.packed is not None):
-            layer.packed = cpu_quant.pack(layer.weight) if pack else None
+            layer.packed = cpu_kernels.pack(layer.weight) if pack else None
     return len(slots)
 
 
@@ -160,6 +160,41 @@ class LayerOps:
 
 
 TORCH_OPS = LayerOps()
+
+
+class CPUOps(LayerOps):
+    """The same math through one C call per op (kernels/cpu.py) for fp32 contiguous CPU
+    tensors, the torch reference for anything else. At decode sizes each torch chain costs
+    tens of microseconds of dispatch on 2 cores (rotary ~140 us a layer): ~8 ms of a
+    SmolLM2 step. Rotary works in place on the fused qkv output, as TritonOps'."""
+
+    name = "cpu"
+
+    def __init__(self) -> None:
+        from kernels import cpu
+
+        self._k = cpu
+
+    def rmsnorm(self, x, weight, eps):
+        if self._k.fits(x, weight):
+            return self._k.rmsnorm(x, weight, eps)[0]
+        return super().rmsnorm(x, weight, eps)
+
+    def add_rmsnorm(self, x, residual, weight, eps):
+        if self._k.fits(x, residual, weight) and x.shape == residual.shape:
+            return self._k.rmsnorm(x, weight, eps, residual)
+        return super().add_rmsnorm(x, residual, weight, eps)
+
+    def rotary(self, positions, q, k, cos, sin):
+        if self._k.rotary_fits(positions, q, k, cos, sin):
+            self._k.rotary_(positions, q, k, cos, sin)
+            return q, k
+        return super().rotary(positions, q, k, cos, sin)
+
+    def silu_and_mul(self, x):
+        if self._k.fits(x):
+            return self._k.silu_and_mul(x)
+        return super().silu_and_mul(x)
 
 
 class TritonOps(LayerOps):

@@ -36,7 +36,8 @@ class EngineConfig:
     cuda_graphs: bool = True  # on CUDA, replay decode steps from CUDA graphs captured at start
     max_graph_batch_size: int = 256  # largest captured decode batch (capped by max_num_seqs)
     cpu_transposed_weights: bool = True  # on CPU, linear weights kept [in, out] (engine.layers.CPULinear)
-    cpu_packed_weights: bool = True  # ... and GGUF-quantized ones also packed (kernels/cpu_quant.py)
+    cpu_packed_weights: bool = True  # ... and GGUF-quantized ones also packed (kernels/cpu.py)
+    cpu_kernels: bool = True  # on CPU, norms / rotary / activation through kernels/cpu.c (CPUOps)
     # speculative decoding (engine/spec/): off unless spec_drafter is "ngram" or "draft"
     spec_drafter: str = "none"  # none | ngram (prompt lookup) | draft (a small draft model)
     spec_k: int = 4  # tokens drafted and verified per decode step
@@ -99,7 +100,7 @@ class LLMEngine:
             eos,
             num_spec_tokens=0 if config.spec_drafter == "none" else config.spec_k,
         )
-        self.backend = select_backend(self.device, config.attention_backend)
+        self.backend = select_backend(self.device, config.attention_backend, config.cpu_kernels)
         if self.device.type == "cpu" and config.cpu_transposed_weights:  # batch-1 decode is GEMVs:
             transpose_linears(loaded.model, pack=config.cpu_packed_weights)  # faster layouts (in place)
         self.runner = ModelRunner(loaded.model, self.cache, self.device, self.backend)

@@ -1,13 +1,19 @@
-"""Block-quantized linear layers for the CPU engine (GGUF Q4_1 / Q8_0 weights, kept packed).
+"""C kernels for the CPU engine (`cpu.c`): block-quantized matmuls and the element-wise ops.
+
+Packed weights (GGUF Q4_1 / Q8_0, kept as blocks):
 
 The bundled SmolLM2 GGUF stores its layers in Q4_1 (5 bits a weight) and its embedding /
 LM head in Q8_0 (8.5 bits). Dequantized to fp32 they are 538 MB that every batch-1 decode
 step must stream; packed they are 96 MB. `pack()` finds that packed form back from the
 fp32 weights (only when it reproduces every weight bit for bit, so nothing about the model
 changes), and `PackedWeight.matmul` computes `x @ W^T` from it with the C kernel in
-`cpu_quant.c`, built at first use with the machine's C compiler (`cc`) into
+`cpu.c`, built at first use with the machine's C compiler (`cc`) into
 `~/.cache/miniinfer` (`MINIINFER_CACHE`). No compiler, a failed build, or
-`MINIINFER_CPU_QUANT=0`: `available()` is False and callers keep the dense fp32 path.
+`MINIINFER_CPU_KERNELS=0`: `available()` is False and callers keep the dense fp32 path.
+
+Element-wise ops (`rmsnorm`, `rotary_`, `silu_and_mul`): one call each instead of a chain
+of small torch ops, for fp32 contiguous CPU tensors (`engine.layers.CPUOps` checks and
+falls back to the torch reference otherwise).
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ import torch
 log = logging.getLogger(__name__)
 
 BLOCK = 32
-_SOURCE = Path(__file__).with_name("cpu_quant.c")
+_SOURCE = Path(__file__).with_name("cpu.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+_LIBS = ["-lm"]
 _lock = threading.Lock()
 _libs: dict[bool, ctypes.CDLL | None] = {}
 
@@ -45,7 +52,7 @@ def _cpu_flags() -> str:
 
 
 def _build(scalar: bool) -> Path:
-    """Compile cpu_quant.c (once per source, flags, compiler and CPU) -> the .so path."""
+    """Compile cpu.c (once per source, flags, compiler and CPU) -> the .so path."""
     cc = os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler ({cc!r} not on PATH)")
@@ -54,14 +61,14 @@ def _build(scalar: bool) -> Path:
         b"\0".join([_SOURCE.read_bytes(), " ".join(flags).encode(), cc.encode(), _cpu_flags().encode()])
     ).hexdigest()[:16]
     cache = Path(os.environ.get("MINIINFER_CACHE", "~/.cache/miniinfer")).expanduser()
-    out = cache / f"cpu_quant-{key}.so"
+    out = cache / f"miniinfer_cpu-{key}.so"
     if out.exists():
         return out
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # then an atomic rename: workers race
     os.close(fd)
     try:
-        res = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True,
+        res = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp, *_LIBS], capture_output=True, text=True,
                              timeout=120)
         if res.returncode != 0:
             raise RuntimeError(f"{cc} failed on {_SOURCE.name}: {res.stderr.strip()[-2000:]}")
@@ -76,16 +83,23 @@ def _load(scalar: bool = False) -> ctypes.CDLL | None:
     with _lock:
         if scalar not in _libs:
             _libs[scalar] = None
-            if os.environ.get("MINIINFER_CPU_QUANT", "1") != "0":
+            if os.environ.get("MINIINFER_CPU_KERNELS", "1") != "0":
                 try:
                     lib = ctypes.CDLL(str(_build(scalar)))
                     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
                     lib.miniinfer_q4_1_gemm.argtypes = [p, i64, i64, p, p, p, i64, p, i32]
                     lib.miniinfer_q8_0_gemm.argtypes = [p, i64, i64, p, p, i64, p, i32]
-                    lib.miniinfer_q4_1_gemm.restype = lib.miniinfer_q8_0_gemm.restype = None
+                    f32 = ctypes.c_float
+                    lib.miniinfer_rmsnorm.argtypes = [p, p, p, p, p, i64, i64, f32, i32]
+                    lib.miniinfer_rotary.argtypes = [p, i64, i64, p, i64, i64, i64, i64, p, p, p]
+                    lib.miniinfer_silu_mul.argtypes = [p, p, i64, i64, i32]
+                    lib.miniinfer_decode_attention.argtypes = [p, p, p, i32, p, i64, p, i64, i64, i64, i64,
+                                                               i64, f32, p, i64, p, i32]
+                    for fn in ("q4_1_gemm", "q8_0_gemm", "rmsnorm", "rotary", "silu_mul", "decode_attention"):
+                        getattr(lib, f"miniinfer_{fn}").restype = None
                     _libs[scalar] = lib
                 except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                    log.warning("packed CPU weights off (dense fp32 matmuls instead): %s", e)
+                    log.warning("CPU kernels off (the torch reference runs instead): %s", e)
         return _libs[scalar]
 
 
@@ -97,7 +111,7 @@ def available() -> bool:
 def simd() -> bool:
     """True when the loaded kernel uses AVX2 + FMA (else its portable C loops)."""
     lib = _load()
-    return bool(lib is not None and lib.miniinfer_cpu_quant_simd())
+    return bool(lib is not None and lib.miniinfer_cpu_simd())
 
 
 @dataclass
@@ -128,7 +142,7 @@ class PackedWeight:
         """x [..., K] fp32 -> x @ W^T [..., N] fp32. scalar: the portable build (tests)."""
         lib = _load(scalar)
         if lib is None:
-            raise RuntimeError("the packed CPU kernel is not available (see kernels/cpu_quant.py)")
+            raise RuntimeError("the CPU kernels are not available (see kernels/cpu.py)")
         if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != self.k:
             raise ValueError(f"expected fp32 CPU input [..., {self.k}], got {x.dtype} {tuple(x.shape)} on {x.device}")
         x2 = x.reshape(-1, self.k).contiguous()
@@ -208,3 +222,83 @@ def pack(w: torch.Tensor) -> PackedWeight | None:
         return PackedWeight("q4_1", _pack_nibbles(q.reshape(n, k)), d.reshape(n, -1).contiguous(),
                             m.reshape(n, -1).contiguous(), n, k)
     return None
+
+
+# ---- element-wise ops (fp32, contiguous rows; callers check `fits`) ----
+
+
+def fits(*tensors: torch.Tensor) -> bool:
+    """True when the kernels here take these tensors: fp32, on the CPU, contiguous."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """x [..., N] -> (w * rmsnorm(r), r) with r = x (+ residual); r is x itself without one."""
+    lib = _load()
+    n = x.shape[-1]
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(x) if residual is not None else x
+    lib.miniinfer_rmsnorm(x.data_ptr(), residual.data_ptr() if residual is not None else None,
+                          res_out.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n,
+                          eps, torch.get_num_threads())
+    return out, res_out
+
+
+def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor) -> None:
+    """Neox rotary in place: q [T, H, D], k [T, Hkv, D] (heads contiguous, rows strided, e.g.
+    views of the fused qkv output); cos/sin [P, D]; positions [T] int64."""
+    lib = _load()
+    t, h, d = q.shape
+    lib.miniinfer_rotary(q.data_ptr(), q.stride(0), h, k.data_ptr(), k.stride(0), k.shape[1], t, d,
+                         cos.data_ptr(), sin.data_ptr(), positions.data_ptr())
+
+
+def rotary_fits(positions, q, k, cos, sin) -> bool:
+    return (
+        fits(cos, sin)
+        and all(x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 3 and x.stride(2) == 1
+                and x.stride(1) == x.shape[2] for x in (q, k))
+        and q.shape[2] == k.shape[2] == cos.shape[1] and q.shape[0] == k.shape[0] == positions.shape[0]
+        and positions.dtype == torch.int64 and positions.is_contiguous()
+    )
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [..., 2I] -> silu(x[..., :I]) * x[..., I:]."""
+    lib = _load()
+    i = x.shape[-1] // 2
+    out = x.new_empty(*x.shape[:-1], i)
+    lib.miniinfer_silu_mul(x.data_ptr(), out.data_ptr(), x.numel() // (2 * i), i, torch.get_num_threads())
+    return out
+
+
+def decode_attention(q: torch.Tensor, data: torch.Tensor, scales: torch.Tensor | None,
+                     block_tables: torch.Tensor, ctx_lens: torch.Tensor, max_ctx: int) -> torch.Tensor:
+    """q [B, H, D] fp32 over one cache layer `data` [2, P, 16, Hkv, D] (fp32, or int8 with
+    `scales` [2, P, 16, Hkv]); block_tables [B, maxp] and ctx_lens [B] int64, every
+    ctx_len in 1..max_ctx -> [B, H, D]. Softmax scale 1/sqrt(D)."""
+    lib = _load()
+    b, h, d = q.shape
+    _, pages, _, hkv, _ = data.shape
+    out = torch.empty_like(q)
+    scratch = torch.empty(b * h * max_ctx, dtype=torch.float32)
+    lib.miniinfer_decode_attention(
+        q.data_ptr(), data.data_ptr(), scales.data_ptr() if scales is not None else None,
+        int(scales is not None), block_tables.data_ptr(), block_tables.shape[1], ctx_lens.data_ptr(),
+        b, h, hkv, d, pages, 1.0 / d**0.5, scratch.data_ptr(), max_ctx, out.data_ptr(),
+        torch.get_num_threads())
+    return out
+
+
+def decode_attention_fits(q, data, scales, block_tables, ctx_lens) -> bool:
+    """True when `decode_attention` takes these (CPU, contiguous, fp32 q, fp32 or int8 cache)."""
+    if not all(t.device.type == "cpu" and t.is_contiguous() for t in (q, data, block_tables, ctx_lens)):
+        return False
+    if q.dtype != torch.float32 or q.dim() != 3 or q.shape[2] > 1024:
+        return False
+    if block_tables.dtype != torch.int64 or ctx_lens.dtype != torch.int64:
+        return False
+    if data.dtype == torch.float32:
+        return True
+    return data.dtype == torch.int8 and scales is not None and fits(scales)
