@@ -219,19 +219,27 @@ def first_request(engine: LLMEngine, prompt_len: int = 128, new_tokens: int = 48
     }
 
 
-def profile_steps(engine: LLMEngine, out_dir: str, steps: int) -> str:
-    """A torch profiler (chrome) trace of `steps` decode steps, with NVTX step/layer ranges."""
+def profile_steps(engine: LLMEngine, out_dir: str, steps: int, batch: int = 8, ctx: int = 512,
+                  name: str = "smollm2") -> str:
+    """A torch profiler (chrome) trace of `steps` decode steps, with NVTX step/layer ranges;
+    also prints the kernels that took the most GPU time (per step)."""
     from torch.profiler import ProfilerActivity, profile
 
     os.makedirs(out_dir, exist_ok=True)
-    sb = decode_batch(engine, 8, 512, seed=3)
+    sb = decode_batch(engine, batch, ctx, seed=3)
     engine.runner.execute(sb)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             engine.runner.execute(sb)
         sync()
-    path = os.path.join(out_dir, "decode_trace.json")
+    path = os.path.join(out_dir, f"decode_trace_{name}_b{batch}.json")
     prof.export_chrome_trace(path)
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels.sort(key=lambda e: e.device_time_total, reverse=True)
+    total = sum(e.device_time_total for e in kernels) / steps
+    print(f"# {name} b{batch} ctx{ctx}: GPU kernel time {total / 1e3:.3f} ms/step, top kernels:")
+    for e in kernels[:14]:
+        print(f"#   {e.device_time_total / steps / 1e3:8.4f} ms  {e.count // steps:5d}x  {e.key[:90]}")
     release(engine, sb)
     return path
 
@@ -468,6 +476,10 @@ def section_8b(args, bw: float, hf_jobs: list) -> None:
     row(f"8B b1 ctx{ctx}: ours {mode(engine)}", g, "ms/step", f"{g / floor:.2f}x floor")
     row(f"8B b1 ctx{ctx}: ours eager", e, "ms/step", "")
     row(f"8B b1 ctx{ctx}: floor", floor, "ms/step", "bytes / copy bw")
+    if args.profile_dir:
+        path = guarded("profile 8B", profile_steps, engine, args.profile_dir, args.profile_steps, 1, ctx, "8b")
+        if path:
+            emit("profile", "llama3_8b", path=path)
     hf = None if args.skip_hf else guarded("HF model (8B)", hf_model, model, shape)
     if hf is not None:
         r = guarded("8B HF eager", hf_step_ms, hf, 1, ctx, args.hf_tokens, cfg.vocab_size, "eager")

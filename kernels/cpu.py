@@ -51,6 +51,21 @@ def _cpu_flags() -> str:
     return ""
 
 
+def _cache_dir() -> Path:
+    """$MINIINFER_CACHE, else ~/.cache/miniinfer, else a folder in the temp dir (read-only home)."""
+    for d in (os.environ.get("MINIINFER_CACHE"), "~/.cache/miniinfer",
+              os.path.join(tempfile.gettempdir(), f"miniinfer-{os.getuid()}")):
+        if d:
+            path = Path(d).expanduser()
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                continue
+            if os.access(path, os.W_OK):
+                return path
+    raise RuntimeError("no writable folder for the compiled kernels (set MINIINFER_CACHE)")
+
+
 def _build(scalar: bool) -> Path:
     """Compile cpu.c (once per source, flags, compiler and CPU) -> the .so path."""
     cc = os.environ.get("CC", "cc")
@@ -60,11 +75,10 @@ def _build(scalar: bool) -> Path:
     key = hashlib.sha256(
         b"\0".join([_SOURCE.read_bytes(), " ".join(flags).encode(), cc.encode(), _cpu_flags().encode()])
     ).hexdigest()[:16]
-    cache = Path(os.environ.get("MINIINFER_CACHE", "~/.cache/miniinfer")).expanduser()
+    cache = _cache_dir()
     out = cache / f"miniinfer_cpu-{key}.so"
     if out.exists():
         return out
-    cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)  # then an atomic rename: workers race
     os.close(fd)
     try:

@@ -181,3 +181,23 @@ def test_smollm2_engine_through_the_c_kernels_gives_the_torch_path_tokens(smollm
         out[fast] = [c.token_ids for c in eng.generate(prompts, params)]
     assert out[True] == out[False]
     transpose_linears(smollm2.model, pack=True)  # leave the shared model as the default engine has it
+
+
+@pytest.mark.parametrize("env", [{"MINIINFER_CPU_KERNELS": "0"}, {"CC": "false"}], ids=["off", "cc-fails"])
+def test_without_the_kernels_the_engine_takes_the_torch_path(monkeypatch, tmp_path, caplog, env):
+    from engine.backend import select_backend
+
+    monkeypatch.setattr(cpu_kernels, "_libs", {})  # forget the build this process loaded
+    monkeypatch.setenv("MINIINFER_CACHE", str(tmp_path))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert not cpu_kernels.available()
+    backend = select_backend("cpu", cpu_kernels=True)
+    assert backend.ops is TORCH_OPS and type(backend.attn).__name__ == "TorchAttention"
+    model = nn.Sequential(nn.Linear(64, 8))
+    with torch.no_grad():
+        model[0].weight.copy_(gguf_weights(8, 64, QT.Q8_0))
+    transpose_linears(model, pack=True)
+    assert model[0].packed is None  # dense, and still right
+    if "CC" in env:
+        assert "CPU kernels off" in caplog.text and "false failed" in caplog.text
