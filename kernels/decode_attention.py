@@ -8,7 +8,8 @@ the partials of each (sequence, head).
 
 The number of partitions comes from block_tables.shape[1] (the largest context the table
 can describe), never from ctx_lens' values: no host sync, and the launch is the same on
-every CUDA-graph replay. Partitions past a sequence's length exit at once.
+every CUDA-graph replay. Partitions past a sequence's length exit at once, and the merge
+reads only the partitions its context reaches.
 
 int8 caches are dequantized in the kernel: scores = (q . k_int8) * k_scale and the
 value scale is folded into the probabilities. Accumulation is fp32. A sequence with
@@ -71,6 +72,8 @@ def _decode_partition_kernel(
     num_parts = tl.num_programs(2)
     ctx = tl.load(ctx_lens_ptr + b).to(tl.int32)
     start = part * PARTITION_SIZE
+    if start >= ctx:  # past this sequence's context: the reduce never reads this partition
+        return
     end = tl.minimum(start + PARTITION_SIZE, ctx)
 
     g = tl.arange(0, BLOCK_G)
@@ -124,12 +127,14 @@ def _decode_reduce_kernel(
     mid_out_ptr,
     mid_max_ptr,
     mid_sum_ptr,
+    ctx_lens_ptr,
     out_ptr,
     out_b_stride,
     out_h_stride,
     num_heads,
     num_parts,
     head_dim,
+    PARTITION_SIZE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -138,11 +143,15 @@ def _decode_reduce_kernel(
     base = (b * num_heads + h) * num_parts
     d = tl.arange(0, BLOCK_D)
     d_mask = d < head_dim
+    # only the partitions this sequence's context reaches: the table (and so num_parts) is
+    # sized for the longest context a graph serves, often many times the real one
+    ctx = tl.load(ctx_lens_ptr + b).to(tl.int32)
+    num_parts_used = tl.minimum((ctx + PARTITION_SIZE - 1) // PARTITION_SIZE, num_parts)
 
     m_run = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    for p0 in range(0, num_parts, BLOCK_P):
+    for p0 in range(0, num_parts_used, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        m = tl.load(mid_max_ptr + base + p, mask=p < num_parts, other=float("-inf"))
+        m = tl.load(mid_max_ptr + base + p, mask=p < num_parts_used, other=float("-inf"))
         m_run = tl.maximum(m_run, m)
     # all partitions empty (ctx_len == 0): a finite stand-in keeps exp2(-inf - m_max) at 0
     m_max = tl.max(m_run, axis=0)
@@ -150,9 +159,9 @@ def _decode_reduce_kernel(
 
     denom = tl.zeros([BLOCK_P], tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
-    for p0 in range(0, num_parts, BLOCK_P):
+    for p0 in range(0, num_parts_used, BLOCK_P):
         p = p0 + tl.arange(0, BLOCK_P)
-        p_mask = p < num_parts
+        p_mask = p < num_parts_used
         m = tl.load(mid_max_ptr + base + p, mask=p_mask, other=float("-inf"))
         l_p = tl.load(mid_sum_ptr + base + p, mask=p_mask, other=0.0)
         w = tl.exp2(m - m_max)  # [BLOCK_P]; empty partitions carry m = -inf: weight 0
@@ -247,12 +256,14 @@ def _decode_attention_op(
             mid_out,
             mid_max,
             mid_sum,
+            ctx_lens,
             out,
             out.stride(0),
             out.stride(1),
             h,
             num_parts,
             d,
+            PARTITION_SIZE=partition_size,
             BLOCK_P=min(32, triton.next_power_of_2(num_parts)),
             BLOCK_D=block_d,
             num_warps=num_warps,

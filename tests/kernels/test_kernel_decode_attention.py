@@ -56,6 +56,16 @@ def test_decode_single_partition(kv_dtype, device, make_layer, make_block_tables
     _check(2, 8, 2, 32, [40, 77], kv_dtype, torch.float32, device, make_layer, make_block_tables)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.int8])
+def test_decode_table_far_wider_than_the_contexts(kv_dtype, device, make_layer, make_block_tables):
+    """A graph's table is sized for its longest context: 16-token partitions, 40 pages, so
+    all but a few partitions are past every context and must be neither written nor merged."""
+    _check(
+        3, 8, 2, 32, [1, 20, 47], kv_dtype, torch.float32, device, make_layer, make_block_tables,
+        max_pages=40, num_pages=48, partition_size=16,
+    )  # fmt: skip
+
+
 def test_decode_int64_tables_and_garbage_padding(device, make_layer, make_block_tables):
     """Entries past a sequence's pages are never read, even when they are invalid page ids."""
     table = {"dtype": torch.int64, "pad": 10**9}
