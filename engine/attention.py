@@ -141,6 +141,7 @@ class CPUAttention(TorchAttention):
         from kernels import cpu
 
         self._k = cpu
+        self._meta, self._max_ctx = None, None  # the step whose tables were last checked
 
     def forward(self, q, k, v, cache, layer, meta):
         cache.store(layer, k, v, meta.slots)
@@ -149,8 +150,13 @@ class CPUAttention(TorchAttention):
             data = cache.data[layer]
             scales = cache.scales[layer] if cache.quantized else None
             if self._k.decode_attention_fits(q, data, scales, meta.block_tables, meta.ctx_lens_t):
-                return self._k.decode_attention(q, data, scales, meta.block_tables, meta.ctx_lens_t,
-                                                max(meta.ctx_lens))
+                if meta is not self._meta:  # the C code trusts every index: check once a step
+                    self._meta = meta
+                    self._max_ctx = self._k.decode_attention_bounds(meta.block_tables, meta.ctx_lens_t,
+                                                                    data.shape[1])
+                if self._max_ctx is not None:
+                    return self._k.decode_attention(q, data, scales, meta.block_tables, meta.ctx_lens_t,
+                                                    self._max_ctx)
         return paged_attention(q, cache, layer, meta)
 
 

@@ -102,8 +102,10 @@ class CPULinear(nn.Module):
         return self.w_t.t()  # [out, in] view, as nn.Linear's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and x.numel() <= self.PACKED_MAX_ROWS * x.shape[-1]:
-            y = self.packed.matmul(x)
+        packed = self.packed
+        if (packed is not None and x.numel() <= self.PACKED_MAX_ROWS * x.shape[-1]
+                and x.dtype == torch.float32 and x.device.type == "cpu"):
+            y = packed.matmul(x)
         else:
             y = x @ self.w_t
         return y if self.bias is None else y + self.bias
@@ -174,6 +176,7 @@ class CPUOps(LayerOps):
         from kernels import cpu
 
         self._k = cpu
+        self._positions, self._positions_ok = None, False  # one range check a step
 
     def rmsnorm(self, x, weight, eps):
         if self._k.fits(x, weight):
@@ -187,8 +190,13 @@ class CPUOps(LayerOps):
 
     def rotary(self, positions, q, k, cos, sin):
         if self._k.rotary_fits(positions, q, k, cos, sin):
-            self._k.rotary_(positions, q, k, cos, sin)
-            return q, k
+            if positions is not self._positions:  # every layer gets the step's tensor
+                self._positions = positions
+                self._positions_ok = positions.numel() == 0 or (
+                    int(positions.min()) >= 0 and int(positions.max()) < cos.shape[0])
+            if self._positions_ok:
+                self._k.rotary_(positions, q, k, cos, sin)
+                return q, k
         return super().rotary(positions, q, k, cos, sin)
 
     def silu_and_mul(self, x):

@@ -272,6 +272,10 @@ void miniinfer_decode_attention(const float *q, const void *data, const float *s
             const int64_t *tab = tables + b * maxp;
             const float *qg = q + (b * H + kh * G) * D;
             float *sc = scratch + (b * H + kh * G) * max_ctx;
+            if (L <= 0) { /* the caller rules this out; zeros rather than a read past the end */
+                for (int64_t i = 0; i < G * D; i++) out[(b * H + kh * G) * D + i] = 0.0f;
+                continue;
+            }
             for (int64_t t = 0; t < L; t++) {
                 const int64_t row = (tab[t / S] * S + t % S) * Hkv + kh;
                 const float *k = kv_row(data, scales, quantized, row, D, buf);

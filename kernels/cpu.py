@@ -51,19 +51,29 @@ def _cpu_flags() -> str:
     return ""
 
 
+def _private(path: Path) -> bool:
+    """Ours and writable by us alone: nobody else can plant a library we would load."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022 and os.access(path, os.W_OK)
+
+
 def _cache_dir() -> Path:
-    """$MINIINFER_CACHE, else ~/.cache/miniinfer, else a folder in the temp dir (read-only home)."""
+    """$MINIINFER_CACHE, else ~/.cache/miniinfer, else a private folder in the temp dir
+    (read-only home); a folder someone else owns or can write is never used."""
     for d in (os.environ.get("MINIINFER_CACHE"), "~/.cache/miniinfer",
               os.path.join(tempfile.gettempdir(), f"miniinfer-{os.getuid()}")):
         if d:
             path = Path(d).expanduser()
             try:
-                path.mkdir(parents=True, exist_ok=True)
+                path.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError:
                 continue
-            if os.access(path, os.W_OK):
+            if _private(path):
                 return path
-    raise RuntimeError("no writable folder for the compiled kernels (set MINIINFER_CACHE)")
+    return Path(tempfile.mkdtemp(prefix="miniinfer-"))  # this process only: compiled again
 
 
 def _build(scalar: bool) -> Path:
@@ -269,6 +279,7 @@ def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torc
 
 
 def rotary_fits(positions, q, k, cos, sin) -> bool:
+    """Shapes, strides and dtypes only; `CPUOps` also checks the positions' range."""
     return (
         fits(cos, sin)
         and all(x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 3 and x.stride(2) == 1
@@ -290,8 +301,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def decode_attention(q: torch.Tensor, data: torch.Tensor, scales: torch.Tensor | None,
                      block_tables: torch.Tensor, ctx_lens: torch.Tensor, max_ctx: int) -> torch.Tensor:
     """q [B, H, D] fp32 over one cache layer `data` [2, P, 16, Hkv, D] (fp32, or int8 with
-    `scales` [2, P, 16, Hkv]); block_tables [B, maxp] and ctx_lens [B] int64, every
-    ctx_len in 1..max_ctx -> [B, H, D]. Softmax scale 1/sqrt(D)."""
+    `scales` [2, P, 16, Hkv]); block_tables [B, maxp] and ctx_lens [B] int64 -> [B, H, D].
+    Softmax scale 1/sqrt(D). The caller has checked `decode_attention_fits` and that
+    `decode_attention_bounds` gave max_ctx: the C code trusts every index."""
     lib = _load()
     b, h, d = q.shape
     _, pages, _, hkv, _ = data.shape
@@ -306,13 +318,34 @@ def decode_attention(q: torch.Tensor, data: torch.Tensor, scales: torch.Tensor |
 
 
 def decode_attention_fits(q, data, scales, block_tables, ctx_lens) -> bool:
-    """True when `decode_attention` takes these (CPU, contiguous, fp32 q, fp32 or int8 cache)."""
+    """True when `decode_attention` takes these shapes and dtypes (CPU, contiguous, fp32 q,
+    a [2, P, 16, Hkv, D] fp32 or int8 cache); reads no values."""
     if not all(t.device.type == "cpu" and t.is_contiguous() for t in (q, data, block_tables, ctx_lens)):
         return False
-    if q.dtype != torch.float32 or q.dim() != 3 or q.shape[2] > 1024:
+    if q.dtype != torch.float32 or q.dim() != 3 or data.dim() != 5:
+        return False
+    b, h, d = q.shape
+    if not (d <= 1024 and data.shape[0] == 2 and data.shape[2] == 16 and data.shape[4] == d
+            and h % data.shape[3] == 0):
         return False
     if block_tables.dtype != torch.int64 or ctx_lens.dtype != torch.int64:
         return False
+    if block_tables.dim() != 2 or block_tables.shape[0] != b or tuple(ctx_lens.shape) != (b,):
+        return False
     if data.dtype == torch.float32:
         return True
-    return data.dtype == torch.int8 and scales is not None and fits(scales)
+    return (data.dtype == torch.int8 and scales is not None and fits(scales)
+            and tuple(scales.shape) == tuple(data.shape[:4]))
+
+
+def decode_attention_bounds(block_tables: torch.Tensor, ctx_lens: torch.Tensor, num_pages: int) -> int | None:
+    """-> the longest context when every length is in 1..table width x 16 and every page id
+    in the table is a page of the cache; None otherwise (then the torch path runs)."""
+    if block_tables.numel() == 0 or ctx_lens.numel() == 0:
+        return None
+    lo, hi = int(ctx_lens.min()), int(ctx_lens.max())
+    if lo < 1 or hi > block_tables.shape[1] * 16:
+        return None
+    if int(block_tables.min()) < 0 or int(block_tables.max()) >= num_pages:
+        return None
+    return hi

@@ -185,7 +185,9 @@ def test_apply_scales_1p1d_to_2p2d_and_back_under_load(live, reference, tmp_path
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "decode.replicas" in e.value.details()
     assert sizes(live.status()) == {"prefill": 1, "decode": 1}
 
-    load = Load(live)
+    # enough requests to last every phase below (their waits add up to ~510 s at most): with
+    # 80 the load ran dry before the new workers were ready once decode got fast
+    load = Load(live, max_requests=400, max_s=540)
     try:
         wait_for(live, lambda st: load.count() >= 3, 60, "first requests")
         # scale up through the CLI, as a user would

@@ -57,11 +57,20 @@ def test_decode_single_partition(kv_dtype, device, make_layer, make_block_tables
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.int8])
-def test_decode_table_far_wider_than_the_contexts(kv_dtype, device, make_layer, make_block_tables):
+def test_decode_table_far_wider_than_the_contexts(kv_dtype, device, make_layer, make_block_tables,
+                                                  monkeypatch):
     """A graph's table is sized for its longest context: 16-token partitions, 40 pages, so
-    all but a few partitions are past every context and must be neither written nor merged."""
+    all but a few partitions are past every context and must be neither written nor merged.
+    The partials start as NaN, so merging one that was never written shows in the output."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_filled(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_filled(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_filled(empty_like(*a, **k)))
     _check(
-        3, 8, 2, 32, [1, 20, 47], kv_dtype, torch.float32, device, make_layer, make_block_tables,
+        4, 8, 2, 32, [1, 20, 32, 47], kv_dtype, torch.float32, device, make_layer, make_block_tables,
         max_pages=40, num_pages=48, partition_size=16,
     )  # fmt: skip
 

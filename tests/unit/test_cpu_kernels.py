@@ -101,6 +101,10 @@ def test_elementwise_ops_match_the_torch_reference():
         torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
         g = torch.randn(rows, 2 * 96, generator=gen) * 4
         torch.testing.assert_close(ops.silu_and_mul(g), TORCH_OPS.silu_and_mul(g), rtol=2e-6, atol=1e-6)
+    g = torch.randn(64, 2 * 1024, generator=gen)  # big enough for the threaded branch
+    torch.testing.assert_close(ops.silu_and_mul(g), TORCH_OPS.silu_and_mul(g), rtol=2e-6, atol=1e-6)
+    x = torch.randn(64, 576, generator=gen)
+    torch.testing.assert_close(ops.rmsnorm(x, w, 1e-5), TORCH_OPS.rmsnorm(x, w, 1e-5), rtol=2e-6, atol=1e-6)
 
 
 def test_rotary_rotates_the_fused_qkv_views_in_place_bit_for_bit():
@@ -134,7 +138,7 @@ def test_cpu_ops_fall_back_to_torch_for_what_the_kernels_do_not_take():
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.int8], ids=["fp32", "int8"])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 1, 24)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 1, 20)])
 def test_c_decode_attention_matches_the_torch_reference(kv_dtype, heads, kv_heads, head_dim):
     from engine.attention import AttentionMetadata, CPUAttention, TorchAttention
     from engine.kv_cache import KVCache, KVCacheSpec
@@ -162,6 +166,30 @@ def test_c_decode_attention_matches_the_torch_reference(kv_dtype, heads, kv_head
         meta = AttentionMetadata([1] * 4, ctx, torch.tensor(tables), last, torch.tensor(ctx))
         outs.append(attn.forward(q, k_new, v_new, cache, 1, meta))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_c_decode_attention_leaves_what_it_cannot_index_safely_to_torch():
+    from engine.attention import AttentionMetadata, CPUAttention
+    from engine.kv_cache import KVCache, KVCacheSpec
+    from kernels import cpu
+
+    q = torch.randn(2, 4, 16)
+    data = torch.zeros(2, 8, 16, 2, 16)
+    tables, ctx = torch.tensor([[0, 1], [2, 3]]), torch.tensor([17, 32])
+    assert cpu.decode_attention_fits(q, data, None, tables, ctx)
+    assert cpu.decode_attention_bounds(tables, ctx, 8) == 32
+    assert cpu.decode_attention_bounds(tables, torch.tensor([17, 33]), 8) is None  # past the table
+    assert cpu.decode_attention_bounds(tables, torch.tensor([0, 5]), 8) is None  # empty context
+    assert cpu.decode_attention_bounds(torch.tensor([[0, 1], [2, 8]]), ctx, 8) is None  # no page 8
+    assert not cpu.decode_attention_fits(q, torch.zeros(2, 8, 32, 2, 16), None, tables, ctx)  # page 32
+    assert not cpu.decode_attention_fits(q, data, None, tables[:1], ctx)  # rows differ
+    assert not cpu.decode_attention_fits(q, data.to(torch.int8), None, tables, ctx)  # no scales
+    # through the backend: a table whose page ids the cache lacks falls back to the torch path
+    cache = KVCache(KVCacheSpec(1, 4, 2, 16, torch.float32))
+    meta = AttentionMetadata([1], [3], torch.tensor([[9]]), torch.tensor([2]), torch.tensor([3]))
+    with pytest.raises(IndexError):  # what the torch reference does with page 9 of 4
+        CPUAttention().forward(torch.randn(1, 4, 16), torch.randn(1, 2, 16), torch.randn(1, 2, 16),
+                               cache, 0, meta)
 
 
 def test_smollm2_engine_through_the_c_kernels_gives_the_torch_path_tokens(smollm2):
