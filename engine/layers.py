@@ -123,12 +123,17 @@ def transpose_linears(model: nn.Module, pack: bool = False) -> int:
     from kernels import cpu as cpu_kernels
 
     pack = pack and cpu_kernels.available()
+    earlier = [m for m in model.modules() if isinstance(m, CPULinear)]  # an earlier engine's
     slots = [(parent, name) for parent in model.modules()
              for name, child in parent.named_children() if isinstance(child, nn.Linear)]
     for parent, name in slots:
-        setattr(parent, name, CPULinear(getattr(parent, name)))
-    for layer in model.modules():  # a model that an earlier engine transposed follows this one
-        if isinstance(layer, CPULinear) and pack != (layer.packed is not None):
+        linear = getattr(parent, name)
+        layer = CPULinear(linear)
+        if pack:  # from the [out, in] weight while it is contiguous (its transposed view packs slower)
+            layer.packed = cpu_kernels.pack(linear.weight)
+        setattr(parent, name, layer)
+    for layer in earlier:  # a model that an earlier engine transposed follows this one
+        if pack != (layer.packed is not None):
             layer.packed = cpu_kernels.pack(layer.weight) if pack else None
     return len(slots)
 
