@@ -85,7 +85,7 @@ class CPULinear(nn.Module):
     batch 8-32 is within 8% either way (docs/PERF.md, CPU decode). `weight` stays readable.
 
     packed: the weight's GGUF blocks (`kernels.cpu.PackedWeight`, bit-exact), used for
-    inputs of at most `PACKED_MAX_ROWS` rows (decode), where streaming 5-8.5 bits a weight
+    inputs of at most `PACKED_MAX_ROWS` rows (decode), where streaming 6-9 bits a weight
     instead of 32 wins; longer inputs (prefill) keep the dense matmul, which wins there.
     """
 

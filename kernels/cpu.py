@@ -4,7 +4,7 @@ Packed weights (GGUF Q4_1 / Q8_0, kept as blocks):
 
 The bundled SmolLM2 GGUF stores its layers in Q4_1 (5 bits a weight) and its embedding /
 LM head in Q8_0 (8.5 bits). Dequantized to fp32 they are 538 MB that every batch-1 decode
-step must stream; packed they are 96 MB. `pack()` finds that packed form back from the
+step must stream; packed here, with fp32 scales (6 and 9 bits a weight), they are 112 MB. `pack()` finds that packed form back from the
 fp32 weights (only when it reproduces every weight bit for bit, so nothing about the model
 changes), and `PackedWeight.matmul` computes `x @ W^T` from it with the C kernel in
 `cpu.c`, built at first use with the machine's C compiler (`cc`) into
