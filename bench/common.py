@@ -6,6 +6,7 @@ Progress goes to stderr so that stdout stays machine-readable up to the table.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -141,3 +142,30 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.2f}" if abs(value) < 100 else f"{value:.1f}"
     return str(value)
+
+
+def attention_tune_parser(doc: str, batch: int, length_flag: str, length: int,
+                          kv_heads: int) -> argparse.ArgumentParser:
+    """The shared part of the attention sweeps' command lines: the problem's shape, and
+    `--json-out` for the rows."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument(length_flag, type=int, default=length)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=kv_heads)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--warps", default="4,8")
+    ap.add_argument("--json-out", default="")
+    return ap
+
+
+def ints(text: str) -> list[int]:
+    """"1,2,4" -> [1, 2, 4]: a sweep axis from the command line."""
+    return [int(x) for x in text.split(",") if x]
+
+
+def write_json_rows(path: str, rows: Sequence[dict]) -> None:
+    """One JSON object a line; nothing when path is empty."""
+    if path:
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)

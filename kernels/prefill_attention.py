@@ -19,6 +19,45 @@ from kernels.decode_attention import LOG2E, attend_reference, check_paged_cache,
 
 
 @triton.jit
+def _prefill_tile(
+    q, q_pos, n, kv_end, kvh, d, d_mask, data_ptr, scales_ptr, table, m_i, l_i, acc, qk_scale,
+    d_kv_stride, d_page_stride, d_slot_stride, d_head_stride,
+    s_kv_stride, s_page_stride, s_slot_stride, s_head_stride,
+    PAGE_SIZE: tl.constexpr,
+    QUANTIZED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
+    """One online-softmax step of the query block over the keys n (a tile); CAUSAL=False
+    for tiles every row sees whole (before the block's first position)."""
+    n_mask = n < kv_end
+    page = tl.load(table + n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+    row = page * d_page_stride + (n % PAGE_SIZE) * d_slot_stride + kvh * d_head_stride
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(data_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(data_ptr + d_kv_stride + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    if QUANTIZED:
+        srow = page * s_page_stride + (n % PAGE_SIZE) * s_slot_stride + kvh * s_head_stride
+        k_scale = tl.load(scales_ptr + srow, mask=n_mask, other=0.0)  # [BLOCK_N]
+        v_scale = tl.load(scales_ptr + s_kv_stride + srow, mask=n_mask, other=0.0)
+        s = s * k_scale[None, :]
+    if CAUSAL:
+        keep = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        s = tl.where(keep, s * qk_scale, float("-inf"))
+    else:
+        s = s * qk_scale
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if QUANTIZED:
+        p = p * v_scale[None, :]
+    pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr,
     data_ptr,
@@ -46,11 +85,15 @@ def _prefill_kernel(
     PAGE_SIZE: tl.constexpr,
     QUANTIZED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
+    HEAVY_FIRST: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     m_blk = tl.program_id(0)
+    if HEAVY_FIRST:  # the last query blocks read the most keys: start them first
+        m_blk = tl.num_programs(0) - 1 - m_blk
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2)
     kvh = h // GROUP
@@ -72,47 +115,61 @@ def _prefill_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table = block_tables_ptr + b * bt_b_stride
     # the last row of this block sees keys up to its own position; rows past q_len see
     # keys < kv_end too, so no row is ever fully masked (key 0 is visible to all)
     kv_end = tl.minimum(prefix + (m_blk + 1) * BLOCK_M, prefix + q_len)
-    for n0 in range(0, kv_end, BLOCK_N):
+    # keys before the block's first position are visible to every row: whole tiles of them
+    # need no causal mask (only the tiles that reach the diagonal do)
+    full_end = 0
+    if SPLIT:
+        full_end = tl.minimum((prefix + m_blk * BLOCK_M) // BLOCK_N * BLOCK_N, kv_end)
+    for n0 in range(0, full_end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = n < kv_end
-        page = tl.load(block_tables_ptr + b * bt_b_stride + n // PAGE_SIZE, mask=n_mask, other=0)
-        row = page.to(tl.int64) * d_page_stride + (n % PAGE_SIZE) * d_slot_stride
-        row += kvh * d_head_stride  # [BLOCK_N]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(data_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(data_ptr + d_kv_stride + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-        if QUANTIZED:
-            srow = page.to(tl.int64) * s_page_stride + (n % PAGE_SIZE) * s_slot_stride
-            srow += kvh * s_head_stride
-            k_scale = tl.load(scales_ptr + srow, mask=n_mask, other=0.0)  # [BLOCK_N]
-            v_scale = tl.load(scales_ptr + s_kv_stride + srow, mask=n_mask, other=0.0)
-            s = s * k_scale[None, :]
-        keep = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]
-        s = tl.where(keep, s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if QUANTIZED:
-            p = p * v_scale[None, :]
-        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _prefill_tile(
+            q, q_pos, n, kv_end, kvh, d, d_mask, data_ptr, scales_ptr, table, m_i, l_i, acc,
+            qk_scale, d_kv_stride, d_page_stride, d_slot_stride, d_head_stride, s_kv_stride,
+            s_page_stride, s_slot_stride, s_head_stride, PAGE_SIZE, QUANTIZED, DOT_PRECISION,
+            False,
+        )
+    for n0 in range(full_end, kv_end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        m_i, l_i, acc = _prefill_tile(
+            q, q_pos, n, kv_end, kvh, d, d_mask, data_ptr, scales_ptr, table, m_i, l_i, acc,
+            qk_scale, d_kv_stride, d_page_stride, d_slot_stride, d_head_stride, s_kv_stride,
+            s_page_stride, s_slot_stride, s_head_stride, PAGE_SIZE, QUANTIZED, DOT_PRECISION,
+            True,
+        )
 
     out = acc / l_i[:, None]
     o_ptrs = out_ptr + tok[:, None] * o_t_stride + h * o_h_stride + d[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def _blocks(device: torch.device, head_dim: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): tensor-core tiles on GPU, small ones in the interpreter."""
-    if device.type == "cuda":
-        return (64, 64, 4) if head_dim <= 128 else (64, 32, 8)
-    return 16, 16, 1
+# Launch override {"block_m", "block_n", "num_warps", "num_stages", "split", "heavy_first"}:
+# set only by bench/prefill_attn_tune.py, which sweeps them on a GPU. None: _blocks' rules.
+TUNING: dict | None = None
+
+
+def _blocks(device: torch.device, head_dim: int, dtype: torch.dtype, quantized: bool,
+            max_q_len: int) -> dict:
+    """Launch parameters: tensor-core tiles on GPU, small ones in the interpreter.
+
+    Long bf16/fp16 prompts take 128 x 128 tiles over 8 warps: 331 TFLOP/s against 265 for
+    64 x 64 over 4 (H200, B4 x S4096 x H32 x D128, bench/prefill_attn_tune.py); shorter
+    ones (and fp32 / int8 pages, whose wider tiles would not fit in shared memory) keep
+    64 x 64. Everywhere: unmasked tiles left of the diagonal, longest query blocks first.
+    """
+    if TUNING is not None:
+        return dict(TUNING)
+    if device.type != "cuda":
+        return dict(block_m=16, block_n=16, num_warps=1, split=True, heavy_first=True)
+    if head_dim > 128:
+        return dict(block_m=64, block_n=32, num_warps=8, split=True, heavy_first=True)
+    if dtype in (torch.bfloat16, torch.float16) and not quantized and max_q_len >= 512:
+        return dict(block_m=128, block_n=128, num_warps=8, num_stages=3, split=True,
+                    heavy_first=True)
+    return dict(block_m=64, block_n=64, num_warps=4, split=True, heavy_first=True)
 
 
 @torch.library.custom_op("miniinfer::prefill_attention", mutates_args=())
@@ -133,7 +190,9 @@ def _prefill_attention_op(
         return out
     quantized = scales_layer is not None
     s_strides = scales_layer.stride() if quantized else (0, 0, 0, 0)
-    block_m, block_n, num_warps = _blocks(q.device, d)
+    cfg = _blocks(q.device, d, q.dtype, quantized, max_q_len)
+    block_m = cfg["block_m"]
+    stages = {} if cfg.get("num_stages") is None else {"num_stages": cfg["num_stages"]}
     with device_guard(q):
         _prefill_kernel[(triton.cdiv(max_q_len, block_m), num_seqs, h)](
             q,
@@ -156,10 +215,13 @@ def _prefill_attention_op(
             PAGE_SIZE=data_layer.shape[2],
             QUANTIZED=quantized,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            SPLIT=cfg["split"],
+            HEAVY_FIRST=cfg["heavy_first"],
             BLOCK_M=block_m,
-            BLOCK_N=block_n,
+            BLOCK_N=cfg["block_n"],
             BLOCK_D=max(16, triton.next_power_of_2(d)),
-            num_warps=num_warps,
+            num_warps=cfg["num_warps"],
+            **stages,
         )
     return out
 
