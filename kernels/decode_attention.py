@@ -83,6 +83,7 @@ def _decode_partition_kernel(
     d_mask = d < head_dim
     q_ptrs = q_ptr + b * q_b_stride + heads[:, None] * q_h_stride + d[None, :]
     q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+    table = block_tables_ptr + b * bt_b_stride
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -90,22 +91,20 @@ def _decode_partition_kernel(
     for n0 in range(start, end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_mask = n < end
-        page = tl.load(block_tables_ptr + b * bt_b_stride + n // PAGE_SIZE, mask=n_mask, other=0)
-        row = page.to(tl.int64) * d_page_stride + (n % PAGE_SIZE) * d_slot_stride
-        row += kvh * d_head_stride  # [BLOCK_N]
+        page = tl.load(table + n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        row = page * d_page_stride + (n % PAGE_SIZE) * d_slot_stride + kvh * d_head_stride
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(data_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(data_ptr + d_kv_stride + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
         # [BLOCK_G, BLOCK_N] scores in log2 units
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
         if QUANTIZED:
-            srow = page.to(tl.int64) * s_page_stride + (n % PAGE_SIZE) * s_slot_stride
-            srow += kvh * s_head_stride
+            srow = page * s_page_stride + (n % PAGE_SIZE) * s_slot_stride + kvh * s_head_stride
             k_scale = tl.load(scales_ptr + srow, mask=n_mask, other=0.0)  # [BLOCK_N]
             v_scale = tl.load(scales_ptr + s_kv_stride + srow, mask=n_mask, other=0.0)
             s = s * k_scale[None, :]
         s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the block has a valid key
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the tile has a valid key
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])  # [BLOCK_G, BLOCK_N]
         l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -178,24 +177,26 @@ def _decode_reduce_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-# Launch-parameter override {"block_n", "num_warps", "num_stages"}: set only by
-# bench/decode_attn_tune.py, which sweeps them on a GPU. None: the rules in _blocks.
+# Launch override {"block_n", "num_warps", "num_stages", "maxnreg"}: set only by
+# bench/decode_attn_tune.py, which sweeps them on a GPU. None: the rules in _launch.
 TUNING: dict | None = None
 
 
-def _blocks(device: torch.device, partition_size: int, quantized: bool) -> tuple[int, int, int | None]:
-    """(BLOCK_N, num_warps, num_stages or None for Triton's default): big tiles on GPU;
-    16-token tiles for the slow interpreter."""
+def _launch(device: torch.device, partition_size: int, quantized: bool) -> dict:
+    """Tile size and launch options: big tiles on GPU, 16-token tiles in the interpreter."""
     if TUNING is not None:
-        return TUNING["block_n"], TUNING["num_warps"], TUNING.get("num_stages")
+        return {"num_stages": None, "maxnreg": None, **TUNING}
+    cfg = dict(block_n=16, num_warps=1, num_stages=None, maxnreg=None)
     if device.type == "cuda":
+        cfg.update(block_n=math.gcd(partition_size, 64), num_warps=4)  # a power of two tiling it
         if quantized and partition_size >= 512 and partition_size % 128 == 0:
-            # int8 tiles carry half the bytes, and the loop's per-tile latency, not bandwidth,
+            # int8 tiles carry half the bytes, and the loop's per-tile work, not bandwidth,
             # bounds them: 128-token tiles ran 1.26x faster than 64 on an H200 at b32 x ctx
-            # 8192 (bench/decode_attn_tune.py; 256 spills and is slower than either)
-            return 128, 4, None
-        return math.gcd(partition_size, 64), 4, None  # a power of two that tiles the partition
-    return 16, 1, None
+            # 8192 (bench/decode_attn_tune.py; 256 spills and is slower than either). A
+            # 128-register cap (--maxnreg) was 1.10x faster on one machine and 1.6x slower
+            # on another, so there is none.
+            cfg.update(block_n=128)
+    return cfg
 
 
 @torch.library.custom_op("miniinfer::decode_attention", mutates_args=())
@@ -220,8 +221,8 @@ def _decode_attention_op(
     quantized = scales_layer is not None
     s_strides = scales_layer.stride() if quantized else (0, 0, 0, 0)
     group = h // hkv
-    block_n, num_warps, num_stages = _blocks(q.device, partition_size, quantized)
-    stages = {} if num_stages is None else {"num_stages": num_stages}
+    cfg = _launch(q.device, partition_size, quantized)
+    options = {k: cfg[k] for k in ("num_stages", "maxnreg") if cfg[k]}
     block_d = max(16, triton.next_power_of_2(d))
     with device_guard(q):
         _decode_partition_kernel[(b, hkv, num_parts)](
@@ -247,10 +248,10 @@ def _decode_attention_op(
             QUANTIZED=quantized,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             BLOCK_G=max(16, triton.next_power_of_2(group)),
-            BLOCK_N=block_n,
+            BLOCK_N=cfg["block_n"],
             BLOCK_D=block_d,
-            num_warps=num_warps,
-            **stages,
+            num_warps=cfg["num_warps"],
+            **options,
         )
         _decode_reduce_kernel[(b, h)](
             mid_out,
@@ -266,7 +267,7 @@ def _decode_attention_op(
             PARTITION_SIZE=partition_size,
             BLOCK_P=min(32, triton.next_power_of_2(num_parts)),
             BLOCK_D=block_d,
-            num_warps=num_warps,
+            num_warps=cfg["num_warps"],
         )
     return out
 

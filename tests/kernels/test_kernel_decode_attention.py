@@ -180,3 +180,22 @@ def test_decode_gpu(
         b, h, hkv, d, ctx_lens, kv_dtype, q_dtype, "cuda", make_layer, make_block_tables,
         num_pages=1024, partition_size=partition_size,
     )  # fmt: skip
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("partition_size", [512, 128])
+def test_decode_gpu_int8_value_scales_of_any_magnitude(partition_size, make_layer, make_block_tables):
+    """Value scales from 1e-6 to 1e2 within one tile: folded into the 16-bit probabilities
+    before P @ V, none may underflow or overflow (a half-precision P would)."""
+    ctx_lens = [1000, 37, 4096]
+    data, scales = make_layer(512, 8, 128, torch.int8, "cuda")
+    spread = torch.empty(scales.shape[1:], device="cuda").uniform_(-6.0, 2.0)
+    scales[1] *= torch.pow(10.0, spread)
+    tables = make_block_tables(ctx_lens, 512, 256, "cuda")
+    ctx = torch.tensor(ctx_lens, device="cuda")
+    q = torch.randn(3, 32, 128, device="cuda").to(torch.bfloat16)
+    out = decode_attention(q, data, scales, tables, ctx, partition_size=partition_size).float()
+    ref = decode_attention_reference(q.float(), data, scales, tables, ctx)
+    err = ((out - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
+    assert err < 2e-2, err
