@@ -18,6 +18,8 @@ Design notes (what a graph bakes in, and how this file lives with it):
 - Memory. Buckets are captured largest first into one shared memory pool, so every
   smaller graph reuses the largest one's intermediates instead of adding its own.
 - Capture happens during warm-up, before the worker reports ready; its time is returned.
+  Every graph is also replayed once there, so its first launch (which uploads it) is not
+  a request's.
 - Decode batches larger than the largest bucket run eagerly (`run` returns None).
 """
 
@@ -106,6 +108,11 @@ class CudaGraphRunner:
             with torch.cuda.graph(graph, pool=pool):
                 self.logits[bs] = self._step(bs)
             self.graphs[bs] = graph
+        # The first launch of an instantiated graph also uploads it to the device: do that
+        # here, not in a request's first decode step. The buffers still hold padding (slot
+        # -1, context 0), so these replays store nothing and read no page.
+        for bs in self.buckets:
+            self.graphs[bs].replay()
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - t0
         log.info(
