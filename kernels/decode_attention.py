@@ -34,6 +34,53 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _attend_tile(
+    q, q_pos, n, end, kvh, d, d_mask, data_ptr, scales_ptr, table, m_i, l_i, acc, qk_scale,
+    d_kv_stride, d_page_stride, d_slot_stride, d_head_stride,
+    s_kv_stride, s_page_stride, s_slot_stride, s_head_stride,
+    PAGE_SIZE: tl.constexpr,
+    QUANTIZED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    MASK: tl.constexpr,
+):
+    """One online-softmax step of the query rows q [M, D] over the keys n [BLOCK_N] < end,
+    read from their pages through `table`; int8 pages dequantized (key scale on the
+    scores, value scale folded into the probabilities). -> (m_i, l_i, acc) updated.
+
+    MASK: "end" masks keys past `end` (decode); "causal" also keys past each row's
+    position q_pos [M] (prefill tiles that reach the diagonal); "none" masks nothing
+    (prefill tiles every row sees whole)."""
+    n_mask = n < end
+    page = tl.load(table + n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+    row = page * d_page_stride + (n % PAGE_SIZE) * d_slot_stride + kvh * d_head_stride
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(data_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(data_ptr + d_kv_stride + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    # [M, BLOCK_N] scores in log2 units
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
+    if QUANTIZED:
+        srow = page * s_page_stride + (n % PAGE_SIZE) * s_slot_stride + kvh * s_head_stride
+        k_scale = tl.load(scales_ptr + srow, mask=n_mask, other=0.0)  # [BLOCK_N]
+        v_scale = tl.load(scales_ptr + s_kv_stride + srow, mask=n_mask, other=0.0)
+        s = s * k_scale[None, :]
+    if MASK == "causal":
+        keep = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        s = tl.where(keep, s * qk_scale, float("-inf"))
+    elif MASK == "end":
+        s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
+    else:
+        s = s * qk_scale
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every row sees a key of the tile
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])  # [M, BLOCK_N]
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if QUANTIZED:
+        p = p * v_scale[None, :]
+    pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
 def _decode_partition_kernel(
     q_ptr,
     data_ptr,
@@ -89,30 +136,12 @@ def _decode_partition_kernel(
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = n < end
-        page = tl.load(table + n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-        row = page * d_page_stride + (n % PAGE_SIZE) * d_slot_stride + kvh * d_head_stride
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(data_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(data_ptr + d_kv_stride + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        # [BLOCK_G, BLOCK_N] scores in log2 units
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
-        if QUANTIZED:
-            srow = page * s_page_stride + (n % PAGE_SIZE) * s_slot_stride + kvh * s_head_stride
-            k_scale = tl.load(scales_ptr + srow, mask=n_mask, other=0.0)  # [BLOCK_N]
-            v_scale = tl.load(scales_ptr + s_kv_stride + srow, mask=n_mask, other=0.0)
-            s = s * k_scale[None, :]
-        s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: the tile has a valid key
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])  # [BLOCK_G, BLOCK_N]
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if QUANTIZED:
-            p = p * v_scale[None, :]
-        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(
+            q, 0, n0 + tl.arange(0, BLOCK_N), end, kvh, d, d_mask, data_ptr, scales_ptr, table,
+            m_i, l_i, acc, qk_scale, d_kv_stride, d_page_stride, d_slot_stride, d_head_stride,
+            s_kv_stride, s_page_stride, s_slot_stride, s_head_stride, PAGE_SIZE, QUANTIZED,
+            DOT_PRECISION, "end",
+        )
 
     mid = (b * num_heads + heads) * num_parts + part  # [BLOCK_G] row of [B, H, NP]
     tl.store(mid_max_ptr + mid, m_i, mask=g_mask)

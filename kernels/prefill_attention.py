@@ -15,46 +15,13 @@ import math
 import torch
 
 from kernels._triton import check_index, check_launchable, device_guard, tl, triton
-from kernels.decode_attention import LOG2E, attend_reference, check_paged_cache, gather_kv_reference
-
-
-@triton.jit
-def _prefill_tile(
-    q, q_pos, n, kv_end, kvh, d, d_mask, data_ptr, scales_ptr, table, m_i, l_i, acc, qk_scale,
-    d_kv_stride, d_page_stride, d_slot_stride, d_head_stride,
-    s_kv_stride, s_page_stride, s_slot_stride, s_head_stride,
-    PAGE_SIZE: tl.constexpr,
-    QUANTIZED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    CAUSAL: tl.constexpr,
-):
-    """One online-softmax step of the query block over the keys n (a tile); CAUSAL=False
-    for tiles every row sees whole (before the block's first position)."""
-    n_mask = n < kv_end
-    page = tl.load(table + n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-    row = page * d_page_stride + (n % PAGE_SIZE) * d_slot_stride + kvh * d_head_stride
-    kv_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(data_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(data_ptr + d_kv_stride + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
-    if QUANTIZED:
-        srow = page * s_page_stride + (n % PAGE_SIZE) * s_slot_stride + kvh * s_head_stride
-        k_scale = tl.load(scales_ptr + srow, mask=n_mask, other=0.0)  # [BLOCK_N]
-        v_scale = tl.load(scales_ptr + s_kv_stride + srow, mask=n_mask, other=0.0)
-        s = s * k_scale[None, :]
-    if CAUSAL:
-        keep = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]
-        s = tl.where(keep, s * qk_scale, float("-inf"))
-    else:
-        s = s * qk_scale
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    if QUANTIZED:
-        p = p * v_scale[None, :]
-    pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
-    return m_new, l_i, acc * alpha[:, None] + pv
+from kernels.decode_attention import (
+    LOG2E,
+    _attend_tile,
+    attend_reference,
+    check_paged_cache,
+    gather_kv_reference,
+)
 
 
 @triton.jit
@@ -126,19 +93,19 @@ def _prefill_kernel(
         full_end = tl.minimum((prefix + m_blk * BLOCK_M) // BLOCK_N * BLOCK_N, kv_end)
     for n0 in range(0, full_end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        m_i, l_i, acc = _prefill_tile(
+        m_i, l_i, acc = _attend_tile(
             q, q_pos, n, kv_end, kvh, d, d_mask, data_ptr, scales_ptr, table, m_i, l_i, acc,
             qk_scale, d_kv_stride, d_page_stride, d_slot_stride, d_head_stride, s_kv_stride,
             s_page_stride, s_slot_stride, s_head_stride, PAGE_SIZE, QUANTIZED, DOT_PRECISION,
-            False,
+            "none",
         )
     for n0 in range(full_end, kv_end, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        m_i, l_i, acc = _prefill_tile(
+        m_i, l_i, acc = _attend_tile(
             q, q_pos, n, kv_end, kvh, d, d_mask, data_ptr, scales_ptr, table, m_i, l_i, acc,
             qk_scale, d_kv_stride, d_page_stride, d_slot_stride, d_head_stride, s_kv_stride,
             s_page_stride, s_slot_stride, s_head_stride, PAGE_SIZE, QUANTIZED, DOT_PRECISION,
-            True,
+            "causal",
         )
 
     out = acc / l_i[:, None]
