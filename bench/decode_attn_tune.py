@@ -1,10 +1,9 @@
 """Sweep the decode-attention kernel's launch parameters on a GPU (issue 4's int8 target).
 
 For each KV dtype (int8 with per-token-per-head scales, bf16) and each (partition size,
-BLOCK_N, num_warps, num_stages, register cap), time
-`kernels.decode_attention` on one layer of the 8B
-shape and print achieved bandwidth (K + V + scale bytes / time) against a device copy.
-Every config's output is checked against the default config's before it is timed.
+BLOCK_N, num_warps, num_stages, register cap), time `kernels.decode_attention` on one
+layer of the 8B shape and print achieved bandwidth (K + V + scale bytes / time) against
+a device copy. Every config's output is checked against the default config's before it is timed.
 Both are also run with pages laid out head-major ([2, P, Hkv, S, D] viewed as
 [2, P, S, Hkv, D]): a kv head's rows of a page are then one contiguous run.
 

@@ -114,11 +114,11 @@ def _prefill_kernel(
 
 
 # Launch override {"block_m", "block_n", "num_warps", "num_stages", "split", "heavy_first"}:
-# set only by bench/prefill_attn_tune.py, which sweeps them on a GPU. None: _blocks' rules.
+# set only by bench/prefill_attn_tune.py, which sweeps them on a GPU. None: _launch's rules.
 TUNING: dict | None = None
 
 
-def _blocks(device: torch.device, head_dim: int, dtype: torch.dtype, quantized: bool,
+def _launch(device: torch.device, head_dim: int, dtype: torch.dtype, quantized: bool,
             max_q_len: int) -> dict:
     """Launch parameters: tensor-core tiles on GPU, small ones in the interpreter.
 
@@ -127,16 +127,17 @@ def _blocks(device: torch.device, head_dim: int, dtype: torch.dtype, quantized: 
     ones (and fp32 / int8 pages, whose wider tiles would not fit in shared memory) keep
     64 x 64. Everywhere: unmasked tiles left of the diagonal, longest query blocks first.
     """
+    cfg = dict(block_m=16, block_n=16, num_warps=1, num_stages=None, split=True, heavy_first=True)
     if TUNING is not None:
-        return dict(TUNING)
-    if device.type != "cuda":
-        return dict(block_m=16, block_n=16, num_warps=1, split=True, heavy_first=True)
-    if head_dim > 128:
-        return dict(block_m=64, block_n=32, num_warps=8, split=True, heavy_first=True)
-    if dtype in (torch.bfloat16, torch.float16) and not quantized and max_q_len >= 512:
-        return dict(block_m=128, block_n=128, num_warps=8, num_stages=3, split=True,
-                    heavy_first=True)
-    return dict(block_m=64, block_n=64, num_warps=4, split=True, heavy_first=True)
+        cfg.update(TUNING)
+    elif device.type == "cuda":
+        if head_dim > 128:
+            cfg.update(block_m=64, block_n=32, num_warps=8)
+        elif dtype in (torch.bfloat16, torch.float16) and not quantized and max_q_len >= 512:
+            cfg.update(block_m=128, block_n=128, num_warps=8, num_stages=3)
+        else:
+            cfg.update(block_m=64, block_n=64, num_warps=4)
+    return cfg
 
 
 @torch.library.custom_op("miniinfer::prefill_attention", mutates_args=())
@@ -157,9 +158,9 @@ def _prefill_attention_op(
         return out
     quantized = scales_layer is not None
     s_strides = scales_layer.stride() if quantized else (0, 0, 0, 0)
-    cfg = _blocks(q.device, d, q.dtype, quantized, max_q_len)
+    cfg = _launch(q.device, d, q.dtype, quantized, max_q_len)
     block_m = cfg["block_m"]
-    stages = {} if cfg.get("num_stages") is None else {"num_stages": cfg["num_stages"]}
+    options = {"num_stages": cfg["num_stages"]} if cfg["num_stages"] else {}
     with device_guard(q):
         _prefill_kernel[(triton.cdiv(max_q_len, block_m), num_seqs, h)](
             q,
@@ -188,7 +189,7 @@ def _prefill_attention_op(
             BLOCK_N=cfg["block_n"],
             BLOCK_D=max(16, triton.next_power_of_2(d)),
             num_warps=cfg["num_warps"],
-            **stages,
+            **options,
         )
     return out
 
