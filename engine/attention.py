@@ -117,6 +117,9 @@ class AttentionBackend(ABC):
     """
 
     name: str
+    # True: forward takes rotary=(positions, cos, sin) and applies rotary itself, q and k
+    # unrotated on the way in (the decoder then skips its own rotary op)
+    fuses_rotary: bool = False
 
     @abstractmethod
     def forward(self, q, k, v, cache: KVCache, layer: int, meta: AttentionMetadata) -> torch.Tensor:
@@ -161,19 +164,27 @@ class CPUAttention(TorchAttention):
 
 
 class TritonAttention(AttentionBackend):
-    """kernels/: store_kv (int8 quantized on write), split-K decode, varlen paged prefill."""
+    """kernels/: store_kv (int8 quantized on write) with rotary fused in, split-K decode,
+    varlen paged prefill."""
 
     name = "triton"
+    fuses_rotary = True
 
     def __init__(self) -> None:
         import kernels.ops as k  # lazy, see engine.layers.TritonOps
 
         self._k = k
 
-    def forward(self, q, k, v, cache, layer, meta):
+    def forward(self, q, k, v, cache, layer, meta, rotary=None):
+        """rotary: (positions [T], cos, sin [max_position, D]) when q, k are not rotated yet;
+        one kernel then rotates q in place and stores rotated k (k itself stays unrotated)."""
         data = cache.data[layer]  # [2, P, S, Hkv, D]
         scales = cache.scales[layer] if cache.quantized else None
-        self._k.store_kv(k, v, data, scales, meta.slots)
+        if rotary is None:
+            self._k.store_kv(k, v, data, scales, meta.slots)
+        else:
+            positions, cos, sin = rotary
+            self._k.rotary_store_kv(positions, q, k, v, cos, sin, data, scales, meta.slots)
         if meta.is_decode:
             psize = decode_partition_size(q.shape[0], data.shape[3])
             return self._k.decode_attention(

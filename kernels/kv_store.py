@@ -11,6 +11,13 @@ division by a scalar into a multiplication by the reciprocal; the two differ by 
 
 slots [T] hold flat slots (page * page_size + offset); a slot < 0 skips its token, which
 lets CUDA-graph replays pad the batch. Slots past the pool are not checked on the device.
+
+rotary_store_kv is the same store with kernels/rotary.py's rotary embedding folded in, one
+launch instead of two: it rotates q in place and stores rotated k (k itself is left as it
+was) and v. Rotated k is computed in fp32 with rotary.py's expression, rounded once to k's
+dtype and stored or quantized from that rounded value, so the cache holds exactly what
+apply_rotary followed by store_kv would write. q is rotated for every token, padding
+(slot < 0) included. Positions are not range-checked on the device, as in rotary.py.
 """
 
 import torch
@@ -23,6 +30,13 @@ from kernels._triton import (
     device_guard,
     tl,
     triton,
+)
+from kernels.rotary import (
+    _load_cos_sin,
+    _rotate_half,
+    _rotate_heads,
+    apply_rotary_reference,
+    check_rotary_args,
 )
 
 # fp32(1 / 127), the factor torch's CUDA `t / 127.0` multiplies by (see the module docstring)
@@ -40,8 +54,27 @@ def _round_half_even(y):
 
 
 @triton.jit
+def _int8_scale(amax, inv_qmax, SCALE_BY_RECIPROCAL: tl.constexpr):
+    """[BLOCK_H] max |x| of each row -> its int8 scale, as torch computes it on this device."""
+    amax = tl.maximum(amax, 1e-8)
+    if SCALE_BY_RECIPROCAL:
+        scale = amax * inv_qmax
+    else:
+        scale = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
+    return scale
+
+
+@triton.jit
+def _store_int8(x, scale, dst, mask):
+    """x [BLOCK_H, N] fp32, scale [BLOCK_H] -> int8 round_half_even(x / scale) at dst."""
+    y = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], x.shape))
+    q = tl.minimum(tl.maximum(_round_half_even(y), -127.0), 127.0)
+    tl.store(dst, q.to(tl.int8), mask=mask)
+
+
+@triton.jit
 def _store_rows(
-    src,
+    x,
     dst,
     scale_dst,
     mask,
@@ -50,20 +83,40 @@ def _store_rows(
     QUANTIZE: tl.constexpr,
     SCALE_BY_RECIPROCAL: tl.constexpr,
 ):
-    """Store a [BLOCK_H, BLOCK_D] tile of one token; quantize per head row if asked."""
-    x = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    """Store a [BLOCK_H, BLOCK_D] fp32 tile of one token (zeros where masked off); quantize
+    per head row if asked."""
     if QUANTIZE:
-        amax = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-8)  # [BLOCK_H]
-        if SCALE_BY_RECIPROCAL:
-            scale = amax * inv_qmax
-        else:
-            scale = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
-        y = tl.math.div_rn(x, tl.broadcast_to(scale[:, None], x.shape))
-        q = tl.minimum(tl.maximum(_round_half_even(y), -127.0), 127.0)
-        tl.store(dst, q.to(tl.int8), mask=mask)
+        scale = _int8_scale(tl.max(tl.abs(x), axis=1), inv_qmax, SCALE_BY_RECIPROCAL)
+        _store_int8(x, scale, dst, mask)
         tl.store(scale_dst, scale, mask=row_mask)
     else:
         tl.store(dst, x.to(dst.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_row_halves(
+    x1,
+    x2,
+    dst,
+    scale_dst,
+    mask,
+    row_mask,
+    half,
+    inv_qmax,
+    QUANTIZE: tl.constexpr,
+    SCALE_BY_RECIPROCAL: tl.constexpr,
+):
+    """_store_rows for a tile held as its halves [BLOCK_H, BLOCK_HALF]: x1 to dst, x2 to
+    dst + half (one scale per row, over both)."""
+    if QUANTIZE:
+        amax = tl.maximum(tl.max(tl.abs(x1), axis=1), tl.max(tl.abs(x2), axis=1))
+        scale = _int8_scale(amax, inv_qmax, SCALE_BY_RECIPROCAL)
+        _store_int8(x1, scale, dst, mask)
+        _store_int8(x2, scale, dst + half, mask)
+        tl.store(scale_dst, scale, mask=row_mask)
+    else:
+        tl.store(dst, x1.to(dst.dtype.element_ty), mask=mask)
+        tl.store(dst + half, x2.to(dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -73,10 +126,18 @@ def _store_kv_kernel(
     data_ptr,
     scales_ptr,
     slots_ptr,
+    q_ptr,  # q_ptr, pos_ptr, cos_ptr, sin_ptr: read only when ROTARY
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
     k_tok_stride,
     k_head_stride,
     v_tok_stride,
     v_head_stride,
+    q_tok_stride,
+    q_head_stride,
+    cos_row_stride,
+    sin_row_stride,
     d_kv_stride,
     d_page_stride,
     d_slot_stride,
@@ -86,14 +147,20 @@ def _store_kv_kernel(
     s_slot_stride,
     s_head_stride,
     num_heads,
+    num_q_heads,
+    q_heads_per_program,
     head_dim,
     inv_qmax,
     PAGE_SIZE: tl.constexpr,
     QUANTIZE: tl.constexpr,
     SCALE_BY_RECIPROCAL: tl.constexpr,
+    ROTARY: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    BLOCK_QH: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """One program: BLOCK_H kv heads of one token; when ROTARY, also its share of the
+    token's q heads (q_heads_per_program of them, BLOCK_QH at a time)."""
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + tok).to(tl.int64)
     page = slot // PAGE_SIZE
@@ -105,14 +172,131 @@ def _store_kv_kernel(
     row_mask = (h < num_heads) & (slots_h >= 0)  # [BLOCK_H]
     mask = row_mask[:, None] & (d < head_dim)[None, :]  # [BLOCK_H, BLOCK_D]
 
-    dst = data_ptr + page * d_page_stride + offset * d_slot_stride
-    dst = dst + h[:, None] * d_head_stride + d[None, :]
+    k_row = k_ptr + tok * k_tok_stride + h[:, None] * k_head_stride  # [BLOCK_H, 1]
+    v_row = v_ptr + tok * v_tok_stride + h[:, None] * v_head_stride
+    dst_row = data_ptr + page * d_page_stride + offset * d_slot_stride + h[:, None] * d_head_stride
     scale_dst = scales_ptr + page * s_page_stride + offset * s_slot_stride + h * s_head_stride
-    k_src = k_ptr + tok * k_tok_stride + h[:, None] * k_head_stride + d[None, :]
-    v_src = v_ptr + tok * v_tok_stride + h[:, None] * v_head_stride + d[None, :]
-    _store_rows(k_src, dst, scale_dst, mask, row_mask, inv_qmax, QUANTIZE, SCALE_BY_RECIPROCAL)
-    v_dst, v_scale_dst = dst + d_kv_stride, scale_dst + s_kv_stride
-    _store_rows(v_src, v_dst, v_scale_dst, mask, row_mask, inv_qmax, QUANTIZE, SCALE_BY_RECIPROCAL)
+    if ROTARY:
+        half = head_dim // 2
+        pos = tl.load(pos_ptr + tok).to(tl.int64)
+        cos1, cos2, sin1, sin2 = _load_cos_sin(
+            cos_ptr, sin_ptr, pos, cos_row_stride, sin_row_stride, half, BLOCK_D // 2
+        )  # [BLOCK_D // 2] each
+        # q in place, padding rows too. _rotate_heads hands both halves of an element pair
+        # to the thread that writes them back: no thread overwrites what another still reads
+        q0 = tl.program_id(1) * q_heads_per_program
+        n_q = tl.minimum(tl.maximum(num_q_heads - q0, 0), q_heads_per_program)
+        q_row = q_ptr + tok * q_tok_stride + q0 * q_head_stride
+        _rotate_heads(
+            q_row,
+            q_row,
+            q_head_stride,
+            q_head_stride,
+            n_q,
+            half,
+            cos1,
+            cos2,
+            sin1,
+            sin2,
+            BLOCK_QH,
+            BLOCK_D // 2,
+        )
+        # k: rotated by halves like apply_rotary, rounded once to k's dtype, then stored
+        i = tl.arange(0, BLOCK_D // 2)
+        half_mask = row_mask[:, None] & (i < half)[None, :]  # [BLOCK_H, BLOCK_D // 2]
+        x1 = tl.load(k_row + i[None, :], mask=half_mask, other=0.0).to(tl.float32)
+        x2 = tl.load(k_row + half + i[None, :], mask=half_mask, other=0.0).to(tl.float32)
+        k1, k2 = _rotate_half(x1, x2, cos1, cos2, sin1, sin2)
+        k1 = k1.to(k_ptr.dtype.element_ty).to(tl.float32)
+        k2 = k2.to(k_ptr.dtype.element_ty).to(tl.float32)
+        _store_row_halves(
+            k1,
+            k2,
+            dst_row + i[None, :],
+            scale_dst,
+            half_mask,
+            row_mask,
+            half,
+            inv_qmax,
+            QUANTIZE,
+            SCALE_BY_RECIPROCAL,
+        )
+    else:
+        k = tl.load(k_row + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        _store_rows(
+            k,
+            dst_row + d[None, :],
+            scale_dst,
+            mask,
+            row_mask,
+            inv_qmax,
+            QUANTIZE,
+            SCALE_BY_RECIPROCAL,
+        )
+    v = tl.load(v_row + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    v_dst, v_scale_dst = dst_row + d_kv_stride + d[None, :], scale_dst + s_kv_stride
+    _store_rows(v, v_dst, v_scale_dst, mask, row_mask, inv_qmax, QUANTIZE, SCALE_BY_RECIPROCAL)
+
+
+def _launch(k, v, data_layer, scales_layer, slots, rotary=None) -> None:
+    """rotary: (positions, q, cos, sin) to rotate q in place and k on its way to the cache.
+
+    The grid is store_kv's, (T, kv-head blocks); q's heads are shared out over its second
+    axis, so the fused launch has as many programs as the store alone.
+    """
+    t, hkv, d = k.shape
+    if t == 0:
+        return
+    if rotary is None:
+        positions, q, cos, sin = slots, k, k, k  # never read
+        num_q_heads = 0
+    else:
+        positions, q, cos, sin = rotary
+        num_q_heads = q.shape[1]
+    quantize = scales_layer is not None
+    sc = scales_layer if quantize else data_layer  # never read when not quantizing
+    s_strides = scales_layer.stride() if quantize else (0, 0, 0, 0)
+    block_d = triton.next_power_of_2(d)
+    block_h = max(1, min(triton.next_power_of_2(hkv), 4096 // block_d))
+    head_blocks = triton.cdiv(hkv, block_h)
+    q_per_program = triton.cdiv(num_q_heads, head_blocks)
+    # as kernels/rotary.py tiles q: up to 4096 elements of each half at a time
+    block_qh = max(1, min(triton.next_power_of_2(q_per_program), 4096 // max(1, block_d // 2)))
+    with device_guard(k):
+        _store_kv_kernel[(t, head_blocks)](
+            k,
+            v,
+            data_layer,
+            sc,
+            slots,
+            q,
+            positions,
+            cos,
+            sin,
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            q.stride(0),
+            q.stride(1),
+            cos.stride(0),
+            sin.stride(0),
+            *data_layer.stride()[:4],
+            *s_strides,
+            hkv,
+            num_q_heads,
+            q_per_program,
+            d,
+            INV_127,
+            PAGE_SIZE=data_layer.shape[2],
+            QUANTIZE=quantize,
+            SCALE_BY_RECIPROCAL=k.device.type == "cuda",
+            ROTARY=rotary is not None,
+            BLOCK_H=block_h,
+            BLOCK_QH=block_qh,
+            BLOCK_D=block_d,
+            num_warps=4,
+        )
 
 
 @torch.library.custom_op("miniinfer::store_kv", mutates_args=("data_layer", "scales_layer"))
@@ -123,41 +307,27 @@ def _store_kv_op(
     scales_layer: torch.Tensor | None,
     slots: torch.Tensor,
 ) -> None:
-    t, hkv, d = k.shape
-    if t == 0:
-        return
-    quantize = scales_layer is not None
-    sc = scales_layer if quantize else data_layer  # never read when not quantizing
-    s_strides = scales_layer.stride() if quantize else (0, 0, 0, 0)
-    block_d = triton.next_power_of_2(d)
-    block_h = max(1, min(triton.next_power_of_2(hkv), 4096 // block_d))
-    with device_guard(k):
-        _store_kv_kernel[(t, triton.cdiv(hkv, block_h))](
-            k,
-            v,
-            data_layer,
-            sc,
-            slots,
-            k.stride(0),
-            k.stride(1),
-            v.stride(0),
-            v.stride(1),
-            *data_layer.stride()[:4],
-            *s_strides,
-            hkv,
-            d,
-            INV_127,
-            PAGE_SIZE=data_layer.shape[2],
-            QUANTIZE=quantize,
-            SCALE_BY_RECIPROCAL=k.device.type == "cuda",
-            BLOCK_H=block_h,
-            BLOCK_D=block_d,
-            num_warps=4,
-        )
+    _launch(k, v, data_layer, scales_layer, slots)
 
 
-def _check(k, v, data_layer, scales_layer, slots) -> None:
-    name = "store_kv"
+@torch.library.custom_op(
+    "miniinfer::rotary_store_kv", mutates_args=("q", "data_layer", "scales_layer")
+)
+def _rotary_store_kv_op(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    data_layer: torch.Tensor,
+    scales_layer: torch.Tensor | None,
+    slots: torch.Tensor,
+) -> None:
+    _launch(k, v, data_layer, scales_layer, slots, rotary=(positions, q, cos, sin))
+
+
+def _check(k, v, data_layer, scales_layer, slots, name: str = "store_kv") -> None:
     tensors = [k, v, data_layer, slots] + ([] if scales_layer is None else [scales_layer])
     check_launchable(name, *tensors)
     check_float(name, k=k, v=v)
@@ -205,6 +375,30 @@ def store_kv(
     _store_kv_op(k, v, data_layer, scales_layer, slots)
 
 
+def rotary_store_kv(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    data_layer: torch.Tensor,
+    scales_layer: torch.Tensor | None,
+    slots: torch.Tensor,
+) -> None:
+    """apply_rotary then store_kv in one launch: q rotated in place, rotated k into the cache.
+
+    positions [T]; q [T, H, D], k, v [T, Hkv, D]; cos, sin [max_position, D] (as apply_rotary);
+    data_layer, scales_layer, slots as store_kv. q is rotated for every token, slot < 0
+    included; k and v are left untouched (rotated k goes only to the cache). The cache then
+    holds exactly what store_kv would write from apply_rotary's k.
+    """
+    name = "rotary_store_kv"
+    check_rotary_args(positions, q, k, cos, sin, name=name)
+    _check(k, v, data_layer, scales_layer, slots, name=name)
+    _rotary_store_kv_op(positions, q, k, v, cos, sin, data_layer, scales_layer, slots)
+
+
 def quantize_int8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[..., D] float -> ([..., D] int8, [...] float32), as engine.kv_cache.quantize_int8."""
     xf = x.float()
@@ -228,3 +422,19 @@ def store_kv_reference(
             x, scale = quantize_int8_reference(x)
             scales_layer[i, pages, offsets] = scale
         data_layer[i, pages, offsets] = x.to(data_layer.dtype)
+
+
+def rotary_store_kv_reference(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    data_layer: torch.Tensor,
+    scales_layer: torch.Tensor | None,
+    slots: torch.Tensor,
+) -> None:
+    q_rot, k_rot = apply_rotary_reference(positions, q, k, cos, sin)
+    q.copy_(q_rot)
+    store_kv_reference(k_rot, v, data_layer, scales_layer, slots)

@@ -7,7 +7,7 @@ ops up by name) need one line: `import kernels.ops`.
 
 from kernels.activation import silu_and_mul
 from kernels.decode_attention import decode_attention
-from kernels.kv_store import store_kv
+from kernels.kv_store import rotary_store_kv, store_kv
 from kernels.moe import moe_gather_sum, moe_route
 from kernels.prefill_attention import cu_seqlens, prefill_attention
 from kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
@@ -21,6 +21,7 @@ OP_NAMES = (
     "rotary_embedding_",
     "silu_and_mul",
     "store_kv",
+    "rotary_store_kv",
     "decode_attention",
     "prefill_attention",
     "spec_verify",
@@ -38,6 +39,7 @@ __all__ = [
     "moe_route",
     "prefill_attention",
     "rmsnorm",
+    "rotary_store_kv",
     "silu_and_mul",
     "spec_verify",
     "store_kv",

@@ -21,6 +21,33 @@ from kernels._triton import (
 
 
 @triton.jit
+def _load_cos_sin(
+    cos_ptr, sin_ptr, pos, cos_row_stride, sin_row_stride, half, BLOCK_HALF: tl.constexpr
+):
+    """Row `pos` of the cos / sin tables as fp32 halves cos1, cos2, sin1, sin2 [BLOCK_HALF]."""
+    d = tl.arange(0, BLOCK_HALF)
+    dmask = d < half
+    cos_row = cos_ptr + pos * cos_row_stride
+    sin_row = sin_ptr + pos * sin_row_stride
+    cos1 = tl.load(cos_row + d, mask=dmask, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_row + half + d, mask=dmask, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_row + d, mask=dmask, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_row + half + d, mask=dmask, other=0.0).to(tl.float32)
+    return cos1, cos2, sin1, sin2
+
+
+@triton.jit
+def _rotate_half(x1, x2, cos1, cos2, sin1, sin2):
+    """fp32 row halves [BLOCK_H, BLOCK_HALF] -> rotated halves: x * cos + rotate_half(x) * sin.
+
+    kernels/kv_store.py rotates k through this too: one expression, one set of numerics.
+    """
+    out1 = x1 * cos1[None, :] - x2 * sin1[None, :]
+    out2 = x2 * cos2[None, :] + x1 * sin2[None, :]
+    return out1, out2
+
+
+@triton.jit
 def _rotate_heads(
     src_ptr,
     dst_ptr,
@@ -43,8 +70,7 @@ def _rotate_heads(
         src = src_ptr + h[:, None] * src_head_stride + d[None, :]
         x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(src + half, mask=mask, other=0.0).to(tl.float32)
-        out1 = x1 * cos1[None, :] - x2 * sin1[None, :]
-        out2 = x2 * cos2[None, :] + x1 * sin2[None, :]
+        out1, out2 = _rotate_half(x1, x2, cos1, cos2, sin1, sin2)
         dst = dst_ptr + h[:, None] * dst_head_stride + d[None, :]
         tl.store(dst, out1.to(dst_ptr.dtype.element_ty), mask=mask)
         tl.store(dst + half, out2.to(dst_ptr.dtype.element_ty), mask=mask)
@@ -77,14 +103,9 @@ def _rotary_kernel(
 ):
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
-    d = tl.arange(0, BLOCK_HALF)
-    dmask = d < half
-    cos_row = cos_ptr + pos * cos_row_stride
-    sin_row = sin_ptr + pos * sin_row_stride
-    cos1 = tl.load(cos_row + d, mask=dmask, other=0.0).to(tl.float32)  # [BLOCK_HALF]
-    cos2 = tl.load(cos_row + half + d, mask=dmask, other=0.0).to(tl.float32)
-    sin1 = tl.load(sin_row + d, mask=dmask, other=0.0).to(tl.float32)
-    sin2 = tl.load(sin_row + half + d, mask=dmask, other=0.0).to(tl.float32)
+    cos1, cos2, sin1, sin2 = _load_cos_sin(
+        cos_ptr, sin_ptr, pos, cos_row_stride, sin_row_stride, half, BLOCK_HALF
+    )  # [BLOCK_HALF] each
     _rotate_heads(
         q_ptr + tok * q_tok_stride,
         q_out_ptr + tok * qo_tok_stride,
@@ -171,8 +192,8 @@ def _rotary_inplace_op(
     _launch(positions, q, k, cos, sin, q, k)
 
 
-def _check(positions, q, k, cos, sin) -> None:
-    name = "apply_rotary"
+def check_rotary_args(positions, q, k, cos, sin, name: str = "apply_rotary") -> None:
+    """The checks apply_rotary makes (kernels/kv_store.py's fused op shares them)."""
     check_launchable(name, positions, q, k, cos, sin)
     check_float(name, q=q, k=k, cos=cos, sin=sin)
     check_index(name, positions=positions)
@@ -203,7 +224,7 @@ def apply_rotary(
 
     inplace=True overwrites q and k and returns them.
     """
-    _check(positions, q, k, cos, sin)
+    check_rotary_args(positions, q, k, cos, sin)
     if inplace:
         _rotary_inplace_op(positions, q, k, cos, sin)
         return q, k

@@ -38,8 +38,13 @@ class Attention(nn.Module):
         v = v.view(t, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q, ops), self.k_norm(k, ops)
-        q, k = rope(positions, q, k, ops)
-        out = backend.attn.forward(q, k, v, cache, self.layer, meta)  # [T, H, D]
+        attn = backend.attn
+        if attn.fuses_rotary:  # one kernel rotates q, k and stores K/V (k stays unrotated)
+            rotary = (positions, rope.cos, rope.sin)
+            out = attn.forward(q, k, v, cache, self.layer, meta, rotary=rotary)  # [T, H, D]
+        else:
+            q, k = rope(positions, q, k, ops)
+            out = attn.forward(q, k, v, cache, self.layer, meta)  # [T, H, D]
         return self.o(out.reshape(t, c.q_size))
 
 

@@ -45,6 +45,11 @@ def _op_cases(device):
             m.store_kv.default,
             (k, k.clone(), data.clone(), scales.clone(), torch.tensor([5, -1, 40], device=device)),
         ),
+        "rotary_store_kv": (
+            m.rotary_store_kv.default,
+            (pos, q.clone(), k, k.clone(), cos, sin, data.clone(), scales.clone(),
+             torch.tensor([5, -1, 40], device=device)),
+        ),
         "decode_attention": (
             m.decode_attention.default,
             (torch.randn(2, 4, 16, device=device), data, scales, tables, ctx, 0.25, 16),

@@ -1,0 +1,100 @@
+"""A tiny decoder end to end on the Triton backend (on CPU: through the interpreter).
+
+Prefill of two sequences (one crossing a page), then decode steps, through ModelRunner:
+the logits must match the torch backend, and the layers must take the fused rotary + KV
+store kernel (one launch a layer instead of apply_rotary + store_kv), with the same
+numbers as the unfused pair.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import kernels.ops  # noqa: E402
+from engine.attention import TritonAttention  # noqa: E402
+from engine.backend import TORCH_BACKEND, select_backend  # noqa: E402
+from engine.config import ModelConfig  # noqa: E402
+from engine.kv_cache import KVCache, KVCacheSpec  # noqa: E402
+from engine.loader.registry import dummy_model  # noqa: E402
+from engine.page_pool import PagePool  # noqa: E402
+from engine.request import Request, ScheduledBatch, ScheduledSeq  # noqa: E402
+from engine.runner import ModelRunner  # noqa: E402
+from engine.sampling import SamplingParams  # noqa: E402
+
+LAYERS = 2
+CONFIGS = {  # GQA 2 with Llama's layout; GQA 3 with Qwen3's q/k norms before rotary
+    "llama": dict(arch="llama", num_heads=4, num_kv_heads=2),
+    "qwen3": dict(arch="qwen3", num_heads=6, num_kv_heads=2, qk_norm=True),
+}
+PROMPTS = [[5, 9, 2, 33, 41, 7, 7, 12, 60, 3, 18, 22, 1, 9, 50, 44, 8, 27, 31], [11, 4, 63, 29, 6]]
+DECODE_TOKENS = [[17, 2], [40, 8]]  # teacher-forced, one per sequence a step
+
+
+def _model(name, device):
+    cfg = ModelConfig(
+        vocab_size=64,
+        hidden_size=48,
+        intermediate_size=64,
+        num_layers=LAYERS,
+        head_dim=16,
+        max_position=64,
+        **CONFIGS[name],
+    )
+    return dummy_model(cfg, seed=0, device=device)
+
+
+def _logits(model, backend, kv_dtype, device) -> list[torch.Tensor]:
+    """Logits [T, V] of the prefill step, then of each decode step."""
+    cfg = model.cfg
+    cache = KVCache(KVCacheSpec(LAYERS, 8, cfg.num_kv_heads, cfg.head_dim, kv_dtype), device)
+    runner, pool = ModelRunner(model, cache, device, backend), PagePool(8)
+    reqs = [Request(list(p), SamplingParams()) for p in PROMPTS]
+
+    def step(counts):
+        for req, n in zip(reqs, counts):
+            need = -(-(req.num_computed_tokens + n) // 16) - len(req.pages)
+            req.pages.extend(pool.allocate(max(need, 0)))
+        batch = ScheduledBatch([ScheduledSeq(r, n, True) for r, n in zip(reqs, counts)])
+        logits = runner.logits(batch)
+        for req, n in zip(reqs, counts):
+            req.num_computed_tokens += n
+        return logits
+
+    out = [step([len(p) for p in PROMPTS])]
+    for tokens in DECODE_TOKENS:
+        for req, tok in zip(reqs, tokens):
+            req.output_token_ids.append(tok)
+        out.append(step([1] * len(reqs)))
+    return out
+
+
+@pytest.mark.parametrize("name,kv_dtype", [("llama", torch.float32), ("qwen3", torch.int8)])
+def test_triton_decoder_fuses_rotary_into_kv_store(name, kv_dtype, device, monkeypatch):
+    model = _model(name, device)
+    backend = select_backend(device, "triton")
+    assert backend.attn.fuses_rotary
+    calls = []
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the fused path must not launch apply_rotary / store_kv")
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return fused_op(*args, **kwargs)
+
+    fused_op = kernels.ops.rotary_store_kv
+    with monkeypatch.context() as m:  # the two-launch path, for comparison
+        m.setattr(TritonAttention, "fuses_rotary", False)
+        unfused = _logits(model, backend, kv_dtype, device)
+    monkeypatch.setattr(kernels.ops, "apply_rotary", fail)
+    monkeypatch.setattr(kernels.ops, "store_kv", fail)
+    monkeypatch.setattr(kernels.ops, "rotary_store_kv", counted)
+    fused = _logits(model, backend, kv_dtype, device)
+
+    assert len(calls) == LAYERS * (1 + len(DECODE_TOKENS))  # one launch a layer a step
+    for got, want in zip(fused, unfused):
+        assert torch.equal(got, want)  # the same numbers as apply_rotary + store_kv
+    reference = _logits(model, TORCH_BACKEND, kv_dtype, device)
+    for got, want in zip(fused, reference):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
