@@ -106,11 +106,11 @@ class LLMEngine:
         self.runner = ModelRunner(loaded.model, self.cache, self.device, self.backend)
         self.runner.spec = build_spec_decoder(config, loaded.model, self.runner, kv_dtype, self.device,
                                               self.backend)
-        self.warmup_seconds = self._warm_up() if self.device.type == "cuda" else 0.0
         self._streams: dict[str, TextStream] = {}
         # Called with (batch, step output) after the model ran, before pages are released:
         # the prefill worker exports finished prompts' KV pages here.
         self.on_executed = None
+        self.warmup_seconds = self._warm_up() if self.device.type == "cuda" else 0.0
 
     @classmethod
     def from_name(cls, name: str, config: EngineConfig = EngineConfig(), dtype=torch.float32,
@@ -135,13 +135,35 @@ class LLMEngine:
                 if self.runner.spec is not None:  # verify graphs per (bucket, k), draft graphs
                     self.runner.spec.capture(self.runner.model, self.cache, self.backend, max_bs,
                                              self.max_model_len)
+            if not self.model_config.is_moe:  # EP ranks step in lockstep: no private requests
+                self._warm_requests()
         torch.cuda.synchronize(self.device)
         if self.model_config.is_moe:  # the warm-up's made-up tokens are not expert load
             self.runner.model.expert_load(reset=True)
+        if self.runner.spec is not None:  # nor are their drafts acceptance figures
+            self.runner.spec.metrics = type(self.runner.spec.metrics)()
         seconds = time.perf_counter() - t0
         log.info("warm-up on %s (%s backend, cuda graphs %s) took %.2fs", self.device,
                  self.backend.name, self.runner.graphs is not None, seconds)
         return seconds
+
+    def _warm_requests(self) -> None:
+        """Two throw-away requests through the whole step path (scheduler, model, sampler,
+        detokenizer), so that the first real request finds nothing left to load: torch's
+        CUDA modules load on first use, and Triton compiles a kernel again for integer
+        arguments of another kind (a multiple of 16 or not). Prompts off the 16-token grid
+        and one long enough for prefill attention's big tiles; one greedy, one sampled with
+        every filter and logprobs. Their pages go back to the pool."""
+        free = self.pool.num_free
+        vocab = self.model_config.vocab_size
+        short = max(1, min(33, self.max_model_len - 4))
+        long = max(short, min(600, self.max_model_len - 4, (free - 4) * PAGE_SIZE // 2))
+        prompts = [[3 + i % (vocab - 3) for i in range(n)] for n in (short, long)]
+        sampled = SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.8, top_k=20,
+                                 top_p=0.9, min_p=0.01, seed=0, logprobs=True)
+        self.generate(prompts, [SamplingParams(max_tokens=3, ignore_eos=True), sampled])
+        if self.pool.num_free != free:
+            raise RuntimeError(f"warm-up requests leaked {free - self.pool.num_free} KV pages")
 
     # ---- requests ----
 

@@ -90,3 +90,13 @@ def test_textstream_holds_back_possible_stop_prefix(smollm2):
     s = TextStream(tok, [], stop=(", thr",))
     sent = "".join(s.push([t], False) for t in ids)
     assert s.stopped and sent == "one, two"
+
+
+def test_warm_up_requests_leave_nothing_behind(engine):
+    """The GPU warm-up's throw-away requests (run here on CPU, where warm-up skips them):
+    they finish, free their pages, leave no stream, and the engine serves the same tokens."""
+    prompt = engine.tokenizer.encode("The capital of France is")
+    before = engine.generate([prompt], SamplingParams(max_tokens=4)).pop().token_ids
+    engine._warm_requests()
+    assert engine.pool.is_full() and not engine.has_unfinished() and not engine._streams
+    assert engine.generate([prompt], SamplingParams(max_tokens=4)).pop().token_ids == before
