@@ -3,7 +3,9 @@
 For each KV dtype (int8 with per-token-per-head scales, bf16) and each (partition size,
 BLOCK_N, num_warps, num_stages, register cap), time `kernels.decode_attention` on one
 layer of the 8B shape and print achieved bandwidth (K + V + scale bytes / time) against
-a device copy. Every config's output is checked against the default config's before it is timed.
+a device copy. Times are kernel times: calls replayed from a CUDA graph, as the engine
+runs them (bench.gpu_decode.graph_ms; a single eager call's time also counts its Python
+launch path). Every config's output is checked against the default config's first.
 Both are also run with pages laid out head-major ([2, P, Hkv, S, D] viewed as
 [2, P, S, Hkv, D]): a kv head's rows of a page are then one contiguous run.
 
@@ -25,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import kernels.decode_attention as da  # noqa: E402
 from bench.common import attention_tune_parser, ints, write_json_rows  # noqa: E402
-from bench.gpu_decode import copy_bandwidth, event_ms  # noqa: E402
+from bench.gpu_decode import copy_bandwidth, graph_ms  # noqa: E402
 
 
 def make_cache(kv: str, batch: int, ctx: int, hkv: int, d: int, head_major: bool):
@@ -81,7 +83,7 @@ def main() -> int:
                 try:
                     out = da.decode_attention(q, data, scales, tables, lens, partition_size=psize).float()
                     err = ((out - ref).norm() / ref.norm()).item()
-                    ms = event_ms(functools.partial(da.decode_attention, q, data, scales, tables, lens,
+                    ms = graph_ms(functools.partial(da.decode_attention, q, data, scales, tables, lens,
                                                     partition_size=psize))
                 except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: report, go on
                     print(f"{kv} part{psize} bn{bn} w{w} s{st} r{mr}: {type(e).__name__}: {str(e)[:80]}", flush=True)
