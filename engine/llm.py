@@ -121,7 +121,11 @@ class LLMEngine:
         """Compile the kernels and capture the decode graphs before any request. -> seconds."""
         t0 = time.perf_counter()
         if self.backend.name == "triton":
-            self.runner.warmup_prefill()
+            sizes = self._warm_prefill_sizes()
+            log.info("warm-up: prefills of %d lengths (%d..%d tokens), then decode graphs and "
+                     "throw-away requests", len(sizes), sizes[0], sizes[-1])
+            for n in sizes:
+                self.runner.warmup_prefill(n)
             if self.config.cuda_graphs and not self.model_config.is_moe:  # MoE: eager (host syncs)
                 # The issue puts the graph runner in decode/; imported here, CUDA only.
                 from decode.graphs import CudaGraphRunner
@@ -147,12 +151,30 @@ class LLMEngine:
                  self.backend.name, self.runner.graphs is not None, seconds)
         return seconds
 
+    def _warm_prefill_sizes(self) -> list[int]:
+        """Prefill lengths to run once before serving: every multiple of 16 up to 256 and
+        the length after it, then every power of two up to the step's token budget and one
+        off the 16-token grid between each two. cuBLAS picks its GEMM kernels by size class
+        and CUDA loads each on first use (measured on an H200, 8B shape: a first 77-token
+        prefill 11 ms slower than the next when the warm-up ran only powers of two and
+        their midpoints), so a length class the warm-up skipped costs the first request
+        that has it. Small lengths get the finest cover: most prompts are short."""
+        cap = max(1, min(self.config.max_num_batched_tokens, self.max_model_len,
+                         self.pool.num_pages * PAGE_SIZE))
+        sizes = {cap} | {x for n in range(16, 257, 16) for x in (n, n + 1)}
+        n = 512
+        while n <= cap:
+            sizes.update((n, n - n // 4 + 1))
+            n *= 2
+        return sorted(x for x in sizes if x <= cap)
+
     def _warm_requests(self) -> None:
-        """Two throw-away requests through the whole step path (scheduler, model, sampler,
+        """Throw-away requests through the whole step path (scheduler, model, sampler,
         detokenizer), so that the first real request finds nothing left to load: torch's
         CUDA modules load on first use, and Triton compiles a kernel again for integer
-        arguments of another kind (a multiple of 16 or not). Prompts off the 16-token grid
-        and one long enough for prefill attention's big tiles; one greedy, one sampled with
+        arguments of another kind (1, a multiple of 16, or neither). A prompt off the
+        16-token grid and one long enough for prefill attention's big tiles, each alone
+        (one-sequence prefill) and then both in one batch; one greedy, one sampled with
         every filter and logprobs. Their pages go back to the pool."""
         free = self.pool.num_free
         vocab = self.model_config.vocab_size
@@ -161,7 +183,10 @@ class LLMEngine:
         prompts = [[3 + i % (vocab - 3) for i in range(n)] for n in (short, long)]
         sampled = SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.8, top_k=20,
                                  top_p=0.9, min_p=0.01, seed=0, logprobs=True)
-        self.generate(prompts, [SamplingParams(max_tokens=3, ignore_eos=True), sampled])
+        params = [SamplingParams(max_tokens=3, ignore_eos=True), sampled]
+        for prompt, p in zip(prompts, params):
+            self.generate([prompt], p)
+        self.generate(prompts, params)
         if self.pool.num_free != free:
             raise RuntimeError(f"warm-up requests leaked {free - self.pool.num_free} KV pages")
 
