@@ -121,11 +121,8 @@ class LLMEngine:
         """Compile the kernels and capture the decode graphs before any request. -> seconds."""
         t0 = time.perf_counter()
         if self.backend.name == "triton":
-            sizes = self._warm_prefill_sizes()
-            log.info("warm-up: prefills of %d lengths (%d..%d tokens), then decode graphs and "
-                     "throw-away requests", len(sizes), sizes[0], sizes[-1])
-            for n in sizes:
-                self.runner.warmup_prefill(n)
+            log.info("warm-up: a prefill, the decode graphs, then throw-away requests")
+            self.runner.warmup_prefill()
             if self.config.cuda_graphs and not self.model_config.is_moe:  # MoE: eager (host syncs)
                 # The issue puts the graph runner in decode/; imported here, CUDA only.
                 from decode.graphs import CudaGraphRunner
@@ -151,31 +148,19 @@ class LLMEngine:
                  self.backend.name, self.runner.graphs is not None, seconds)
         return seconds
 
-    def _warm_prefill_sizes(self) -> list[int]:
-        """Prefill lengths to run once before serving: every multiple of 16 up to 256 and
-        the length after it, then every power of two up to the step's token budget and one
-        off the 16-token grid between each two. cuBLAS picks its GEMM kernels by size class
-        and CUDA loads each on first use (measured on an H200, 8B shape: a first 77-token
-        prefill 11 ms slower than the next when the warm-up ran only powers of two and
-        their midpoints), so a length class the warm-up skipped costs the first request
-        that has it. Small lengths get the finest cover: most prompts are short."""
-        cap = max(1, min(self.config.max_num_batched_tokens, self.max_model_len,
-                         self.pool.num_pages * PAGE_SIZE))
-        sizes = {cap} | {x for n in range(16, 257, 16) for x in (n, n + 1)}
-        n = 512
-        while n <= cap:
-            sizes.update((n, n - n // 4 + 1))
-            n *= 2
-        return sorted(x for x in sizes if x <= cap)
-
     def _warm_requests(self) -> None:
         """Throw-away requests through the whole step path (scheduler, model, sampler,
-        detokenizer), so that the first real request finds nothing left to load: torch's
-        CUDA modules load on first use, and Triton compiles a kernel again for integer
-        arguments of another kind (1, a multiple of 16, or neither). A prompt off the
-        16-token grid and one long enough for prefill attention's big tiles, each alone
-        (one-sequence prefill) and then both in one batch; one greedy, one sampled with
-        every filter and logprobs. Their pages go back to the pool."""
+        detokenizer), so that the first real request's decode steps find nothing left to
+        load: torch's CUDA modules load on first use, and Triton compiles a kernel again
+        for integer arguments of another kind (1, a multiple of 16, or neither). A prompt
+        off the 16-token grid and one long enough for prefill attention's big tiles, each
+        alone (one-sequence prefill) and then both in one batch; one greedy, one sampled
+        with every filter and logprobs. Their pages go back to the pool.
+
+        A prefill of a length not run before can still be slower the first time (H200:
+        5-11 ms on an 18-35 ms eager prefill); warming a grid of lengths removed that only
+        for the lengths it ran and cost 7-14 s of start-up, so it is not done
+        (docs/PERF.md, seventh session)."""
         free = self.pool.num_free
         vocab = self.model_config.vocab_size
         short = max(1, min(33, self.max_model_len - 4))

@@ -220,10 +220,9 @@ def _launch(device: torch.device, partition_size: int, quantized: bool) -> dict:
         cfg.update(block_n=math.gcd(partition_size, 64), num_warps=4)  # a power of two tiling it
         if quantized and partition_size >= 512 and partition_size % 128 == 0:
             # int8 tiles carry half the bytes, and the loop's per-tile work, not bandwidth,
-            # bounds them: 128-token tiles ran 1.26x faster than 64 on an H200 at b32 x ctx
-            # 8192 (bench/decode_attn_tune.py; 256 spills and is slower than either). A
-            # 128-register cap (--maxnreg) was 1.10x faster on one machine and 1.6x slower
-            # on another, so there is none.
+            # bounds them: on an H200 at b32 x ctx 8192, timed in a CUDA graph
+            # (bench/decode_attn_tune.py), 128-token tiles took 0.280 ms against 0.32-0.33
+            # for 64; a 128-register cap made them 1.8x slower, 8 warps 1.5x slower.
             cfg.update(block_n=128)
     return cfg
 

@@ -101,15 +101,3 @@ def test_warm_up_requests_leave_nothing_behind(engine):
     assert engine.pool.is_full() and not engine.has_unfinished() and not engine._streams
     assert engine.generate([prompt], SamplingParams(max_tokens=4)).pop().token_ids == before
 
-
-def test_warm_up_prefill_sizes_cover_every_size_class(engine):
-    """Each power of two up to the step's token budget, and one length off the 16-token
-    grid between each two: none past the budget, the context length or the pool."""
-    sizes = engine._warm_prefill_sizes()
-    cap = min(engine.config.max_num_batched_tokens, engine.max_model_len,
-              engine.pool.num_pages * 16)
-    assert sizes == sorted(set(sizes)) and sizes[-1] == cap and all(n <= cap for n in sizes)
-    n = 16
-    while 2 * n <= cap:
-        assert n in sizes and any(n < x < 2 * n and x % 16 for x in sizes)
-        n *= 2
