@@ -29,6 +29,7 @@ import bisect
 import logging
 import time
 
+import numpy as np
 import torch
 
 from engine.attention import AttentionMetadata
@@ -51,6 +52,23 @@ def batch_buckets(max_batch_size: int) -> list[int]:
     if sizes[-1] != max_batch_size:
         sizes.append(max_batch_size)
     return sizes
+
+
+def graph_inputs(step: HostStep, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decode step's host tensors for bucket bs: rows [4, bs] int64 (token, position,
+    slot, context; padding rows are token 0 at position 0, slot -1, context 0: they store
+    nothing and read nothing) and the block table [n, width] int32 (0 past each end)."""
+    pad = bs - step.num_seqs
+    host = torch.tensor(
+        [
+            step.input_ids + [0] * pad,
+            step.positions + [0] * pad,
+            step.slots + [-1] * pad,
+            step.ctx_lens + [0] * pad,
+        ],
+        dtype=torch.int64,
+    )
+    return host, step.table_array(np.int32)
 
 
 class CudaGraphRunner:
@@ -138,17 +156,7 @@ class CudaGraphRunner:
         width = max(len(t) for t in step.tables)
         if width > self.max_pages:
             return None
-        pad = bs - n
-        host = torch.tensor(
-            [
-                step.input_ids + [0] * pad,
-                step.positions + [0] * pad,
-                step.slots + [-1] * pad,
-                step.ctx_lens + [0] * pad,
-            ],
-            dtype=torch.int64,
-        )  # [4, bs]; padding: token 0 at position 0, stores nothing, reads nothing
-        tables = torch.tensor(step.padded_tables(), dtype=torch.int32)  # [n, width]
+        host, tables = graph_inputs(step, bs)
         self.inputs[:, :bs].copy_(host, non_blocking=True)
         self.block_tables[:n, :width].copy_(tables, non_blocking=True)
         self.graphs[bs].replay()
@@ -209,8 +217,7 @@ class VerifyGraphRunner(CudaGraphRunner):
         ctx = torch.tensor(step.ctx_lens + [q] * (bs - n), dtype=torch.int64)
         self.inputs[:, : bs * q].copy_(host, non_blocking=True)
         self.ctx[:bs].copy_(ctx, non_blocking=True)
-        self.block_tables[:n, :width].copy_(torch.tensor(step.padded_tables(), dtype=torch.int32),
-                                            non_blocking=True)
+        self.block_tables[:n, :width].copy_(step.table_array(np.int32), non_blocking=True)
         self.graphs[bs].replay()
         self.replays += 1
         return self.logits[bs][: n * q]

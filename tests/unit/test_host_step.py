@@ -1,0 +1,44 @@
+"""The host side of a step: token slices, block tables, CUDA-graph input rows (no GPU)."""
+
+import numpy as np
+import pytest
+import torch
+
+from decode.graphs import graph_inputs
+from engine.request import Request
+from engine.runner import HostStep
+from engine.sampling import SamplingParams
+
+
+def test_token_ids_equals_slices_of_all_token_ids():
+    req = Request([5, 6, 7, 8], SamplingParams())
+    req.output_token_ids = [9, 10, 11]
+    every = req.all_token_ids
+    for start in range(len(every) + 1):
+        for end in range(start, len(every) + 1):
+            assert req.token_ids(start, end) == every[start:end], (start, end)
+
+
+def _step(tables, ctx_lens):
+    n = len(tables)
+    return HostStep(list(range(100, 100 + n)), [c - 1 for c in ctx_lens],
+                    [t[-1] * 16 + (c - 1) % 16 for t, c in zip(tables, ctx_lens)],
+                    [1] * n, ctx_lens, tables, list(range(n)), [None] * n, [None] * n)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_table_array_pads_ragged_tables_with_zeros(dtype):
+    tables = [[7, 3, 9], [4], [12, 2]]
+    out = _step(tables, [40, 5, 20]).table_array(dtype)
+    assert out.dtype == torch.from_numpy(np.zeros(1, dtype)).dtype
+    assert out.tolist() == [[7, 3, 9], [4, 0, 0], [12, 2, 0]]
+
+
+def test_graph_inputs_pad_rows_store_and_read_nothing():
+    step = _step([[7, 3, 9], [4]], [40, 5])
+    host, tables = graph_inputs(step, 4)
+    assert host.dtype == torch.int64 and host.shape == (4, 4)
+    assert host[:, :2].tolist() == [step.input_ids, step.positions, step.slots, step.ctx_lens]
+    # padding rows: token 0 at position 0, slot -1 (no store), context 0 (no read)
+    assert host[:, 2:].tolist() == [[0, 0], [0, 0], [-1, -1], [0, 0]]
+    assert tables.dtype == torch.int32 and tables.tolist() == [[7, 3, 9], [4, 0, 0]]
