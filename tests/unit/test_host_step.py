@@ -42,3 +42,13 @@ def test_graph_inputs_pad_rows_store_and_read_nothing():
     # padding rows: token 0 at position 0, slot -1 (no store), context 0 (no read)
     assert host[:, 2:].tolist() == [[0, 0], [0, 0], [-1, -1], [0, 0]]
     assert tables.dtype == torch.int32 and tables.tolist() == [[7, 3, 9], [4, 0, 0]]
+
+
+def test_host_step_bench_runs(capsys, monkeypatch):
+    """bench/host_step.py on a tiny batch: it builds real steps and prints its three rows."""
+    from bench import host_step
+
+    monkeypatch.setattr("sys.argv", ["host_step.py", "--batch", "3", "--ctx", "70", "--iters", "2"])
+    assert host_step.main() == 0
+    out = capsys.readouterr().out
+    assert "collect" in out and "graph inputs" in out and "total" in out
