@@ -138,6 +138,7 @@ class LLMEngine:
                                              self.max_model_len)
             if not self.model_config.is_moe:  # EP ranks step in lockstep: no private requests
                 self._warm_requests()
+                self._reset_replay_counts()  # metrics count users' steps, not the warm-up's
         torch.cuda.synchronize(self.device)
         if self.model_config.is_moe:  # the warm-up's made-up tokens are not expert load
             self.runner.model.expert_load(reset=True)
@@ -163,17 +164,31 @@ class LLMEngine:
         (docs/PERF.md, seventh session)."""
         free = self.pool.num_free
         vocab = self.model_config.vocab_size
-        short = max(1, min(33, self.max_model_len - 4))
-        long = max(short, min(600, self.max_model_len - 4, (free - 4) * PAGE_SIZE // 2))
+        steps = max(1, min(3, self.config.max_tokens_limit))
+        fits = (free - 2) * PAGE_SIZE // 2 - steps  # both at once, a page of slack each
+        short = min(33, self.max_model_len - 4, fits)
+        if short < 1:  # a pool too small to serve two requests at once: skip the warm-up
+            log.warning("warm-up: %d free KV pages, too few for the throw-away requests", free)
+            return
+        long = max(short, min(600, self.max_model_len - 4, fits))
         prompts = [[3 + i % (vocab - 3) for i in range(n)] for n in (short, long)]
-        sampled = SamplingParams(max_tokens=3, ignore_eos=True, temperature=0.8, top_k=20,
+        sampled = SamplingParams(max_tokens=steps, ignore_eos=True, temperature=0.8, top_k=20,
                                  top_p=0.9, min_p=0.01, seed=0, logprobs=True)
-        params = [SamplingParams(max_tokens=3, ignore_eos=True), sampled]
+        params = [SamplingParams(max_tokens=steps, ignore_eos=True), sampled]
         for prompt, p in zip(prompts, params):
             self.generate([prompt], p)
         self.generate(prompts, params)
         if self.pool.num_free != free:
             raise RuntimeError(f"warm-up requests leaked {free - self.pool.num_free} KV pages")
+
+    def _reset_replay_counts(self) -> None:
+        """Zero the captured-graph replay counters (decode, spec verify, draft model)."""
+        spec = self.runner.spec
+        drafter_runner = getattr(getattr(spec, "drafter", None), "runner", None)
+        for owner in (self.runner, spec, drafter_runner):
+            graphs = getattr(owner, "graphs", None)
+            if graphs is not None and hasattr(graphs, "replays"):
+                graphs.replays = 0
 
     # ---- requests ----
 

@@ -192,6 +192,15 @@ def test_rotary_store_kv_matches_reference(t, h, hkv, d, kv_dtype, device):
     _assert_matches_reference(_run_fused(args), want)
 
 
+@pytest.mark.parametrize("kv_dtype", [torch.int8, torch.float32])
+def test_rotary_store_kv_q_heads_split_over_kv_head_blocks(kv_dtype, device):
+    """24 kv heads of 256 are two kv-head blocks of one token's programs: q's 72 heads are
+    then shared out 36 / 36 between them, each head rotated by exactly one program."""
+    args = _rotary_case(3, 72, 24, 256, torch.float32, kv_dtype, device, pad_every=2)
+    want = _run_reference(_clone(args))
+    _assert_matches_reference(_run_fused(args), want)
+
+
 @pytest.mark.parametrize("t,h,hkv,d", GQA_SHAPES)
 @pytest.mark.parametrize("in_dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("kv_dtype", [torch.int8, torch.bfloat16])

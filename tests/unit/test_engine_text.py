@@ -101,3 +101,13 @@ def test_warm_up_requests_leave_nothing_behind(engine):
     assert engine.pool.is_full() and not engine.has_unfinished() and not engine._streams
     assert engine.generate([prompt], SamplingParams(max_tokens=4)).pop().token_ids == before
 
+
+
+def test_warm_up_requests_skipped_when_the_pool_is_too_small(engine, monkeypatch, caplog):
+    """Two free pages cannot hold two requests at once: the warm-up says so and runs
+    nothing (an engine with a tiny pool still starts)."""
+    monkeypatch.setattr(type(engine.pool), "num_free", property(lambda self: 2))
+    with caplog.at_level("WARNING", logger="engine.llm"):
+        engine._warm_requests()
+    assert "too few for the throw-away requests" in caplog.text
+    assert not engine.has_unfinished() and engine.pool.num_used == 0
