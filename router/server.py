@@ -220,6 +220,8 @@ class Router:
     async def _within(aw, deadline: float, what: str):
         left = deadline - time.monotonic()
         if left <= 0:
+            if asyncio.iscoroutine(aw):
+                aw.close()  # never started: close it, or Python warns it was never awaited
             raise asyncio.TimeoutError(what)
         try:
             return await asyncio.wait_for(aw, left)

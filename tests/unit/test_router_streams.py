@@ -247,3 +247,18 @@ def test_an_abort_rpc_that_overtakes_the_reserve_ends_the_stream_as_aborted(toke
         finally:
             await router.stop()
     asyncio.run(main())
+
+
+def test_within_a_passed_deadline_closes_the_unstarted_wait():
+    """A deadline already past raises at once; the wait it was handed (a queue.get()
+    coroutine) is closed, not left for Python to warn that it was never awaited."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def run():
+        wait = queue.get()
+        with pytest.raises(asyncio.TimeoutError, match="decode"):
+            await Router._within(wait, time.monotonic() - 1.0, "decode")
+        return wait
+
+    wait = asyncio.run(run())
+    assert wait.cr_frame is None  # closed: a coroutine never run and never closed keeps its frame
