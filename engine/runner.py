@@ -44,8 +44,8 @@ class HostStep:
 
     def table_array(self, dtype=np.int64) -> torch.Tensor:
         """The block tables as one [B, width] CPU tensor, 0 past each sequence's pages.
-        Filled row by row by numpy: torch.tensor on the nested lists took 2.2 ms at 32 x
-        512 pages on the CI machine, this 0.4 (bench/host_step.py)."""
+        Filled row by row by numpy: torch.tensor on the nested lists took 2.1-2.2 ms at 32 x
+        512 pages on the CI machine, this 0.4-0.8 (bench/host_step.py)."""
         width = max(len(t) for t in self.tables)
         out = np.zeros((len(self.tables), width), dtype=dtype)
         for row, pages in zip(out, self.tables):
