@@ -218,12 +218,15 @@ def _launch(device: torch.device, partition_size: int, quantized: bool) -> dict:
     cfg = dict(block_n=16, num_warps=1, num_stages=None, maxnreg=None)
     if device.type == "cuda":
         cfg.update(block_n=math.gcd(partition_size, 64), num_warps=4)  # a power of two tiling it
-        if quantized and partition_size >= 512 and partition_size % 128 == 0:
-            # int8 tiles carry half the bytes, and the loop's per-tile work, not bandwidth,
-            # bounds them: on an H200 at b32 x ctx 8192, timed in a CUDA graph
-            # (bench/decode_attn_tune.py), 128-token tiles took 0.280 ms against 0.32-0.33
-            # for 64; a 128-register cap made them 1.8x slower, 8 warps 1.5x slower.
-            cfg.update(block_n=128)
+        if quantized and partition_size >= 128:
+            # int8 tiles are bound by the loop's per-tile work (the int8 -> bf16 conversion,
+            # the layout shuffles for the dots), not by bandwidth. One warp per program needs
+            # no barrier between warps, and many programs then share an SM. On an H200, timed
+            # in a CUDA graph (bench/decode_attn_tune.py): b32 x ctx 8192, partition 512,
+            # 0.220 ms against 0.280 for 128-token tiles on 4 warps; b8 x ctx 1024,
+            # partition 128, 13.9 us against 17.9. With 64-token partitions (few sequences)
+            # one warp per program was slower: 9.6 us against 7.0 at b1 x ctx 512.
+            cfg.update(block_n=math.gcd(partition_size, 32), num_warps=1)
     return cfg
 
 
