@@ -85,7 +85,7 @@ class DraftModelDrafter(Drafter):
             starts = [r.num_tokens - 2 for r in requests]
         else:
             starts = [r.num_tokens - lag for r, lag in zip(requests, lags)]
-        s = host_step(requests, starts, [r.all_token_ids[st:] for r, st in zip(requests, starts)],
+        s = host_step(requests, starts, [r.token_ids(st, r.num_tokens) for r, st in zip(requests, starts)],
                       self.page_size)
         if self.extend_graphs is not None and max(lags) <= 2:
             logits = self.extend_graphs.run(s)  # [B * 2, V]
