@@ -31,8 +31,8 @@ class GGUFTokenizerSpec:
 
 
 def _field(reader, key, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
+    """reader: an engine.loader.gguf_file.GGUFFile (fields hold plain Python values)."""
+    return reader.fields.get(key, default)
 
 
 def read_config(reader) -> ModelConfig:
@@ -115,13 +115,14 @@ def hf_name(gguf_name: str) -> str:
 
 def iter_weights(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, float32 tensor in HF orientation [out, in])."""
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     for t in reader.tensors:
         name = hf_name(t.name)
         # GGUF lists dims innermost first; numpy data is [out, in] already.
         shape = tuple(int(d) for d in reversed(t.shape))
-        arr = dequantize(t.data, t.tensor_type).reshape(shape)
+        arr = dequantize(t.data, GGMLQuantizationType(t.tensor_type)).reshape(shape)
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if not arr.flags.writeable:  # F32 tensors come back as views of the read-only mmap
             arr = arr.copy()

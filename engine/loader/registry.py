@@ -97,11 +97,10 @@ def load_model(
         make = random_model if on_gpu else dummy_model
         model = make(cfg, seed, dtype, device, ep=ep)
     elif path.is_file():
-        import gguf
-
         from engine.loader import gguf_loader
+        from engine.loader.gguf_file import GGUFFile
 
-        reader = gguf.GGUFReader(str(path))
+        reader = GGUFFile(path)
         cfg = gguf_loader.read_config(reader)
         tokenizer = TextTokenizer.from_gguf(gguf_loader.read_tokenizer(reader))
         model = _materialize(cfg, torch.float32, device)
@@ -124,11 +123,10 @@ def load_tokenizer(name: str = DEFAULT_MODEL) -> tuple[TextTokenizer | None, Mod
     """Tokenizer and config only, no weights (what the router needs)."""
     path = resolve(name)
     if path.is_file():
-        import gguf
-
         from engine.loader import gguf_loader
+        from engine.loader.gguf_file import GGUFFile
 
-        reader = gguf.GGUFReader(str(path))
+        reader = GGUFFile(path)
         return TextTokenizer.from_gguf(gguf_loader.read_tokenizer(reader)), gguf_loader.read_config(reader)
     from engine.loader import hf_loader
 
