@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from engine.errors import UnsupportedModel
 
@@ -27,15 +28,16 @@ from engine.errors import UnsupportedModel
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
 # ggml types stored as plain numpy elements (everything else: blocks of bytes)
-_PLAIN = {0: np.float32, 1: np.float16, 24: np.int8, 25: np.int16, 26: np.int32, 27: np.int64,
-          28: np.float64}
+_T = GGMLQuantizationType
+_PLAIN = {_T.F32: np.float32, _T.F16: np.float16, _T.I8: np.int8, _T.I16: np.int16,
+          _T.I32: np.int32, _T.I64: np.int64, _T.F64: np.float64}
 
 
 @dataclass
 class GGUFTensor:
     name: str
     shape: tuple[int, ...]  # innermost first, as GGUF stores it
-    tensor_type: int  # ggml type id (gguf.GGMLQuantizationType)
+    tensor_type: GGMLQuantizationType
     offset: int  # absolute byte offset in the file
     num_bytes: int
     _file: GGUFFile
@@ -95,7 +97,9 @@ class GGUFFile:
             self.buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             self._parse()
-        except (struct.error, UnicodeDecodeError, ValueError) as e:
+        except UnsupportedModel:
+            raise  # already says what is wrong (it is a ValueError too: not wrapped again)
+        except (struct.error, ValueError, ZeroDivisionError) as e:  # truncated or garbled
             raise UnsupportedModel(f"{self.path}: not a readable GGUF file ({e})") from e
 
     def _parse(self) -> None:
@@ -121,23 +125,23 @@ class GGUFFile:
             infos.append((name, dims, cur.take("I"), cur.take("Q")))
         align = int(self.fields.get("general.alignment", 32))
         start = -(-cur.pos // align) * align
-        self.tensors = [
-            GGUFTensor(name, dims, ttype, start + off, _tensor_bytes(name, dims, ttype), self)
-            for name, dims, ttype, off in infos
-        ]
+        self.tensors = []
+        for name, dims, type_id, off in infos:
+            ttype, num_bytes = _tensor_type_bytes(name, dims, type_id)
+            self.tensors.append(GGUFTensor(name, dims, ttype, start + off, num_bytes, self))
         for t in self.tensors:
             if t.offset + t.num_bytes > len(buf):
                 raise UnsupportedModel(f"{self.path}: tensor {t.name} runs past the end of the file")
 
 
-def _tensor_bytes(name: str, dims: tuple[int, ...], ttype: int) -> int:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
+def _tensor_type_bytes(name: str, dims: tuple[int, ...], type_id: int) -> tuple[GGMLQuantizationType, int]:
+    """-> (the tensor's ggml type, its size in bytes); unknown types raise UnsupportedModel."""
     try:
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+        ttype = GGMLQuantizationType(type_id)
+        block, size = GGML_QUANT_SIZES[ttype]
     except (ValueError, KeyError) as e:
-        raise UnsupportedModel(f"GGUF tensor {name}: unknown ggml type {ttype}") from e
+        raise UnsupportedModel(f"GGUF tensor {name}: unknown ggml type {type_id}") from e
     n = int(np.prod(dims)) if dims else 1
     if dims and dims[0] % block:
         raise UnsupportedModel(f"GGUF tensor {name}: inner dim {dims[0]} is not a multiple of {block}")
-    return n // block * size
+    return ttype, n // block * size

@@ -115,14 +115,13 @@ def hf_name(gguf_name: str) -> str:
 
 def iter_weights(reader, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (HF name, float32 tensor in HF orientation [out, in])."""
-    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     for t in reader.tensors:
         name = hf_name(t.name)
         # GGUF lists dims innermost first; numpy data is [out, in] already.
         shape = tuple(int(d) for d in reversed(t.shape))
-        arr = dequantize(t.data, GGMLQuantizationType(t.tensor_type)).reshape(shape)
+        arr = dequantize(t.data, t.tensor_type).reshape(shape)
         arr = np.ascontiguousarray(arr, dtype=np.float32)
         if not arr.flags.writeable:  # F32 tensors come back as views of the read-only mmap
             arr = arr.copy()

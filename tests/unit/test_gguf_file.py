@@ -49,7 +49,7 @@ def test_reads_what_gguf_reader_reads(small_gguf):
         assert a.tensor_type == int(b.tensor_type)
         assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape
         np.testing.assert_array_equal(a.data, b.data)
-        deq = gguf.quants.dequantize(a.data, gguf.GGMLQuantizationType(a.tensor_type))
+        deq = gguf.quants.dequantize(a.data, a.tensor_type)
         np.testing.assert_array_equal(deq, gguf.quants.dequantize(b.data, b.tensor_type))
     assert ours.tensors[0].offset % 64 == 0  # the custom alignment was honoured
 
