@@ -11,6 +11,7 @@ from kernels._triton import (
     check_last_dim_contiguous,
     check_launchable,
     device_guard,
+    kernel_op,
     tl,
     triton,
 )
@@ -39,7 +40,7 @@ def _out_shape(x: torch.Tensor) -> tuple[int, ...]:
     return (*x.shape[:-1], x.shape[-1] // 2)
 
 
-@torch.library.custom_op("miniinfer::silu_and_mul", mutates_args=())
+@kernel_op("silu_and_mul")
 def _silu_and_mul_op(x: torch.Tensor) -> torch.Tensor:
     out = x.new_empty(_out_shape(x))
     half = out.shape[-1]

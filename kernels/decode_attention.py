@@ -26,6 +26,7 @@ from kernels._triton import (
     check_last_dim_contiguous,
     check_launchable,
     device_guard,
+    kernel_op,
     tl,
     triton,
 )
@@ -230,7 +231,7 @@ def _launch(device: torch.device, partition_size: int, quantized: bool) -> dict:
     return cfg
 
 
-@torch.library.custom_op("miniinfer::decode_attention", mutates_args=())
+@kernel_op("decode_attention")
 def _decode_attention_op(
     q: torch.Tensor,
     data_layer: torch.Tensor,

@@ -28,6 +28,7 @@ from kernels._triton import (
     check_last_dim_contiguous,
     check_launchable,
     device_guard,
+    kernel_op,
     tl,
     triton,
 )
@@ -299,7 +300,7 @@ def _launch(k, v, data_layer, scales_layer, slots, rotary=None) -> None:
         )
 
 
-@torch.library.custom_op("miniinfer::store_kv", mutates_args=("data_layer", "scales_layer"))
+@kernel_op("store_kv", ("data_layer", "scales_layer"))
 def _store_kv_op(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -310,9 +311,7 @@ def _store_kv_op(
     _launch(k, v, data_layer, scales_layer, slots)
 
 
-@torch.library.custom_op(
-    "miniinfer::rotary_store_kv", mutates_args=("q", "data_layer", "scales_layer")
-)
+@kernel_op("rotary_store_kv", ("q", "data_layer", "scales_layer"))
 def _rotary_store_kv_op(
     positions: torch.Tensor,
     q: torch.Tensor,

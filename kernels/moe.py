@@ -19,6 +19,7 @@ from kernels._triton import (
     check_last_dim_contiguous,
     check_launchable,
     device_guard,
+    kernel_op,
     tl,
     triton,
 )
@@ -62,7 +63,7 @@ def _moe_route_kernel(
     tl.store(ids_ptr + row * TOP_K + ks, ids, mask=out)
 
 
-@torch.library.custom_op("miniinfer::moe_route", mutates_args=())
+@kernel_op("moe_route")
 def _moe_route_op(logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
     t, num_experts = logits.shape
     weights = logits.new_empty((t, top_k), dtype=torch.float32)
@@ -141,7 +142,7 @@ def _moe_gather_sum_kernel(
     tl.store(out_ptr + row * out_row_stride + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@torch.library.custom_op("miniinfer::moe_gather_sum", mutates_args=())
+@kernel_op("moe_gather_sum")
 def _moe_gather_sum_op(src: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     m, slots = pos.shape
     hidden = src.shape[1]
@@ -219,7 +220,7 @@ def _moe_pack_rows_kernel(
     tl.store(out_ptr + row * width + cols, tl.where(in_x, a, b), mask=cols < width)
 
 
-@torch.library.custom_op("miniinfer::moe_pack_rows", mutates_args=())
+@kernel_op("moe_pack_rows")
 def _moe_pack_rows_op(x: torch.Tensor, token: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     n, hidden, cols = token.shape[0], x.shape[1], meta.shape[1]
     out = x.new_empty((n, hidden + cols))

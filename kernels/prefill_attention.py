@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from kernels._triton import check_index, check_launchable, device_guard, tl, triton
+from kernels._triton import check_index, check_launchable, device_guard, kernel_op, tl, triton
 from kernels.decode_attention import (
     LOG2E,
     _attend_tile,
@@ -140,7 +140,7 @@ def _launch(device: torch.device, head_dim: int, dtype: torch.dtype, quantized: 
     return cfg
 
 
-@torch.library.custom_op("miniinfer::prefill_attention", mutates_args=())
+@kernel_op("prefill_attention")
 def _prefill_attention_op(
     q: torch.Tensor,
     data_layer: torch.Tensor,

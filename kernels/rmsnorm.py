@@ -14,6 +14,7 @@ from kernels._triton import (
     check_last_dim_contiguous,
     check_launchable,
     device_guard,
+    kernel_op,
     tl,
     triton,
 )
@@ -82,7 +83,7 @@ def _launch(x2, res2, weight, out2, res_out2, eps: float) -> None:
         )
 
 
-@torch.library.custom_op("miniinfer::rmsnorm", mutates_args=())
+@kernel_op("rmsnorm")
 def _rmsnorm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     n = x.shape[-1]
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -95,7 +96,7 @@ def _(x, weight, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("miniinfer::fused_add_rmsnorm", mutates_args=())
+@kernel_op("fused_add_rmsnorm")
 def _fused_add_rmsnorm_op(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from kernels._triton import (
     check_last_dim_contiguous,
     check_launchable,
     device_guard,
+    kernel_op,
     tl,
     triton,
 )
@@ -170,7 +171,7 @@ def _launch(positions, q, k, cos, sin, q_out, k_out) -> None:
         )
 
 
-@torch.library.custom_op("miniinfer::rotary_embedding", mutates_args=())
+@kernel_op("rotary_embedding")
 def _rotary_op(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +185,7 @@ def _(positions, q, k, cos, sin):
     return torch.empty_like(q), torch.empty_like(k)
 
 
-@torch.library.custom_op("miniinfer::rotary_embedding_", mutates_args=("q", "k"))
+@kernel_op("rotary_embedding_", ("q", "k"))
 def _rotary_inplace_op(
     positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> None:

@@ -20,7 +20,7 @@ the grid, so the op can sit inside a CUDA graph.
 
 import torch
 
-from kernels._triton import check_launchable, device_guard, tl, triton
+from kernels._triton import check_launchable, device_guard, kernel_op, tl, triton
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def _spec_accept_kernel(
     tl.store(num_ptr + b, a.to(tl.int64))
 
 
-@torch.library.custom_op("miniinfer::spec_verify", mutates_args=())
+@kernel_op("spec_verify")
 def _spec_verify_op(
     logits: torch.Tensor,
     draft_tokens: torch.Tensor,
