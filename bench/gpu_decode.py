@@ -171,6 +171,7 @@ def build_engine(
         max_num_seqs=max_seqs,
         max_num_batched_tokens=8192,
         cuda_graphs=graphs and not args.no_cuda_graph,
+        prefill_graphs=graphs and not args.no_cuda_graph,
         max_graph_batch_size=max_seqs,
     )
     return LLMEngine(LoadedModel(model, None, cfg, "random", 0.0), config, "cuda")
@@ -211,13 +212,14 @@ def release(engine: LLMEngine, batch: ScheduledBatch) -> None:
 
 def ours_step_ms(engine: LLMEngine, batch: int, ctx: int, iters: int, graphs: bool = True) -> float:
     sb = decode_batch(engine, batch, ctx)
-    saved = engine.runner.graphs
-    if not graphs:
-        engine.runner.graphs = None
+    r = engine.runner
+    saved = r.graphs, r.prefill_graphs
+    if not graphs:  # eager: neither the decode nor the prefill graphs (which fit small batches)
+        r.graphs = r.prefill_graphs = None
     try:
-        return median_ms(lambda: engine.runner.execute(sb), iters)
+        return median_ms(lambda: r.execute(sb), iters)
     finally:
-        engine.runner.graphs = saved
+        r.graphs, r.prefill_graphs = saved
         release(engine, sb)
 
 

@@ -371,7 +371,7 @@ class DecodeWorker:
         s = await asyncio.wrap_future(self.loop.submit(self.loop.stats))
         s.update(self.info(), role="decode", pending_transfers=len(self.pending), by_request=len(self.by_request),
                  transfers_ok=self.transfers_ok, transfers_failed=self.transfers_failed,
-                 graph_steps=getattr(self.engine.runner.graphs, "replays", 0),
+                 graph_steps=self.engine.runner.graph_steps(),
                  alive=self.loop.alive and self.loop.error is None)
         return s
 

@@ -35,6 +35,11 @@ class EngineConfig:
     attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | torch | triton
     cuda_graphs: bool = True  # on CUDA, replay decode steps from CUDA graphs captured at start
     max_graph_batch_size: int = 256  # largest captured decode batch (capped by max_num_seqs)
+    # on CUDA, steps of up to max_prefill_graph_tokens tokens over up to max_prefill_graph_seqs
+    # sequences (short prefills, mixed batches) replay from CUDA graphs (prefill/graphs.py)
+    prefill_graphs: bool = True
+    max_prefill_graph_tokens: int = 512  # capped by max_num_batched_tokens
+    max_prefill_graph_seqs: int = 8  # capped by max_num_seqs
     cpu_transposed_weights: bool = True  # on CPU, linear weights kept [in, out] (engine.layers.CPULinear)
     cpu_packed_weights: bool = True  # ... and GGUF-quantized ones also packed (kernels/cpu.py)
     cpu_kernels: bool = True  # on CPU, norms / rotary / activation through kernels/cpu.c (CPUOps)
@@ -65,6 +70,9 @@ class EngineConfig:
             )
         if self.max_graph_batch_size < 1:
             raise ValueError(f"max_graph_batch_size must be >= 1, got {self.max_graph_batch_size}")
+        if self.max_prefill_graph_tokens < 1 or self.max_prefill_graph_seqs < 1:
+            raise ValueError("max_prefill_graph_tokens and max_prefill_graph_seqs must be >= 1, got "
+                             f"{self.max_prefill_graph_tokens}, {self.max_prefill_graph_seqs}")
 
 
 @dataclass
@@ -136,6 +144,17 @@ class LLMEngine:
                 if self.runner.spec is not None:  # verify graphs per (bucket, k), draft graphs
                     self.runner.spec.capture(self.runner.model, self.cache, self.backend, max_bs,
                                              self.max_model_len)
+            if self.config.prefill_graphs and not self.model_config.is_moe:
+                from prefill.graphs import PrefillGraphRunner
+
+                c = self.config
+                prefill_graphs = PrefillGraphRunner(
+                    self.runner.model, self.cache, self.backend,
+                    min(c.max_prefill_graph_tokens, c.max_num_batched_tokens),
+                    min(c.max_prefill_graph_seqs, c.max_num_seqs), self.max_model_len,
+                )
+                prefill_graphs.capture()
+                self.runner.prefill_graphs = prefill_graphs
             if not self.model_config.is_moe:  # EP ranks step in lockstep: no private requests
                 self._warm_requests()
                 self._reset_replay_counts()  # metrics count users' steps, not the warm-up's
@@ -145,8 +164,9 @@ class LLMEngine:
         if self.runner.spec is not None:  # nor are their drafts acceptance figures
             self.runner.spec.metrics = type(self.runner.spec.metrics)()
         seconds = time.perf_counter() - t0
-        log.info("warm-up on %s (%s backend, cuda graphs %s) took %.2fs", self.device,
-                 self.backend.name, self.runner.graphs is not None, seconds)
+        log.info("warm-up on %s (%s backend, decode graphs %s, prefill graphs %s) took %.2fs",
+                 self.device, self.backend.name, self.runner.graphs is not None,
+                 self.runner.prefill_graphs is not None, seconds)
         return seconds
 
     def _warm_requests(self) -> None:
@@ -182,11 +202,11 @@ class LLMEngine:
             raise RuntimeError(f"warm-up requests leaked {free - self.pool.num_free} KV pages")
 
     def _reset_replay_counts(self) -> None:
-        """Zero the captured-graph replay counters (decode, spec verify, draft model)."""
+        """Zero the captured-graph replay counters (decode, prefill, spec verify, draft model)."""
         spec = self.runner.spec
         drafter_runner = getattr(getattr(spec, "drafter", None), "runner", None)
-        for owner in (self.runner, spec, drafter_runner):
-            graphs = getattr(owner, "graphs", None)
+        for graphs in (self.runner.graphs, self.runner.prefill_graphs, getattr(spec, "graphs", None),
+                       getattr(drafter_runner, "graphs", None)):
             if graphs is not None and hasattr(graphs, "replays"):
                 graphs.replays = 0
 

@@ -69,6 +69,15 @@ class DecodeGraphs(Protocol):
         """Logits [B, V] of a decode step replayed from a graph; None when no graph fits."""
 
 
+class PrefillGraphs(Protocol):
+    """What the runner needs from the prefill-graph runner (prefill/graphs.py implements it)."""
+
+    replays: int
+
+    def run(self, step: HostStep) -> torch.Tensor | None:
+        """Logits [N, V] of the step's sampled rows, replayed from a graph; None when none fits."""
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -83,6 +92,7 @@ class ModelRunner:
         self.backend = backend
         self.page_size = cache.page_size
         self.graphs: DecodeGraphs | None = None  # attached after capture (decode/graphs.py)
+        self.prefill_graphs: PrefillGraphs | None = None  # steps up to a token bucket (prefill/graphs.py)
         self.spec = None  # engine.spec.SpecDecoder when speculative decoding is on
 
     # ---- host side ----
@@ -163,6 +173,10 @@ class ModelRunner:
                 if len(s.logits_rows) == s.num_seqs:
                     return logits
                 return logits[self._tensor(s.logits_rows)]
+        if use_graphs and self.prefill_graphs is not None:
+            logits = self.prefill_graphs.run(s)  # [N, V], the sampled rows
+            if logits is not None:
+                return logits
         inp = self.to_inputs(s)
         hidden = self.forward(inp)
         return self.model.compute_logits(hidden[inp.logits_index])  # [N, V]
@@ -178,7 +192,8 @@ class ModelRunner:
         kind = "decode" if s.is_decode else "prefill"
         with self.backend.range(f"step {kind} seqs={s.num_seqs} tokens={len(s.input_ids)}"):
             if not s.params:  # prefill chunks only: fill the cache, sample nothing
-                self.forward(self.to_inputs(s))
+                if self.prefill_graphs is None or self.prefill_graphs.run(s) is None:
+                    self.forward(self.to_inputs(s))
                 return StepOutput([])
             if all(p.greedy and not p.logprobs for p in s.params):
                 tokens = self.sampled_logits(s).argmax(dim=-1)  # what sample() does then
@@ -187,6 +202,10 @@ class ModelRunner:
             sb = SamplingBatch.build(s.params, s.generators, self.device)
             tokens, logprobs = sample(self.sampled_logits(s), sb)
             return StepOutput(tokens.tolist(), None if logprobs is None else logprobs.tolist())
+
+    def graph_steps(self) -> int:
+        """Steps served by a captured graph (decode and prefill) since the counters were reset."""
+        return sum(getattr(g, "replays", 0) for g in (self.graphs, self.prefill_graphs) if g is not None)
 
     @torch.inference_mode()
     def logits(self, batch: ScheduledBatch) -> torch.Tensor:

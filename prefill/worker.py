@@ -170,6 +170,7 @@ class PrefillWorker:
                  prefilled=self.prefilled, transfers_in_flight=len(self._transfers), waiters=len(self._waiters),
                  transfers_failed=self.transfers_failed, transfers_ok=self.transfers_ok,
                  transfer_bytes=self.transfer_bytes, transfer_seconds=self.transfer_seconds,
+                 graph_steps=self.engine.runner.graph_steps(),
                  alive=self.loop.alive and self.loop.error is None)
         return s
 

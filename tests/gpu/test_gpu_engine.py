@@ -108,13 +108,68 @@ def test_graph_replay_matches_eager_for_every_bucket(cpu_model):
             _release(engine, batch)
 
 
+def _prefill_batch(engine: LLMEngine, lens: list[tuple[int, int]], seed: int) -> ScheduledBatch:
+    """(prefix, new) per sequence: `prefix` tokens already in the cache (random K/V), `new`
+    fed now; every sequence samples."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for prefix, new in lens:
+        req = Request(torch.randint(3, CFG.vocab_size, (prefix + new,), generator=g).tolist(),
+                      SamplingParams())
+        req.pages = engine.pool.allocate(-(-(prefix + new) // 16))
+        req.num_computed_tokens = prefix
+        seqs.append(ScheduledSeq(req, new, True))
+    return ScheduledBatch(seqs)
+
+
+def test_prefill_graph_replay_matches_eager_for_every_bucket(cpu_model):
+    engine = _engine(_on_gpu(cpu_model), "cuda", max_num_seqs=64, num_pages=4096)
+    graphs = engine.runner.prefill_graphs
+    assert graphs is not None and graphs.buckets == [16, 32, 64, 128, 192, 256, 384, 512]
+    assert graphs.max_seqs == 8
+    engine.cache.data.normal_()
+    for prev, t in zip([0, *graphs.buckets], graphs.buckets):
+        for n in sorted({t, max(2, prev + 1)}, reverse=True):  # full bucket, then the most padded
+            # a chunk after a prefix, a new prompt and a decode row (one chunk when n is tiny)
+            a = n // 2
+            lens = [(37, a), (0, n - a - 1), (300, 1)] if n - a > 1 else [(37, n)]
+            batch = _prefill_batch(engine, lens, seed=t * 1000 + n)
+            step = engine.runner.collect(batch)
+            assert len(step.input_ids) == n and graphs.bucket_for(n) == t
+            written = {slot // 16 for slot in step.slots}
+            before = _page_sums(engine)
+            replays = graphs.replays
+            with torch.inference_mode():
+                replayed = engine.runner.sampled_logits(step, use_graphs=True).clone()
+                changed = (_page_sums(engine) != before).nonzero().flatten().tolist()
+                eager = engine.runner.sampled_logits(step, use_graphs=False)
+            assert graphs.replays == replays + 1, f"{n} tokens did not replay bucket {t}"
+            assert set(changed) <= written, f"bucket {t}: padding wrote pages {changed}"
+            torch.testing.assert_close(replayed, eager, rtol=1e-3, atol=1e-3)
+            _release(engine, batch)
+
+
 @pytest.mark.parametrize("cuda_graphs", [True, False], ids=["graphs", "eager"])
 def test_fp32_greedy_tokens_match_cpu_engine(cpu_model, cuda_graphs):
     prompts = _prompts()
     want = _greedy(_engine(cpu_model, "cpu"), prompts)
-    gpu = _engine(_on_gpu(cpu_model), "cuda", cuda_graphs=cuda_graphs, max_num_seqs=8)
+    gpu = _engine(_on_gpu(cpu_model), "cuda", cuda_graphs=cuda_graphs, prefill_graphs=cuda_graphs,
+                  max_num_seqs=8)
     assert (gpu.runner.graphs is not None) == cuda_graphs
+    assert (gpu.runner.prefill_graphs is not None) == cuda_graphs
     assert _greedy(gpu, prompts) == want
+    if cuda_graphs:  # the prompts' prefill step replayed a prefill graph
+        assert gpu.runner.prefill_graphs.replays >= 1
+
+
+def test_chunked_prefill_through_graphs_matches_cpu(cpu_model):
+    """A 100-token prompt in 32-token chunks: three that sample nothing, then the last one."""
+    prompts = _prompts((100, 7), seed=4)
+    want = _greedy(_engine(cpu_model, "cpu"), prompts)
+    gpu = _engine(_on_gpu(cpu_model), "cuda", max_num_seqs=8, max_num_batched_tokens=32)
+    assert gpu.runner.prefill_graphs.buckets == [16, 32]
+    assert _greedy(gpu, prompts) == want
+    assert gpu.runner.prefill_graphs.replays >= 4
 
 
 def _prefill_then_decode_logits(engine: LLMEngine, prompt: list[int], token: int) -> torch.Tensor:

@@ -1,0 +1,145 @@
+"""CUDA graphs for short prefill steps: one graph per token-count bucket, replayed padded.
+
+An eager prefill of a short prompt is bound by the host, not the GPU: each layer is about
+ten launches (norms, GEMMs, rotary + KV store, attention, activation) of ~15-30 us of
+Python and driver time each, so a 128-token prompt of the 8B shape took 15-18 ms of which
+the GPU needed about 5 (docs/PERF.md, ninth session). TTFT of short prompts is that
+number. Capturing the whole step (embedding, layers, the sampled rows' LM head) per
+token-count bucket turns it into one launch.
+
+What a graph bakes in, and how padding stays harmless:
+- A bucket is (T tokens, S sequences): every step with at most T tokens over at most S
+  sequences (prefill chunks, and mixed batches with decode rows too) runs in the smallest
+  T that holds it. Static inputs: token ids, positions, slots [T]; per sequence its
+  context length, the flat row whose logits are sampled, and cu_q_lens; block tables
+  [S, max_pages]. The KV cache never moves.
+- Padding tokens sit after the last sequence's rows, in no sequence (cu_q_lens ends at the
+  real token count): slot -1 stores nothing, and attention leaves their output rows
+  unwritten. Every other op is row-wise, so they never reach a real row.
+- Padding sequences have q_len 0 and context 0: attention returns before reading their
+  (stale) block-table rows. Their logits rows point at row 0 and are dropped.
+- Attention's grid is sized for T queries per sequence; programs past a sequence's
+  q_len return at once.
+- Buckets are captured largest first into one memory pool, during warm-up.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+
+import numpy as np
+import torch
+
+from decode.graphs import capture_buckets
+from engine.attention import AttentionMetadata
+from engine.backend import Backend
+from engine.kv_cache import KVCache
+from engine.runner import HostStep
+
+log = logging.getLogger(__name__)
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """16, 32, 64, 128, then steps of half the previous power of two (192, 256, 384, 512,
+    768, ...); max_tokens is always the last."""
+    if max_tokens < 1:
+        raise ValueError(f"max_prefill_graph_tokens must be >= 1, got {max_tokens}")
+    sizes, t = [], 16
+    while t <= max_tokens:
+        sizes.append(t)
+        t = t * 2 if t < 128 else t + (1 << (t.bit_length() - 2))
+    if not sizes or sizes[-1] != max_tokens:
+        sizes.append(max_tokens)
+    return sizes
+
+
+class PrefillGraphRunner:
+    """Captures non-decode steps of `model` over `cache` per token bucket and replays them."""
+
+    def __init__(self, model: torch.nn.Module, cache: KVCache, backend: Backend, max_tokens: int,
+                 max_seqs: int, max_model_len: int) -> None:
+        if backend.name != "triton":  # the torch reference reads lengths on the host
+            raise ValueError(f"CUDA graphs need the triton backend, got {backend.name!r}")
+        if getattr(getattr(model, "cfg", None), "is_moe", False):
+            raise ValueError("CUDA graphs cannot capture an MoE model; run its prefill steps eager")
+        if max_seqs < 1:
+            raise ValueError(f"max_prefill_graph_seqs must be >= 1, got {max_seqs}")
+        self.model, self.cache, self.backend = model, cache, backend
+        self.buckets = token_buckets(max_tokens)
+        self.max_seqs = max_seqs
+        self.max_pages = -(-max_model_len // cache.page_size)
+        dev = cache.data.device
+        t, s = self.buckets[-1], max_seqs
+        self.tokens = torch.zeros(3, t, dtype=torch.int64, device=dev)  # ids, positions, slots
+        self.tokens[2].fill_(-1)
+        # per sequence: context length [S], sampled row [S], then cu_q_lens [S + 1]
+        self.seqs = torch.zeros(3 * s + 1, dtype=torch.int64, device=dev)
+        self.block_tables = torch.zeros(s, self.max_pages, dtype=torch.int32, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}  # bucket -> static output [S, V] float32
+        self.replays = 0
+        self.capture_seconds: float | None = None
+
+    @property
+    def max_tokens(self) -> int:
+        return self.buckets[-1]
+
+    def _step(self, t: int) -> torch.Tensor:
+        """The captured region: up to S sequences packed in t rows -> logits [S, V]."""
+        s = self.max_seqs
+        ids, pos, slots = self.tokens[:, :t]
+        ctx, rows, cu = self.seqs[:s], self.seqs[s: 2 * s], self.seqs[2 * s:]
+        # host lengths only size the attention grid (t queries per sequence) and pick the
+        # varlen path; the kernels read the real lengths from `ctx` and `cu` on the device
+        meta = AttentionMetadata([t] + [0] * (s - 1), [t] + [0] * (s - 1), self.block_tables, slots,
+                                 ctx, cu_q_lens=cu)
+        hidden = self.model(ids, pos, meta, self.cache, self.backend)  # [t, hidden]
+        return self.model.compute_logits(hidden[rows])
+
+    @torch.inference_mode()
+    def capture(self) -> float:
+        """Capture every bucket, largest first, into one pool. -> seconds taken."""
+        if self.cache.data.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA KV cache, got {self.cache.data.device}")
+        t0 = time.perf_counter()
+        self.graphs, self.logits = capture_buckets(self.buckets, self._step)  # padding: no page touched
+        self.capture_seconds = time.perf_counter() - t0
+        log.info("captured %d prefill graphs (%d..%d tokens, up to %d sequences) in %.2fs",
+                 len(self.buckets), self.buckets[0], self.buckets[-1], self.max_seqs,
+                 self.capture_seconds)
+        return self.capture_seconds
+
+    def bucket_for(self, num_tokens: int) -> int | None:
+        i = bisect.bisect_left(self.buckets, num_tokens)
+        return self.buckets[i] if i < len(self.buckets) else None
+
+    def fits(self, step: HostStep) -> bool:
+        return (0 < step.num_seqs <= self.max_seqs and self.bucket_for(len(step.input_ids)) is not None
+                and max(len(t) for t in step.tables) <= self.max_pages)
+
+    def run(self, step: HostStep) -> torch.Tensor | None:
+        """Replay the bucket that holds `step` -> logits [N, V] of its sampled rows (a view
+        of a static buffer, valid until the next replay); None when no graph fits."""
+        if not self.fits(step):
+            return None
+        n, s = len(step.input_ids), self.max_seqs
+        t = self.bucket_for(n)
+        pad, spad = t - n, s - step.num_seqs
+        cu = [0]
+        for q in step.q_lens:
+            cu.append(cu[-1] + q)
+        host_tokens = torch.tensor(
+            [step.input_ids + [0] * pad, step.positions + [0] * pad, step.slots + [-1] * pad],
+            dtype=torch.int64,
+        )
+        rows = step.logits_rows + [0] * (s - len(step.logits_rows))
+        host_seqs = torch.tensor(step.ctx_lens + [0] * spad + rows + cu + [n] * spad, dtype=torch.int64)
+        tables = step.table_array(np.int32)
+        self.tokens[:, :t].copy_(host_tokens, non_blocking=True)
+        self.seqs.copy_(host_seqs, non_blocking=True)
+        self.block_tables[: step.num_seqs, : tables.shape[1]].copy_(tables, non_blocking=True)
+        self.graphs[t].replay()
+        self.replays += 1
+        return self.logits[t][: len(step.logits_rows)]
