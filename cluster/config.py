@@ -57,6 +57,8 @@ class PoolConfig(_Strict):
     max_num_seqs: int = Field(64, ge=1, description="max requests in one running batch")
     max_num_batched_tokens: int = Field(2048, ge=16, description="token budget of one step")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
+    cuda_graphs: bool = Field(True, description="GPU workers: replay decode steps and short prefill steps "
+                                                "from CUDA graphs; false runs every step eagerly")
     autoscale: AutoscaleConfig | None = Field(None, description="size the pool from its load (optional)")
     ep_size: int = Field(1, ge=1, le=64, description="ranks per expert-parallel group (MoE models, decode "
                                                      "pool); replicas counts ranks, a multiple of ep_size")

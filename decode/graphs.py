@@ -71,23 +71,24 @@ def graph_inputs(step: HostStep, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
     return host, step.table_array(np.int32)
 
 
-def capture_buckets(buckets: list[int], step) -> tuple[dict, dict]:
+def capture_buckets(buckets: list[int], step, device: torch.device) -> tuple[dict, dict]:
     """Capture `step(b)` for every bucket, largest first, into one memory pool (each smaller
     graph reuses the largest one's intermediates), then replay each once: the first launch
     of an instantiated graph uploads it, which belongs here and not in a request's step.
     -> (bucket -> CUDAGraph, bucket -> its static output). Call under inference mode."""
-    pool = torch.cuda.graph_pool_handle()
     graphs, outputs = {}, {}
-    for b in reversed(buckets):
-        step(b)  # eager once: kernels compile and cuBLAS settles outside the capture
+    with torch.cuda.device(device):  # the pool, the graphs and the syncs on the cache's GPU
+        pool = torch.cuda.graph_pool_handle()
+        for b in reversed(buckets):
+            step(b)  # eager once: kernels compile and cuBLAS settles outside the capture
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                outputs[b] = step(b)
+            graphs[b] = graph
+        for b in buckets:
+            graphs[b].replay()
         torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            outputs[b] = step(b)
-        graphs[b] = graph
-    for b in buckets:
-        graphs[b].replay()
-    torch.cuda.synchronize()
     return graphs, outputs
 
 
@@ -140,7 +141,7 @@ class CudaGraphRunner:
         t0 = time.perf_counter()
         # The buffers still hold padding (slot -1, context 0), so the replays that upload
         # each graph store nothing and read no page.
-        self.graphs, self.logits = capture_buckets(self.buckets, self._step)
+        self.graphs, self.logits = capture_buckets(self.buckets, self._step, self.cache.data.device)
         self.capture_seconds = time.perf_counter() - t0
         log.info(
             "captured %d decode graphs (batch %d..%d) in %.2fs",

@@ -178,10 +178,11 @@ class LLMEngine:
         alone (one-sequence prefill) and then both in one batch; one greedy, one sampled
         with every filter and logprobs. Their pages go back to the pool.
 
-        A prefill of a length not run before can still be slower the first time (H200:
-        5-11 ms on an 18-35 ms eager prefill); warming a grid of lengths removed that only
-        for the lengths it ran and cost 7-14 s of start-up, so it is not done
-        (docs/PERF.md, seventh session)."""
+        With prefill graphs the short prompt replays a captured graph; prompts longer than
+        the largest bucket run eagerly, and an eager prefill of a length not run before can
+        still be slower the first time (H200: 5-11 ms on an 18-35 ms eager prefill); warming
+        a grid of lengths removed that only for the lengths it ran and cost 7-14 s of
+        start-up, so it is not done (docs/PERF.md, seventh session)."""
         free = self.pool.num_free
         vocab = self.model_config.vocab_size
         steps = max(1, min(3, self.config.max_tokens_limit))

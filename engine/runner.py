@@ -173,7 +173,7 @@ class ModelRunner:
                 if len(s.logits_rows) == s.num_seqs:
                     return logits
                 return logits[self._tensor(s.logits_rows)]
-        if use_graphs and self.prefill_graphs is not None:
+        if use_graphs and self.prefill_graphs is not None and not s.is_decode:
             logits = self.prefill_graphs.run(s)  # [N, V], the sampled rows
             if logits is not None:
                 return logits

@@ -7,6 +7,7 @@ before they launch.
 """
 
 import contextlib
+import inspect
 import os
 import types
 
@@ -114,24 +115,47 @@ class KernelOp:
     """A kernel registered as the torch custom op `miniinfer::<name>`, with a direct eager path.
 
     torch.compile (and anything calling `torch.ops.miniinfer.<name>`) goes through the op. A
-    plain eager call on ordinary tensors runs the implementation directly: the custom-op
-    dispatch layer cost 90-120 us of host time per call under torch 2.11 (profiled in an eager
-    8B prefill on an H200 machine, docs/PERF.md), several times the kernel launch it wraps.
-    CUDA-graph capture records the same kernels either way.
+    plain eager call runs the implementation directly: the custom-op dispatch layer cost
+    tens of microseconds of host time per call under torch 2.11 (an eager prefill step of
+    the 8B shape on an H200 machine: 26.5 ms through the op, 18.3 ms direct; docs/PERF.md),
+    more than the kernel launch it wraps. CUDA-graph capture records the same kernels
+    either way. Anything the dispatcher must see still takes the op: tracing, tensor
+    subclasses (FakeTensor), meta tensors, active torch-function / dispatch modes, keyword
+    arguments, and inputs that require grad while grad is on (the op gives the output an
+    autograd node whose backward raises: the kernels have none). Direct calls bump the version counter of the arguments
+    the op declares mutated, as the op does.
     """
 
     def __init__(self, name: str, fn, mutates_args: tuple[str, ...]) -> None:
         self.fn = fn
         self.op = torch.library.custom_op(f"miniinfer::{name}", fn, mutates_args=mutates_args)
+        params = list(inspect.signature(fn).parameters)
+        self._mutated = [params.index(a) for a in mutates_args]
 
     def register_fake(self, fake):
         return self.op.register_fake(fake)
 
-    def __call__(self, *args):
-        # a tensor subclass (FakeTensor while tracing) or a tracer needs the dispatcher
-        if type(args[0]) is torch.Tensor and not torch.compiler.is_compiling():
-            return self.fn(*args)
-        return self.op(*args)
+    def _direct(self, args) -> bool:
+        if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._is_torch_function_mode_enabled()):
+            return False
+        grad = torch.is_grad_enabled()
+        for a in args:
+            if isinstance(a, torch.Tensor) and (
+                type(a) is not torch.Tensor or a.is_meta or (grad and a.requires_grad)
+            ):
+                return False
+        return True
+
+    def __call__(self, *args, **kwargs):
+        if kwargs or not self._direct(args):
+            return self.op(*args, **kwargs)
+        out = self.fn(*args)
+        for i in self._mutated:
+            a = args[i] if i < len(args) else None
+            if a is not None and not a.is_inference():
+                torch.autograd.graph.increment_version(a)
+        return out
 
 
 def kernel_op(name: str, mutates_args: tuple[str, ...] = ()):

@@ -23,6 +23,7 @@ class WorkerSpec:
     max_num_batched_tokens: int = 2048
     transport: str = "gloo"  # gloo | nccl | grpc
     torch_threads: int = 0  # 0 = all cores
+    cuda_graphs: bool = True  # GPU: decode (decode workers) and short prefill steps from CUDA graphs
     cluster_token: str = ""
     transfer_timeout_s: float = 30.0
     max_pairs: int = 16
@@ -82,7 +83,7 @@ class WorkerSpec:
     def build_engine(self, quiet: bool = True, decode_graphs: bool = True, ep=None):
         """decode_graphs=False for prefill workers: they never run decode steps, so no capture.
         ep: the EPContext from `connect_ep` (an MoE model then keeps only this rank's experts)."""
-        from engine.llm import EngineConfig, LLMEngine
+        from engine.llm import LLMEngine
 
         if self.torch_threads > 0:
             torch.set_num_threads(self.torch_threads)
@@ -92,10 +93,15 @@ class WorkerSpec:
 
         loaded = load_model(self.model, DTYPES[self.dtype], self.device, quiet, self.dummy_weights, self.seed,
                             ep=ep)
+        return LLMEngine(loaded, self.engine_config(loaded.config.is_moe, decode_graphs), self.device)
+
+    def engine_config(self, is_moe: bool, decode_graphs: bool = True):
+        from engine.llm import EngineConfig
+
         # MoE layers sync with the host every step (tokens per rank): they run eager, never graphs
-        config = EngineConfig(kv_dtype=self.kv_dtype, num_pages=self.num_pages,
-                              max_num_seqs=self.max_num_seqs,
-                              max_num_batched_tokens=self.max_num_batched_tokens,
-                              cuda_graphs=decode_graphs and not loaded.config.is_moe,
-                              **self._spec_fields(decode_graphs))
-        return LLMEngine(loaded, config, self.device)
+        graphs = self.cuda_graphs and not is_moe
+        return EngineConfig(kv_dtype=self.kv_dtype, num_pages=self.num_pages,
+                            max_num_seqs=self.max_num_seqs,
+                            max_num_batched_tokens=self.max_num_batched_tokens,
+                            cuda_graphs=graphs and decode_graphs, prefill_graphs=graphs,
+                            **self._spec_fields(decode_graphs))

@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 import kernels.ops as ops  # noqa: E402
+from kernels.rmsnorm import _rmsnorm_op as rmsnorm_op  # noqa: E402
 from kernels.rmsnorm import rmsnorm_reference  # noqa: E402
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -151,17 +152,44 @@ class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_eager_calls_skip_the_dispatcher(device):
-    """A plain eager call runs the kernel directly (the custom-op layer costs ~0.1 ms of host
-    time per call); the op itself still dispatches when called by name."""
+def test_eager_calls_skip_the_dispatcher(device, monkeypatch):
+    """A plain eager call runs the kernel directly (the custom-op layer costs tens of
+    microseconds of host time per call); under a dispatch mode the op runs, by name too."""
+    calls = []
+
+    def spy(*args):
+        calls.append(args)
+        return torch.ops.miniinfer.rmsnorm(*args)
+
+    monkeypatch.setattr(rmsnorm_op, "op", spy)
     x, w = torch.randn(3, 32, device=device), torch.randn(32, device=device)
-    with _OpNames() as seen:
-        got = ops.rmsnorm(x, w, 1e-6)
-    assert not [n for n in seen.names if n.startswith("miniinfer.")], seen.names
+    got = ops.rmsnorm(x, w, 1e-6)
+    assert calls == []
     torch.testing.assert_close(got, rmsnorm_reference(x, w, 1e-6), rtol=1e-5, atol=1e-5)
     with _OpNames() as seen:
-        torch.ops.miniinfer.rmsnorm(x, w, 1e-6)
-    assert "miniinfer.rmsnorm.default" in seen.names
+        ops.rmsnorm(x, w, 1e-6)
+    assert len(calls) == 1 and "miniinfer.rmsnorm.default" in seen.names
+
+
+def test_what_the_dispatcher_must_see_takes_the_op(device):
+    """Meta tensors get the fake impl, inputs that need grad get the op's autograd node (a
+    backward raises), and a direct call still bumps the version of what the op mutates
+    (outside inference mode)."""
+    x, w = torch.randn(3, 32, device=device), torch.randn(32, device=device)
+    out = rmsnorm_op(x.to("meta"), w.to("meta"), 1e-6)  # past the wrapper, which wants a device
+    assert out.is_meta and out.shape == (3, 32)
+    out = ops.rmsnorm(x.clone().requires_grad_(), w, 1e-6)
+    assert out.requires_grad  # the op's autograd node (which has no backward formula)
+    with pytest.raises(RuntimeError, match="autograd"):
+        out.sum().backward()
+    data, scales, _ = _paged_args(device)
+    k = torch.randn(3, 2, 16, device=device)
+    before = data._version, scales._version
+    ops.store_kv(k, k.clone(), data, scales, torch.tensor([5, -1, 40], device=device))
+    assert data._version > before[0] and scales._version > before[1]
+    with _OpNames() as seen:  # under a dispatch mode the op is what runs
+        ops.silu_and_mul(x)
+    assert "miniinfer.silu_and_mul.default" in seen.names
 
 
 def test_fake_tensors_go_through_the_op(device):

@@ -132,6 +132,13 @@ def test_steps_that_do_not_fit_run_eager(device):
     assert graphs.run(runner.collect(ScheduledBatch(many))) is None  # 5 sequences > 4
     for s in many:
         pool.free(s.request.pages)
+    # pure decode steps belong to the decode graphs (or run eager), never to these
+    runner.prefill_graphs = graphs
+    decode = [_seq(pool, [5, 6, 7], 3, 1, outputs=[9]) for _ in range(2)]
+    with torch.inference_mode():
+        runner.sampled_logits(runner.collect(ScheduledBatch(decode)))
+    for s in decode:
+        pool.free(s.request.pages)
     assert graphs.replays == 0 and pool.num_free == PAGES
     with pytest.raises(ValueError, match="CUDA KV cache"):
         graphs.capture()

@@ -63,3 +63,19 @@ def test_cli_up_reports_bad_config_in_one_line(tmp_path):
                        text=True, timeout=60)
     assert r.returncode == 2
     assert "kv_dtype" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("graphs", [True, False])
+def test_cuda_graphs_switch_reaches_every_worker_engine(graphs):
+    """`cuda_graphs` in a pool turns off its decode and prefill graphs; prefill workers never
+    capture decode graphs; MoE models never capture either."""
+    from cluster.launch import worker_spec
+
+    cfg = parse_config({"device": "cuda", "transport": "nccl", "prefill": {"gpus_per_worker": 1, "cuda_graphs": graphs},
+                        "decode": {"gpus_per_worker": 1, "cuda_graphs": graphs}}, "test.yaml")
+    decode, prefill = worker_spec(cfg, "decode"), worker_spec(cfg, "prefill")
+    d, p = decode.engine_config(is_moe=False), prefill.engine_config(is_moe=False, decode_graphs=False)
+    assert (d.cuda_graphs, d.prefill_graphs) == (graphs, graphs)
+    assert (p.cuda_graphs, p.prefill_graphs) == (False, graphs)
+    moe = decode.engine_config(is_moe=True)
+    assert (moe.cuda_graphs, moe.prefill_graphs) == (False, False)
