@@ -115,10 +115,10 @@ class KernelOp:
     """A kernel registered as the torch custom op `miniinfer::<name>`, with a direct eager path.
 
     torch.compile (and anything calling `torch.ops.miniinfer.<name>`) goes through the op. A
-    plain eager call runs the implementation directly: the custom-op dispatch layer cost
-    tens of microseconds of host time per call under torch 2.11 (an eager prefill step of
-    the 8B shape on an H200 machine: 26.5 ms through the op, 18.3 ms direct; docs/PERF.md),
-    more than the kernel launch it wraps. CUDA-graph capture records the same kernels
+    plain eager call runs the implementation directly: the custom-op dispatch layer costs
+    host time on every call under torch 2.11 (eager prefill steps on H200 machines were
+    1.08-1.16x faster direct in the latest runs, up to 1.45x in one; docs/PERF.md, ninth
+    session). CUDA-graph capture records the same kernels
     either way. Anything the dispatcher must see still takes the op: tracing, tensor
     subclasses (FakeTensor), meta tensors, active torch-function / dispatch modes, keyword
     arguments, and inputs that require grad while grad is on (the op gives the output an

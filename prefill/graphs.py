@@ -2,8 +2,8 @@
 
 An eager prefill of a short prompt is bound by the host, not the GPU: each layer is about
 ten launches (norms, GEMMs, rotary + KV store, attention, activation) of ~15-30 us of
-Python and driver time each, so a 128-token prompt of the 8B shape took 15-18 ms of which
-the GPU needed about 5 (docs/PERF.md, ninth session). TTFT of short prompts is that
+Python and driver time each, so a 128-token prompt of the 8B shape took 18-31 ms eager on
+H200 machines, of which the GPU needed about 5 (docs/PERF.md, ninth session). TTFT of short prompts is that
 number. Capturing the whole step (embedding, layers, the sampled rows' LM head) per
 token-count bucket turns it into one launch.
 

@@ -153,8 +153,8 @@ class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def test_eager_calls_skip_the_dispatcher(device, monkeypatch):
-    """A plain eager call runs the kernel directly (the custom-op layer costs tens of
-    microseconds of host time per call); under a dispatch mode the op runs, by name too."""
+    """A plain eager call runs the kernel directly (the custom-op layer costs host time on
+    every call); under a dispatch mode the op runs, by name too."""
     calls = []
 
     def spy(*args):
