@@ -118,12 +118,13 @@ class KernelOp:
     plain eager call runs the implementation directly: the custom-op dispatch layer costs
     host time on every call under torch 2.11 (eager prefill steps on H200 machines were
     1.08-1.16x faster direct in the latest runs, up to 1.45x in one; docs/PERF.md, ninth
-    session). CUDA-graph capture records the same kernels
-    either way. Anything the dispatcher must see still takes the op: tracing, tensor
-    subclasses (FakeTensor), meta tensors, active torch-function / dispatch modes, keyword
-    arguments, and inputs that require grad while grad is on (the op gives the output an
-    autograd node whose backward raises: the kernels have none). Direct calls bump the version counter of the arguments
-    the op declares mutated, as the op does.
+    session). CUDA-graph capture records the same kernels either way.
+
+    Anything the dispatcher must see still takes the op: tracing, tensor subclasses
+    (FakeTensor), meta tensors, active torch-function / dispatch modes, keyword arguments,
+    and inputs that require grad while grad is on (the op gives the output an autograd node
+    whose backward raises: the kernels have none). Direct calls bump the version counter of
+    the arguments the op declares mutated, as the op does.
     """
 
     def __init__(self, name: str, fn, mutates_args: tuple[str, ...]) -> None:
