@@ -11,7 +11,7 @@ Seeded random bf16 weights of bench/shapes.py shapes; medians over rounds of the
 of `--calls` calls.
 
     python bench/prefill_latency.py                     # SmolLM2 and 8B shapes, ~1 min on an H200
-    python bench/prefill_latency.py --models smollm2 --lengths 16,128,1024
+    python bench/prefill_latency.py --models smollm2-135m --lengths 16,128,1024
 """
 
 from __future__ import annotations
@@ -28,14 +28,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import format_table, ints  # noqa: E402
 from bench.gpu_decode import build_engine, fill_cache_random, median_ms  # noqa: E402
-from bench.shapes import llama3_8b, smollm2_135m  # noqa: E402
+from bench.shapes import SHAPES, shape  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
 from engine.loader.registry import random_model  # noqa: E402
 from engine.request import Request, ScheduledBatch, ScheduledSeq  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from kernels._triton import KernelOp  # noqa: E402
 
-SHAPES = {"smollm2": smollm2_135m, "8b": llama3_8b}
 MODES = ("graph", "eager", "eager-op")
 
 
@@ -67,7 +66,7 @@ def time_modes(engine, batch: ScheduledBatch, rounds: int, calls: int) -> dict[s
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="smollm2,8b", help=f"comma list of {sorted(SHAPES)}")
+    ap.add_argument("--models", default="smollm2-135m,llama3-8b", help=f"comma list of {sorted(SHAPES)}")
     ap.add_argument("--lengths", default="16,77,128,200,512,600")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--calls", type=int, default=10)
@@ -75,13 +74,14 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("prefill_latency.py: needs a CUDA GPU", file=sys.stderr)
         return 2
-    unknown = [m for m in a.models.split(",") if m not in SHAPES]
-    if unknown:
-        print(f"prefill_latency.py: unknown model(s) {unknown}; choose from {sorted(SHAPES)}", file=sys.stderr)
+    try:
+        shapes = {name: shape(name) for name in a.models.split(",")}
+    except ValueError as e:
+        print(f"prefill_latency.py: {e}", file=sys.stderr)
         return 2
     rows = []
-    for name in a.models.split(","):
-        cfg = ModelConfig.from_hf(SHAPES[name]())
+    for name, hf_config in shapes.items():
+        cfg = ModelConfig.from_hf(hf_config)
         model = random_model(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
         engine = build_engine(cfg, model, argparse.Namespace(no_cuda_graph=False), num_pages=2048, max_seqs=8)
         fill_cache_random(engine)

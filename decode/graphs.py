@@ -71,6 +71,16 @@ def graph_inputs(step: HostStep, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
     return host, step.table_array(np.int32)
 
 
+def check_capturable(model: torch.nn.Module, backend: Backend) -> None:
+    """Raise unless `model` on `backend` can run inside a CUDA graph."""
+    if backend.name != "triton":
+        # the torch reference reads lengths on the host and rejects slot -1 padding
+        raise ValueError(f"CUDA graphs need the triton backend, got {backend.name!r}")
+    if getattr(getattr(model, "cfg", None), "is_moe", False):
+        # the MoE layer reads token counts per expert/rank on the host every step
+        raise ValueError("CUDA graphs cannot capture an MoE model; run its steps eager")
+
+
 def capture_buckets(buckets: list[int], step, device: torch.device) -> tuple[dict, dict]:
     """Capture `step(b)` for every bucket, largest first, into one memory pool (each smaller
     graph reuses the largest one's intermediates), then replay each once: the first launch
@@ -105,12 +115,7 @@ class CudaGraphRunner:
     ) -> None:
         if cache.data.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA KV cache, got {cache.data.device}")
-        if backend.name != "triton":
-            # the torch reference reads lengths on the host and rejects slot -1 padding
-            raise ValueError(f"CUDA graphs need the triton backend, got {backend.name!r}")
-        if getattr(getattr(model, "cfg", None), "is_moe", False):
-            # the MoE layer reads token counts per expert/rank on the host every step
-            raise ValueError("CUDA graphs cannot capture an MoE model; run its decode steps eager")
+        check_capturable(model, backend)
         self.model, self.cache, self.backend = model, cache, backend
         self.buckets = batch_buckets(max_batch_size)
         self.max_pages = -(-max_model_len // cache.page_size)

@@ -7,6 +7,7 @@ are attached) or turned into fresh tensors for an eager forward pass.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -41,6 +42,11 @@ class HostStep:
     @property
     def num_seqs(self) -> int:
         return len(self.q_lens)
+
+    @property
+    def cu_q_lens(self) -> list[int]:
+        """[B + 1]: where each sequence's rows start in the flat batch, then the total."""
+        return [0, *itertools.accumulate(self.q_lens)]
 
     def table_array(self, dtype=np.int64) -> torch.Tensor:
         """The block tables as one [B, width] CPU tensor, 0 past each sequence's pages.
@@ -132,16 +138,13 @@ class ModelRunner:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
     def to_inputs(self, s: HostStep, sampling: bool = False) -> StepInputs:
-        cu = [0]
-        for q in s.q_lens:
-            cu.append(cu[-1] + q)
         meta = AttentionMetadata(
             s.q_lens,
             s.ctx_lens,
             s.table_array().to(self.device, non_blocking=True),
             self._tensor(s.slots),
             self._tensor(s.ctx_lens),
-            cu_q_lens=self._tensor(cu, torch.int32),
+            cu_q_lens=self._tensor(s.cu_q_lens, torch.int32),
         )
         sb = (
             SamplingBatch.build(s.params, s.generators, self.device)

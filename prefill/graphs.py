@@ -36,7 +36,7 @@ import time
 import numpy as np
 import torch
 
-from decode.graphs import capture_buckets
+from decode.graphs import capture_buckets, check_capturable
 from engine.attention import AttentionMetadata
 from engine.backend import Backend
 from engine.kv_cache import KVCache
@@ -64,10 +64,7 @@ class PrefillGraphRunner:
 
     def __init__(self, model: torch.nn.Module, cache: KVCache, backend: Backend, max_tokens: int,
                  max_seqs: int, max_model_len: int) -> None:
-        if backend.name != "triton":  # the torch reference reads lengths on the host
-            raise ValueError(f"CUDA graphs need the triton backend, got {backend.name!r}")
-        if getattr(getattr(model, "cfg", None), "is_moe", False):
-            raise ValueError("CUDA graphs cannot capture an MoE model; run its prefill steps eager")
+        check_capturable(model, backend)
         if max_seqs < 1:
             raise ValueError(f"max_prefill_graph_seqs must be >= 1, got {max_seqs}")
         self.model, self.cache, self.backend = model, cache, backend
@@ -85,10 +82,6 @@ class PrefillGraphRunner:
         self.logits: dict[int, torch.Tensor] = {}  # bucket -> static output [S, V] float32
         self.replays = 0
         self.capture_seconds: float | None = None
-
-    @property
-    def max_tokens(self) -> int:
-        return self.buckets[-1]
 
     def _step(self, t: int) -> torch.Tensor:
         """The captured region: up to S sequences packed in t rows -> logits [S, V]."""
@@ -120,21 +113,16 @@ class PrefillGraphRunner:
         i = bisect.bisect_left(self.buckets, num_tokens)
         return self.buckets[i] if i < len(self.buckets) else None
 
-    def fits(self, step: HostStep) -> bool:
-        return (0 < step.num_seqs <= self.max_seqs and self.bucket_for(len(step.input_ids)) is not None
-                and max(len(t) for t in step.tables) <= self.max_pages)
-
     def run(self, step: HostStep) -> torch.Tensor | None:
         """Replay the bucket that holds `step` -> logits [N, V] of its sampled rows (a view
         of a static buffer, valid until the next replay); None when no graph fits."""
-        if not self.fits(step) or self.bucket_for(len(step.input_ids)) not in self.graphs:
-            return None
         n, s = len(step.input_ids), self.max_seqs
-        t = self.bucket_for(n)
+        t = self.bucket_for(n)  # None past the largest bucket, which is never in self.graphs
+        if (t not in self.graphs or not 0 < step.num_seqs <= s
+                or max(len(pages) for pages in step.tables) > self.max_pages):
+            return None
         pad, spad = t - n, s - step.num_seqs
-        cu = [0]
-        for q in step.q_lens:
-            cu.append(cu[-1] + q)
+        cu = step.cu_q_lens
         host_tokens = torch.tensor(
             [step.input_ids + [0] * pad, step.positions + [0] * pad, step.slots + [-1] * pad],
             dtype=torch.int64,
