@@ -62,6 +62,42 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
+# Programmatic dependent launch (PDL, Hopper and later), off unless MINIINFER_PDL=1 is in the
+# environment (or PDL_ENABLED is set True). A kernel launched with it may be scheduled while
+# the kernel before it on the stream still runs; it waits for that kernel's completion (and
+# its writes) in `pdl_wait`, which every PDL kernel calls before it touches memory. A chain
+# of short Triton kernels in a CUDA graph ran 0.71 us a kernel instead of 1.14 on an H200,
+# but whole decode steps gained only on the 8B shape (replay 1.5-2.7% faster) and lost on
+# SmolLM2 (up to 9% slower at batch 32), where cuBLAS kernels sit between most of ours
+# (docs/PERF.md, tenth session). Hence opt-in.
+PDL_ENABLED = os.environ.get("MINIINFER_PDL", "0").strip().lower() in ("1", "true", "on", "yes")
+_NO_PDL = {"PDL": False}
+_WITH_PDL = {"PDL": True, "launch_pdl": True}
+_capability: dict[int, tuple[int, int]] = {}
+
+
+def pdl_args(t: torch.Tensor) -> dict:
+    """Launch keywords for a kernel taking `PDL: tl.constexpr`: PDL on CUDA devices of
+    compute capability 9.0+ while PDL_ENABLED, never in the interpreter or on CPU."""
+    if not PDL_ENABLED or t.device.type != "cuda":
+        return _NO_PDL
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    cap = _capability.get(index)
+    if cap is None:
+        cap = _capability[index] = torch.cuda.get_device_capability(index)
+    return _WITH_PDL if cap >= (9, 0) else _NO_PDL
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """First statement of a kernel launched through `pdl_args`: wait for the previous kernel
+    to finish (nothing of this kernel may read or write memory before), then let the next
+    one be scheduled (it waits for this one the same way)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
 def check_launchable(name: str, *tensors: torch.Tensor) -> None:
     """Raise a clear error before a launch that could only fail obscurely inside Triton."""
     if not HAS_TRITON:
@@ -175,6 +211,8 @@ __all__ = [
     "device_guard",
     "interpreting",
     "kernel_op",
+    "pdl_args",
+    "pdl_wait",
     "tl",
     "triton",
 ]

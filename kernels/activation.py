@@ -12,6 +12,8 @@ from kernels._triton import (
     check_launchable,
     device_guard,
     kernel_op,
+    pdl_args,
+    pdl_wait,
     tl,
     triton,
 )
@@ -25,7 +27,9 @@ def _silu_and_mul_kernel(
     out_row_stride,
     n_cols,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -51,7 +55,8 @@ def _silu_and_mul_op(x: torch.Tensor) -> torch.Tensor:
     block = min(triton.next_power_of_2(half), 1024)
     with device_guard(x):
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(half, block))](
-            x2, out2, x2.stride(0), out2.stride(0), half, BLOCK=block, num_warps=4
+            x2, out2, x2.stride(0), out2.stride(0), half, BLOCK=block, num_warps=4,
+            **pdl_args(x),
         )
     return out
 

@@ -27,6 +27,8 @@ from kernels._triton import (
     check_launchable,
     device_guard,
     kernel_op,
+    pdl_args,
+    pdl_wait,
     tl,
     triton,
 )
@@ -113,7 +115,9 @@ def _decode_partition_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     part = tl.program_id(2)
@@ -166,7 +170,9 @@ def _decode_reduce_kernel(
     PARTITION_SIZE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     base = (b * num_heads + h) * num_parts
@@ -284,6 +290,7 @@ def _decode_attention_op(
             BLOCK_D=block_d,
             num_warps=cfg["num_warps"],
             **options,
+            **pdl_args(q),
         )
         _decode_reduce_kernel[(b, h)](
             mid_out,
@@ -300,6 +307,7 @@ def _decode_attention_op(
             BLOCK_P=min(32, triton.next_power_of_2(num_parts)),
             BLOCK_D=block_d,
             num_warps=cfg["num_warps"],
+            **pdl_args(q),
         )
     return out
 

@@ -29,6 +29,8 @@ from kernels._triton import (
     check_launchable,
     device_guard,
     kernel_op,
+    pdl_args,
+    pdl_wait,
     tl,
     triton,
 )
@@ -159,9 +161,11 @@ def _store_kv_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_QH: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One program: BLOCK_H kv heads of one token; when ROTARY, also its share of the
     token's q heads (q_heads_per_program of them, BLOCK_QH at a time)."""
+    pdl_wait(PDL)
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slots_ptr + tok).to(tl.int64)
     page = slot // PAGE_SIZE
@@ -297,6 +301,7 @@ def _launch(k, v, data_layer, scales_layer, slots, rotary=None) -> None:
             BLOCK_QH=block_qh,
             BLOCK_D=block_d,
             num_warps=4,
+            **pdl_args(k),
         )
 
 

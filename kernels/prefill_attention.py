@@ -14,7 +14,16 @@ import math
 
 import torch
 
-from kernels._triton import check_index, check_launchable, device_guard, kernel_op, tl, triton
+from kernels._triton import (
+    check_index,
+    check_launchable,
+    device_guard,
+    kernel_op,
+    pdl_args,
+    pdl_wait,
+    tl,
+    triton,
+)
 from kernels.decode_attention import (
     LOG2E,
     _attend_tile,
@@ -57,7 +66,9 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     m_blk = tl.program_id(0)
     if HEAVY_FIRST:  # the last query blocks read the most keys: start them first
         m_blk = tl.num_programs(0) - 1 - m_blk
@@ -190,6 +201,7 @@ def _prefill_attention_op(
             BLOCK_D=max(16, triton.next_power_of_2(d)),
             num_warps=cfg["num_warps"],
             **options,
+            **pdl_args(q),
         )
     return out
 

@@ -15,6 +15,8 @@ from kernels._triton import (
     check_launchable,
     device_guard,
     kernel_op,
+    pdl_args,
+    pdl_wait,
     tl,
     triton,
 )
@@ -37,7 +39,9 @@ def _rmsnorm_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < n_cols
@@ -80,6 +84,7 @@ def _launch(x2, res2, weight, out2, res_out2, eps: float) -> None:
             HAS_RESIDUAL=has_res,
             BLOCK_N=block,
             num_warps=_num_warps(block),
+            **pdl_args(x2),
         )
 
 

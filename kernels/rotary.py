@@ -16,6 +16,8 @@ from kernels._triton import (
     check_launchable,
     device_guard,
     kernel_op,
+    pdl_args,
+    pdl_wait,
     tl,
     triton,
 )
@@ -101,7 +103,9 @@ def _rotary_kernel(
     half,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + tok).to(tl.int64)
     cos1, cos2, sin1, sin2 = _load_cos_sin(
@@ -168,6 +172,7 @@ def _launch(positions, q, k, cos, sin, q_out, k_out) -> None:
             BLOCK_H=block_h,
             BLOCK_HALF=block_half,
             num_warps=4,
+            **pdl_args(q),
         )
 
 

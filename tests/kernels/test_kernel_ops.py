@@ -234,3 +234,32 @@ def test_import_without_triton_raises_only_on_call():
 @CUDA
 def test_ops_under_inductor_gpu():
     _check_compiled("cuda", "inductor")
+
+
+def test_pdl_only_on_hopper_cuda_and_only_while_enabled(monkeypatch):
+    """pdl_args gates programmatic dependent launch: CUDA devices of capability 9.0+ get the
+    launch flag and the kernel's PDL branch; CPU (the interpreter), older GPUs and
+    PDL_ENABLED = False launch the ordinary way."""
+    import types
+
+    import kernels._triton as kt
+
+    on, off = {"PDL": True, "launch_pdl": True}, {"PDL": False}
+    monkeypatch.setattr(kt, "PDL_ENABLED", True)
+    assert kt.pdl_args(torch.empty(1)) == off
+    gpu = types.SimpleNamespace(device=torch.device("cuda", 3))
+    for cap, want in (((9, 0), on), ((10, 0), on), ((8, 9), off)):
+        monkeypatch.setattr(kt, "_capability", {})
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, cap=cap: cap)
+        assert kt.pdl_args(gpu) == want, cap
+    monkeypatch.setattr(kt, "PDL_ENABLED", False)
+    assert kt.pdl_args(gpu) == off
+
+
+@pytest.mark.parametrize("value, want", [("0", False), ("", False), ("1", True), ("on", True)])
+def test_pdl_switch_from_the_environment(value, want):
+    code = "import kernels._triton as kt; print(kt.PDL_ENABLED)"
+    env = {**os.environ, "MINIINFER_PDL": value}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.strip()
+    assert out == str(want)
