@@ -2,7 +2,7 @@
 
 A CUDA-graph decode step's wall time is its replay plus the host work before it: turning
 the scheduled batch into lists (`ModelRunner.collect`), and `CudaGraphRunner`'s static
-input rows and block table (`decode.graphs.graph_inputs`). On an H200 that host work was
+input rows and block table (`decode.graphs.fill_graph_inputs`). On an H200 that host work was
 3-5 ms of a 16-18 ms step at batch 32 x context 8192 (docs/PERF.md, seventh session).
 This times those two parts on the CPU for a batch of `--batch` sequences of `--ctx`
 tokens, each fed its last token.
@@ -20,7 +20,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from decode.graphs import graph_inputs  # noqa: E402
+import numpy as np  # noqa: E402
+
+from decode.graphs import fill_graph_inputs  # noqa: E402
 from engine.page_pool import PAGE_SIZE  # noqa: E402
 from engine.request import Request, ScheduledBatch, ScheduledSeq  # noqa: E402
 from engine.runner import ModelRunner  # noqa: E402
@@ -66,7 +68,9 @@ def main() -> int:
     runner = _HostOnly()
     step = ModelRunner.collect(runner, sb)
     collect = time_ms(lambda: ModelRunner.collect(runner, sb), a.iters)
-    inputs = time_ms(lambda: graph_inputs(step, a.batch), a.iters)
+    rows = np.zeros((4, a.batch), dtype=np.int64)
+    tables = np.zeros((a.batch, max(len(t) for t in step.tables)), dtype=np.int32)
+    inputs = time_ms(lambda: fill_graph_inputs(step, a.batch, rows, tables), a.iters)
     print(f"# host work of one decode step, batch {a.batch} x ctx {a.ctx} ({a.iters} runs, median)")
     print(f"collect (batch -> host lists)        {collect:7.3f} ms")
     print(f"graph inputs (rows + block table)    {inputs:7.3f} ms")

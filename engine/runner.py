@@ -71,8 +71,9 @@ class StepInputs:
 class DecodeGraphs(Protocol):
     """What the runner needs from a CUDA-graph runner (decode/graphs.py implements it)."""
 
-    def run(self, step: HostStep) -> torch.Tensor | None:
-        """Logits [B, V] of a decode step replayed from a graph; None when no graph fits."""
+    def run(self, step: HostStep, tokens: bool = False) -> torch.Tensor | None:
+        """Logits [B, V] of a decode step replayed from a graph, or with `tokens` its greedy
+        tokens [B]; None when no graph fits."""
 
 
 class PrefillGraphs(Protocol):
@@ -199,7 +200,11 @@ class ModelRunner:
                     self.forward(self.to_inputs(s))
                 return StepOutput([])
             if all(p.greedy and not p.logprobs for p in s.params):
-                tokens = self.sampled_logits(s).argmax(dim=-1)  # what sample() does then
+                tokens = None
+                if self.graphs is not None and s.is_decode and len(s.logits_rows) == s.num_seqs:
+                    tokens = self.graphs.run(s, tokens=True)  # the argmax is in the graph
+                if tokens is None:
+                    tokens = self.sampled_logits(s).argmax(dim=-1)  # what sample() does then
                 return StepOutput(tokens.tolist())
             # built before the launch: its host->device copies then find the GPU idle
             sb = SamplingBatch.build(s.params, s.generators, self.device)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from decode.graphs import graph_inputs
+from decode.graphs import fill_graph_inputs
 from engine.request import Request
 from engine.runner import HostStep
 from engine.sampling import SamplingParams
@@ -36,12 +36,16 @@ def test_table_array_pads_ragged_tables_with_zeros(dtype):
 
 def test_graph_inputs_pad_rows_store_and_read_nothing():
     step = _step([[7, 3, 9], [4]], [40, 5])
-    host, tables = graph_inputs(step, 4)
-    assert host.dtype == torch.int64 and host.shape == (4, 4)
-    assert host[:, :2].tolist() == [step.input_ids, step.positions, step.slots, step.ctx_lens]
-    # padding rows: token 0 at position 0, slot -1 (no store), context 0 (no read)
-    assert host[:, 2:].tolist() == [[0, 0], [0, 0], [-1, -1], [0, 0]]
-    assert tables.dtype == torch.int32 and tables.tolist() == [[7, 3, 9], [4, 0, 0]]
+    inputs = np.full((4, 6), 99, dtype=np.int64)  # what earlier steps left in the host twin
+    tables = np.full((4, 5), 99, dtype=np.int32)
+    fill_graph_inputs(step, 4, inputs, tables)
+    assert inputs[:, :2].tolist() == [step.input_ids, step.positions, step.slots, step.ctx_lens]
+    # padding columns: token 0 at position 0, slot -1 (no store), context 0 (no read)
+    assert inputs[:, 2:4].tolist() == [[0, 0], [0, 0], [-1, -1], [0, 0]]
+    assert inputs[:, 4:].tolist() == [[99, 99]] * 4  # past the bucket: another graph's
+    # each sequence's pages, then 0 (an earlier, longer table must not show through)
+    assert tables[:2].tolist() == [[7, 3, 9, 0, 0], [4, 0, 0, 0, 0]]
+    assert tables[2:].tolist() == [[99] * 5] * 2  # rows of padding sequences are never read
 
 
 def test_host_step_bench_runs(capsys, monkeypatch):
