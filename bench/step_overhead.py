@@ -7,7 +7,7 @@ For each model shape (seeded random bf16 weights), batch 1 at context --ctx:
 - kernels: the sum of the replay's kernel durations (torch profiler), and their count.
 So: host side = step wall - replay GPU; gaps inside the graph = replay GPU - kernels.
 
-    python bench/step_overhead.py [--models smollm2,8b] [--ctx 512]
+    python bench/step_overhead.py [--models smollm2-135m,llama3-8b] [--ctx 512]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from bench.gpu_decode import (  # noqa: E402
     release,
     sync,
 )
-from bench.shapes import llama3_8b, smollm2_135m  # noqa: E402
+from bench.shapes import SHAPES, shape  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
 from engine.loader.registry import random_model  # noqa: E402
 
@@ -53,19 +53,22 @@ def kernel_time(fn, steps: int) -> tuple[float, float]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="smollm2,8b")
+    ap.add_argument("--models", default=",".join(SHAPES), help=f"comma-separated, of {sorted(SHAPES)}")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--iters", type=int, default=50)
     a = ap.parse_args()
+    names = a.models.split(",")
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        ap.error(f"unknown model shape(s) {unknown}; known: {sorted(SHAPES)}")
     if not torch.cuda.is_available():
         print("step_overhead.py: needs a CUDA GPU", file=sys.stderr)
         return 2
     args = argparse.Namespace(no_cuda_graph=False)
-    shapes = {"smollm2": smollm2_135m, "8b": llama3_8b}
     print(f"# {torch.cuda.get_device_name()}, batch 1, ctx {a.ctx}")
-    print(f"{'model':8s} | step wall | replay wall | replay GPU | kernels | kernels/step | host | gaps")
-    for name in a.models.split(","):
-        cfg = ModelConfig.from_hf(shapes[name]())
+    print(f"{'model':12s} | step wall | replay wall | replay GPU | kernels | kernels/step | host | gaps")
+    for name in names:
+        cfg = ModelConfig.from_hf(shape(name))
         model = random_model(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
         engine = build_engine(cfg, model, args, num_pages=2048, max_seqs=8)
         fill_cache_random(engine)
@@ -77,7 +80,7 @@ def main() -> int:
         replay_wall = median_ms(graph.replay, a.iters)
         replay_gpu = event_ms(graph.replay, iters=a.iters)
         kern, count = kernel_time(graph.replay, 5)
-        print(f"{name:8s} | {step:9.3f} | {replay_wall:11.3f} | {replay_gpu:10.3f} | {kern:7.3f} | "
+        print(f"{name:12s} | {step:9.3f} | {replay_wall:11.3f} | {replay_gpu:10.3f} | {kern:7.3f} | "
               f"{count:12.0f} | {step - replay_gpu:4.3f} | {replay_gpu - kern:.3f}", flush=True)
         release(engine, sb)
         del engine, model, graph, runner, sb
