@@ -8,8 +8,8 @@ Design notes (what a graph bakes in, and how this file lives with it):
 - Pointers. The inputs live in static buffers allocated here once (`inputs` [4, max_bs]
   holding token ids, positions, slots and context lengths; `block_tables`
   [max_bs, max_pages]); the KV cache is allocated once by the engine and never moves.
-  A step writes its values into a pinned host twin of the buffers, copies them over in
-  one asynchronous copy, then replays.
+  A step writes its values into a pinned host twin of the buffers (`StagedInputs`),
+  copies them over in one asynchronous copy, then replays.
 - Outputs. Each graph ends in the logits and their argmax, so a greedy batch's tokens
   need no launch after the replay.
 - Shapes. Batch sizes are bucketed (1, 2, 4, 8, then steps of 8 up to 64, then of 16);
@@ -60,21 +60,72 @@ def batch_buckets(max_batch_size: int) -> list[int]:
 _PAD_COLUMN = np.array([[0], [0], [-1], [0]], dtype=np.int64)  # token, position, slot, context
 
 
+def fill_tables(out: np.ndarray, tables: list[list[int]]) -> None:
+    """Row i of `out` = tables[i] (a sequence's pages), then 0; rows past len(tables) keep
+    what they held (graphs give those sequences no context, so nothing reads them)."""
+    for row, pages in zip(out, tables):
+        row[: len(pages)] = pages
+        row[len(pages):] = 0
+
+
 def fill_graph_inputs(step: HostStep, bs: int, inputs: np.ndarray, tables: np.ndarray) -> None:
     """Write a decode step's inputs for bucket bs into host arrays: `inputs` [4, >= bs] int64
     rows (token, position, slot, context; padding columns are token 0 at position 0, slot
-    -1, context 0: they store nothing and read nothing) and `tables` [>= n, width] int32,
-    row i = sequence i's pages then 0. Rows n..bs keep what they held: a context of 0
-    never reads them."""
+    -1, context 0: they store nothing and read nothing) and `tables` [>= n, width] int32
+    (`fill_tables`)."""
     n = step.num_seqs
     inputs[0, :n] = step.input_ids
     inputs[1, :n] = step.positions
     inputs[2, :n] = step.slots
     inputs[3, :n] = step.ctx_lens
     inputs[:, n:bs] = _PAD_COLUMN
-    for row, pages in zip(tables, step.tables):
-        row[: len(pages)] = pages
-        row[len(pages):] = 0
+    fill_tables(tables, step.tables)
+
+
+class StagedInputs:
+    """A captured graph's static inputs: views of one device byte buffer, each field at an
+    8-byte boundary in the order given, with a host twin (pinned on CUDA) that a step fills
+    through numpy views and sends in one asynchronous copy. Two or three copies from
+    pageable memory took 36 us of a 1.04 ms SmolLM2 decode step on an H200.
+
+    fields: name -> (shape, dtype). `device[name]` are the tensors a graph captures,
+    `host()[name]` the arrays to fill, `upload(end)` copies the first `end` bytes."""
+
+    def __init__(self, fields: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 device: torch.device) -> None:
+        self.offsets, size = {}, 0
+        for name, (shape, dtype) in fields.items():
+            size = -(-size // 8) * 8
+            self.offsets[name] = size
+            size += int(np.prod(shape)) * dtype.itemsize
+        self.nbytes = size
+        cuda = device.type == "cuda"
+        self._device = torch.zeros(size, dtype=torch.uint8, device=device)
+        self._host = torch.zeros(size, dtype=torch.uint8, pin_memory=cuda)
+        self.device = self._views(self._device, fields)
+        self._host_arrays = {k: v.numpy() for k, v in self._views(self._host, fields).items()}
+        self._copied = torch.cuda.Event() if cuda else None  # recorded after each upload
+
+    def _views(self, buffer: torch.Tensor, fields) -> dict[str, torch.Tensor]:
+        views = {}
+        for name, (shape, dtype) in fields.items():
+            start = self.offsets[name]
+            n = int(np.prod(shape)) * dtype.itemsize
+            views[name] = buffer[start: start + n].view(dtype).view(shape)
+        return views
+
+    def host(self) -> dict[str, np.ndarray]:
+        """The host twin's arrays, once the last upload has left them."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._host_arrays
+
+    def upload(self, end: int | None = None) -> None:
+        """Copy the first `end` bytes (all by default) of the host twin to the device."""
+        end = self.nbytes if end is None else end
+        self._device[:end].copy_(self._host[:end], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record(torch.cuda.current_stream(self._device.device))
 
 
 def check_capturable(model: torch.nn.Module, backend: Backend) -> None:
@@ -119,40 +170,33 @@ class CudaGraphRunner:
         max_batch_size: int,
         max_model_len: int,
     ) -> None:
-        if cache.data.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA KV cache, got {cache.data.device}")
         check_capturable(model, backend)
         self.model, self.cache, self.backend = model, cache, backend
         self.buckets = batch_buckets(max_batch_size)
         self.max_pages = -(-max_model_len // cache.page_size)
         dev = cache.data.device
         max_bs = self.buckets[-1]
-        # The static inputs, [4, max_bs] int64 (ids, pos, slot, ctx) then the block tables
-        # [max_bs, max_pages] int32, are views of one byte buffer with a pinned host twin:
-        # a step is one asynchronous copy of the inputs and its bucket's table rows. Two
-        # copies from pageable memory took 36 us of a 1.04 ms SmolLM2 step on an H200.
-        self._inputs_bytes = 4 * max_bs * 8
-        self._row_bytes = 4 * self.max_pages
-        size = self._inputs_bytes + max_bs * self._row_bytes
-        self._buffer = torch.zeros(size, dtype=torch.uint8, device=dev)
-        self._host = torch.zeros(size, dtype=torch.uint8).pin_memory()
-        self.inputs, self.block_tables = self._views(self._buffer, max_bs)
-        self.inputs[2].fill_(-1)
-        host_inputs, host_tables = self._views(self._host, max_bs)
-        host_inputs[2].fill_(-1)
-        self._host_inputs, self._host_tables = host_inputs.numpy(), host_tables.numpy()
-        self._copied = torch.cuda.Event()  # recorded after each copy out of the host twin
+        self.staged = StagedInputs(self._fields(max_bs), dev)
+        self._pad(self.staged.host())  # what the capture and the upload replays read
+        self.staged.upload()
+        self.inputs, self.block_tables = self.staged.device["inputs"], self.staged.device["tables"]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.replays = 0  # decode steps served by a graph (the rest ran eagerly): for metrics
         self.logits: dict[int, torch.Tensor] = {}  # bucket -> static output [bs, V] float32
-        self.tokens: dict[int, torch.Tensor] = {}  # bucket -> static argmax [bs] int64
+        self.argmax: dict[int, torch.Tensor] = {}  # bucket -> static greedy tokens [bs] int64
         self.capture_seconds: float | None = None
 
-    def _views(self, buffer: torch.Tensor, max_bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs [4, max_bs] int64, block tables [max_bs, max_pages] int32) in `buffer`."""
-        head = self._inputs_bytes
-        inputs = buffer[:head].view(torch.int64).view(4, max_bs)
-        return inputs, buffer[head:].view(torch.int32).view(max_bs, self.max_pages)
+    def _fields(self, max_bs: int) -> dict:
+        """The static inputs (`StagedInputs` fields); the block tables come last, so a step
+        uploads everything before them plus its own table rows."""
+        return {"inputs": ((4, max_bs), torch.int64),  # ids, positions, slots, contexts
+                "tables": ((max_bs, self.max_pages), torch.int32)}
+
+    def _pad(self, host: dict) -> None:
+        host["inputs"][2] = -1  # slot -1: padding rows store nothing (context 0 reads nothing)
+
+    def _upload(self, host: dict, num_seqs: int) -> None:
+        self.staged.upload(self.staged.offsets["tables"] + host["tables"][:num_seqs].nbytes)
 
     @property
     def max_batch_size(self) -> int:
@@ -174,13 +218,15 @@ class CudaGraphRunner:
     @torch.inference_mode()
     def capture(self) -> float:
         """Capture every bucket, largest first, into one pool. -> seconds taken."""
+        if self.cache.data.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA KV cache, got {self.cache.data.device}")
         t0 = time.perf_counter()
         # The buffers still hold padding (slot -1, context 0), so the replays that upload
         # each graph store nothing and read no page.
         self.graphs, outputs = capture_buckets(self.buckets, self._step_and_argmax,
                                                self.cache.data.device)
         self.logits = {b: out[0] for b, out in outputs.items()}
-        self.tokens = {b: out[1] for b, out in outputs.items()}
+        self.argmax = {b: out[1] for b, out in outputs.items() if out[1] is not None}
         self.capture_seconds = time.perf_counter() - t0
         log.info(
             "captured %d decode graphs (batch %d..%d) in %.2fs",
@@ -205,14 +251,12 @@ class CudaGraphRunner:
             return None
         if max(len(t) for t in step.tables) > self.max_pages:
             return None
-        self._copied.synchronize()  # the last step's copy has left the host twin
-        fill_graph_inputs(step, bs, self._host_inputs, self._host_tables)
-        size = self._inputs_bytes + bs * self._row_bytes
-        self._buffer[:size].copy_(self._host[:size], non_blocking=True)
-        self._copied.record(torch.cuda.current_stream(self._buffer.device))
+        host = self.staged.host()
+        fill_graph_inputs(step, bs, host["inputs"], host["tables"])
+        self._upload(host, n)
         self.graphs[bs].replay()
         self.replays += 1
-        return self.tokens[bs][:n] if tokens else self.logits[bs][:n]
+        return (self.argmax if tokens else self.logits)[bs][:n]
 
 
 class VerifyGraphRunner(CudaGraphRunner):
@@ -227,15 +271,22 @@ class VerifyGraphRunner(CudaGraphRunner):
     """
 
     def __init__(self, model, cache, backend, max_batch_size: int, max_model_len: int, q_len: int):
-        super().__init__(model, cache, backend, max_batch_size, max_model_len)
         if q_len < 1:
             raise ValueError(f"q_len must be >= 1, got {q_len}")
-        self.q_len = q_len
+        self.q_len = q_len  # before the base class sizes the staged inputs by it
+        super().__init__(model, cache, backend, max_batch_size, max_model_len)
+        self.ctx = self.staged.device["ctx"]
         dev, max_bs = cache.data.device, self.buckets[-1]
-        self.inputs = torch.zeros(3, max_bs * q_len, dtype=torch.int64, device=dev)  # ids, pos, slot
-        self.inputs[2].fill_(-1)
-        self.ctx = torch.full((max_bs,), q_len, dtype=torch.int64, device=dev)
         self.cu_q_lens = torch.arange(max_bs + 1, dtype=torch.int32, device=dev) * q_len
+
+    def _fields(self, max_bs: int) -> dict:
+        return {"inputs": ((3, max_bs * self.q_len), torch.int64),  # ids, positions, slots
+                "ctx": ((max_bs,), torch.int64),
+                "tables": ((max_bs, self.max_pages), torch.int32)}
+
+    def _pad(self, host: dict) -> None:
+        host["inputs"][2] = -1  # padding stores nothing...
+        host["ctx"][:] = self.q_len  # ...and reads only its own q_len (never stored) rows
 
     def _step_and_argmax(self, bs: int) -> tuple[torch.Tensor, None]:
         return self._step(bs), None  # verification reads the logits: no argmax to capture
@@ -250,28 +301,26 @@ class VerifyGraphRunner(CudaGraphRunner):
         hidden = self.model(ids, pos, meta, self.cache, self.backend)  # [t, hidden]
         return self.model.compute_logits(hidden)
 
-    def run(self, step: HostStep) -> torch.Tensor | None:
-        """Replay -> logits [B * q_len, V] (a view of a static buffer); None when no graph fits."""
+    def run(self, step: HostStep, tokens: bool = False) -> torch.Tensor | None:
+        """Replay -> logits [B * q_len, V] (a view of a static buffer); None when no graph
+        fits. These graphs capture no argmax: `tokens` must be False."""
+        if tokens:
+            raise ValueError("verify graphs return logits only (tokens=True is not captured)")
         n, q = step.num_seqs, self.q_len
         bs = self.bucket_for(n)
         if bs is None or bs not in self.graphs or any(ql != q for ql in step.q_lens):
             return None
-        width = max(len(t) for t in step.tables)
-        if width > self.max_pages:
+        if max(len(t) for t in step.tables) > self.max_pages:
             return None
-        pad = (bs - n) * q
-        host = torch.tensor(
-            [
-                step.input_ids + [0] * pad,
-                step.positions + list(range(q)) * (bs - n),
-                step.slots + [-1] * pad,
-            ],
-            dtype=torch.int64,
-        )  # [3, bs * q]
-        ctx = torch.tensor(step.ctx_lens + [q] * (bs - n), dtype=torch.int64)
-        self.inputs[:, : bs * q].copy_(host, non_blocking=True)
-        self.ctx[:bs].copy_(ctx, non_blocking=True)
-        self.block_tables[:n, :width].copy_(step.table_array(np.int32), non_blocking=True)
+        host = self.staged.host()
+        ids, pos, slots = host["inputs"]
+        m, t = n * q, bs * q
+        ids[:m], ids[m:t] = step.input_ids, 0
+        pos[:m], pos[m:t] = step.positions, np.tile(np.arange(q), bs - n)
+        slots[:m], slots[m:t] = step.slots, -1
+        host["ctx"][:n], host["ctx"][n:bs] = step.ctx_lens, q
+        fill_tables(host["tables"], step.tables)
+        self._upload(host, n)
         self.graphs[bs].replay()
         self.replays += 1
         return self.logits[bs][: n * q]

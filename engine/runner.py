@@ -81,8 +81,9 @@ class PrefillGraphs(Protocol):
 
     replays: int
 
-    def run(self, step: HostStep) -> torch.Tensor | None:
-        """Logits [N, V] of the step's sampled rows, replayed from a graph; None when none fits."""
+    def run(self, step: HostStep, tokens: bool = False) -> torch.Tensor | None:
+        """Logits [N, V] of the step's sampled rows replayed from a graph, or with `tokens`
+        their greedy tokens [N]; None when none fits."""
 
 
 class ModelRunner:
@@ -185,6 +186,16 @@ class ModelRunner:
         hidden = self.forward(inp)
         return self.model.compute_logits(hidden[inp.logits_index])  # [N, V]
 
+    def _graph_argmax(self, s: HostStep) -> torch.Tensor | None:
+        """The sampled rows' greedy tokens [N] from a graph that captured their argmax (no
+        launch after the replay); None when no graph fits. The graphs sampled_logits uses."""
+        if s.is_decode:
+            if self.graphs is not None and len(s.logits_rows) == s.num_seqs:
+                return self.graphs.run(s, tokens=True)
+        elif self.prefill_graphs is not None:
+            return self.prefill_graphs.run(s, tokens=True)
+        return None
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
         if batch.is_empty:
@@ -200,9 +211,7 @@ class ModelRunner:
                     self.forward(self.to_inputs(s))
                 return StepOutput([])
             if all(p.greedy and not p.logprobs for p in s.params):
-                tokens = None
-                if self.graphs is not None and s.is_decode and len(s.logits_rows) == s.num_seqs:
-                    tokens = self.graphs.run(s, tokens=True)  # the argmax is in the graph
+                tokens = self._graph_argmax(s)
                 if tokens is None:
                     tokens = self.sampled_logits(s).argmax(dim=-1)  # what sample() does then
                 return StepOutput(tokens.tolist())

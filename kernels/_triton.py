@@ -10,6 +10,7 @@ import contextlib
 import inspect
 import os
 import types
+import warnings
 
 import torch
 
@@ -67,10 +68,23 @@ def interpreting() -> bool:
 # the kernel before it on the stream still runs; it waits for that kernel's completion (and
 # its writes) in `pdl_wait`, which every PDL kernel calls before it touches memory. A chain
 # of short Triton kernels in a CUDA graph ran 0.71 us a kernel instead of 1.14 on an H200,
-# but whole decode steps gained only on the 8B shape (replay 1.5-2.7% faster) and lost on
+# but whole decode steps gained on the 8B shape (replay 1.4-2.7% faster) and mostly not on
 # SmolLM2 (up to 9% slower at batch 32), where cuBLAS kernels sit between most of ours
-# (docs/PERF.md, tenth session). Hence opt-in.
+# (docs/PERF.md, tenth session). Hence opt-in. It needs a Triton with the device-side calls
+# (`tl.extra.cuda.gdc_wait`; 3.6 and 3.9 have them); with an older one the switch is ignored.
+def _triton_has_pdl() -> bool:
+    try:
+        from triton.language.extra import cuda as tl_cuda
+    except ImportError:
+        return False
+    return hasattr(tl_cuda, "gdc_wait") and hasattr(tl_cuda, "gdc_launch_dependents")
+
+
 PDL_ENABLED = os.environ.get("MINIINFER_PDL", "0").strip().lower() in ("1", "true", "on", "yes")
+if PDL_ENABLED and not (HAS_TRITON and _triton_has_pdl()):
+    warnings.warn("MINIINFER_PDL=1 ignored: this Triton has no programmatic dependent launch "
+                  "(tl.extra.cuda.gdc_wait)", stacklevel=1)
+    PDL_ENABLED = False
 _NO_PDL = {"PDL": False}
 _WITH_PDL = {"PDL": True, "launch_pdl": True}
 _capability: dict[int, tuple[int, int]] = {}
@@ -79,7 +93,7 @@ _capability: dict[int, tuple[int, int]] = {}
 def pdl_args(t: torch.Tensor) -> dict:
     """Launch keywords for a kernel taking `PDL: tl.constexpr`: PDL on CUDA devices of
     compute capability 9.0+ while PDL_ENABLED, never in the interpreter or on CPU."""
-    if not PDL_ENABLED or t.device.type != "cuda":
+    if not PDL_ENABLED or t.device.type != "cuda" or interpreting():
         return _NO_PDL
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     cap = _capability.get(index)

@@ -21,6 +21,9 @@ What a graph bakes in, and how padding stays harmless:
 - Attention's grid is sized for T queries per sequence; programs past a sequence's
   q_len return at once.
 - Buckets are captured largest first into one memory pool, during warm-up.
+- The static inputs arrive in one copy from a pinned host twin (`decode.graphs.StagedInputs`),
+  and each graph also captures the argmax of the sampled rows, which a greedy step takes
+  as its tokens.
 - Results equal the eager step's up to rounding: the GEMMs run on the padded row count and
   attention's tiles are picked for the bucket (128 x 128 from 512 tokens on), so bf16
   logits can differ from an eager step's in the last bits (fp32: within 1e-3 in the GPU
@@ -33,10 +36,9 @@ import bisect
 import logging
 import time
 
-import numpy as np
 import torch
 
-from decode.graphs import capture_buckets, check_capturable
+from decode.graphs import StagedInputs, capture_buckets, check_capturable, fill_tables
 from engine.attention import AttentionMetadata
 from engine.backend import Backend
 from engine.kv_cache import KVCache
@@ -73,13 +75,17 @@ class PrefillGraphRunner:
         self.max_pages = -(-max_model_len // cache.page_size)
         dev = cache.data.device
         t, s = self.buckets[-1], max_seqs
-        self.tokens = torch.zeros(3, t, dtype=torch.int64, device=dev)  # ids, positions, slots
-        self.tokens[2].fill_(-1)
-        # per sequence: context length [S], sampled row [S], then cu_q_lens [S + 1]
-        self.seqs = torch.zeros(3 * s + 1, dtype=torch.int64, device=dev)
-        self.block_tables = torch.zeros(s, self.max_pages, dtype=torch.int32, device=dev)
+        # token ids, positions, slots [T]; per sequence its context length [S], its sampled
+        # row [S], then cu_q_lens [S + 1]; block tables [S, max_pages]
+        self.staged = StagedInputs({"tokens": ((3, t), torch.int64), "seqs": ((3 * s + 1,), torch.int64),
+                                    "tables": ((s, self.max_pages), torch.int32)}, dev)
+        self.tokens, self.seqs = self.staged.device["tokens"], self.staged.device["seqs"]
+        self.block_tables = self.staged.device["tables"]
+        self.staged.host()["tokens"][2] = -1  # slot -1: padding stores nothing
+        self.staged.upload()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}  # bucket -> static output [S, V] float32
+        self.argmax: dict[int, torch.Tensor] = {}  # bucket -> static greedy tokens [S] int64
         self.replays = 0
         self.capture_seconds: float | None = None
 
@@ -95,6 +101,11 @@ class PrefillGraphRunner:
         hidden = self.model(ids, pos, meta, self.cache, self.backend)  # [t, hidden]
         return self.model.compute_logits(hidden[rows])
 
+    def _step_and_argmax(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """_step plus the greedy tokens [S]: a greedy step needs no launch after the replay."""
+        logits = self._step(t)
+        return logits, logits.argmax(dim=-1)
+
     @torch.inference_mode()
     def capture(self) -> float:
         """Capture every bucket, largest first, into one pool. -> seconds taken."""
@@ -102,7 +113,10 @@ class PrefillGraphRunner:
             raise ValueError(f"CUDA graphs need a CUDA KV cache, got {self.cache.data.device}")
         t0 = time.perf_counter()
         # the buffers hold padding (slot -1, no sequences): the capture touches no page
-        self.graphs, self.logits = capture_buckets(self.buckets, self._step, self.cache.data.device)
+        self.graphs, outputs = capture_buckets(self.buckets, self._step_and_argmax,
+                                               self.cache.data.device)
+        self.logits = {t: out[0] for t, out in outputs.items()}
+        self.argmax = {t: out[1] for t, out in outputs.items()}
         self.capture_seconds = time.perf_counter() - t0
         log.info("captured %d prefill graphs (%d..%d tokens, up to %d sequences) in %.2fs",
                  len(self.buckets), self.buckets[0], self.buckets[-1], self.max_seqs,
@@ -113,26 +127,25 @@ class PrefillGraphRunner:
         i = bisect.bisect_left(self.buckets, num_tokens)
         return self.buckets[i] if i < len(self.buckets) else None
 
-    def run(self, step: HostStep) -> torch.Tensor | None:
-        """Replay the bucket that holds `step` -> logits [N, V] of its sampled rows (a view
-        of a static buffer, valid until the next replay); None when no graph fits."""
+    def run(self, step: HostStep, tokens: bool = False) -> torch.Tensor | None:
+        """Replay the bucket that holds `step` -> logits [N, V] of its sampled rows, or with
+        `tokens` their greedy tokens [N] (views of static buffers, valid until the next
+        replay); None when no graph fits."""
         n, s = len(step.input_ids), self.max_seqs
         t = self.bucket_for(n)  # None past the largest bucket, which is never in self.graphs
         if (t not in self.graphs or not 0 < step.num_seqs <= s
                 or max(len(pages) for pages in step.tables) > self.max_pages):
             return None
-        pad, spad = t - n, s - step.num_seqs
-        cu = step.cu_q_lens
-        host_tokens = torch.tensor(
-            [step.input_ids + [0] * pad, step.positions + [0] * pad, step.slots + [-1] * pad],
-            dtype=torch.int64,
-        )
+        spad = s - step.num_seqs
+        host = self.staged.host()
+        ids, pos, slots = host["tokens"]
+        ids[:n], ids[n:t] = step.input_ids, 0
+        pos[:n], pos[n:t] = step.positions, 0
+        slots[:n], slots[n:t] = step.slots, -1
         rows = step.logits_rows + [0] * (s - len(step.logits_rows))
-        host_seqs = torch.tensor(step.ctx_lens + [0] * spad + rows + cu + [n] * spad, dtype=torch.int64)
-        tables = step.table_array(np.int32)
-        self.tokens[:, :t].copy_(host_tokens, non_blocking=True)
-        self.seqs.copy_(host_seqs, non_blocking=True)
-        self.block_tables[: step.num_seqs, : tables.shape[1]].copy_(tables, non_blocking=True)
+        host["seqs"][:] = step.ctx_lens + [0] * spad + rows + step.cu_q_lens + [n] * spad
+        fill_tables(host["tables"], step.tables)
+        self.staged.upload(self.staged.offsets["tables"] + host["tables"][: step.num_seqs].nbytes)
         self.graphs[t].replay()
         self.replays += 1
-        return self.logits[t][: len(step.logits_rows)]
+        return (self.argmax if tokens else self.logits)[t][: len(step.logits_rows)]

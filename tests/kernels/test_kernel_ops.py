@@ -238,7 +238,7 @@ def test_ops_under_inductor_gpu():
 
 def test_pdl_only_on_hopper_cuda_and_only_while_enabled(monkeypatch):
     """pdl_args gates programmatic dependent launch: CUDA devices of capability 9.0+ get the
-    launch flag and the kernel's PDL branch; CPU (the interpreter), older GPUs and
+    launch flag and the kernel's PDL branch; CPU, the interpreter, older GPUs and
     PDL_ENABLED = False launch the ordinary way."""
     import types
 
@@ -248,10 +248,17 @@ def test_pdl_only_on_hopper_cuda_and_only_while_enabled(monkeypatch):
     monkeypatch.setattr(kt, "PDL_ENABLED", True)
     assert kt.pdl_args(torch.empty(1)) == off
     gpu = types.SimpleNamespace(device=torch.device("cuda", 3))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a GPU machine (CI's conftest sets 1)
     for cap, want in (((9, 0), on), ((10, 0), on), ((8, 9), off)):
         monkeypatch.setattr(kt, "_capability", {})
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, cap=cap: cap)
         assert kt.pdl_args(gpu) == want, cap
+    monkeypatch.setattr(kt, "_capability", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    assert kt.pdl_args(gpu) == on
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter has no PDL, CUDA tensors or not
+    assert kt.pdl_args(gpu) == off
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(kt, "PDL_ENABLED", False)
     assert kt.pdl_args(gpu) == off
 

@@ -13,15 +13,11 @@ import torch
 
 pytest.importorskip("triton")
 
-from engine.backend import select_backend  # noqa: E402
-from engine.config import ModelConfig  # noqa: E402
-from engine.kv_cache import KVCache, KVCacheSpec  # noqa: E402
-from engine.loader.registry import dummy_model  # noqa: E402
 from engine.page_pool import PagePool  # noqa: E402
 from engine.request import Request, ScheduledBatch, ScheduledSeq  # noqa: E402
-from engine.runner import ModelRunner  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
 from prefill.graphs import PrefillGraphRunner, token_buckets  # noqa: E402
+from tests.kernels.stand_in_graph import StepAsGraph, tiny_runner  # noqa: E402
 
 PAGES = 16
 
@@ -35,31 +31,13 @@ def test_token_buckets():
         token_buckets(0)
 
 
-class _StepAsGraph:
-    """Stands in for a captured graph: a replay recomputes the captured step eagerly."""
-
-    def __init__(self, runner: PrefillGraphRunner, t: int) -> None:
-        self.runner, self.t = runner, t
-
-    def replay(self) -> None:
-        self.runner.logits[self.t].copy_(self.runner._step(self.t))
-
-
 def _setup(device, kv_dtype):
-    cfg = ModelConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_layers=2, head_dim=16,
-                      max_position=128, arch="llama", num_heads=4, num_kv_heads=2)
-    model = dummy_model(cfg, seed=0, device=device)
-    cache = KVCache(KVCacheSpec(cfg.num_layers, PAGES, cfg.num_kv_heads, cfg.head_dim, kv_dtype), device)
-    if cache.quantized:
-        cache.data.random_(-127, 128)
-        cache.scales.uniform_(0.01, 0.05)
-    else:
-        cache.data.normal_()  # every page holds something: a stray read or write shows
-    backend = select_backend(device, "triton")
-    runner = ModelRunner(model, cache, device, backend)
+    runner = tiny_runner(device, kv_dtype, PAGES, max_position=128)
+    model, cache, backend = runner.model, runner.cache, runner.backend
     graphs = PrefillGraphRunner(model, cache, backend, max_tokens=32, max_seqs=4, max_model_len=128)
-    graphs.graphs = {t: _StepAsGraph(graphs, t) for t in graphs.buckets}
-    graphs.logits = {t: torch.empty(4, cfg.vocab_size, device=device) for t in graphs.buckets}
+    graphs.graphs = {t: StepAsGraph(graphs, t) for t in graphs.buckets}
+    graphs.logits = {t: torch.empty(4, model.cfg.vocab_size, device=device) for t in graphs.buckets}
+    graphs.argmax = {t: torch.empty(4, dtype=torch.int64, device=device) for t in graphs.buckets}
     return runner, graphs, PagePool(PAGES)
 
 
@@ -142,3 +120,24 @@ def test_steps_that_do_not_fit_run_eager(device):
     assert graphs.replays == 0 and pool.num_free == PAGES
     with pytest.raises(ValueError, match="CUDA KV cache"):
         graphs.capture()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_greedy_steps_take_their_tokens_from_the_graph(device, monkeypatch):
+    """A greedy step that fits a bucket returns the graph's captured argmax: no logits leave
+    the graph and no eager pass runs; the tokens are the eager step's argmax."""
+    runner, graphs, pool = _setup(device, torch.float32)
+    runner.prefill_graphs = graphs
+    for name, seqs in _batches(pool):
+        batch = ScheduledBatch(seqs)
+        with torch.inference_mode():
+            want = runner.sampled_logits(runner.collect(batch), use_graphs=False).argmax(-1)
+        replays = graphs.replays
+        with monkeypatch.context() as m:
+            m.setattr(runner, "sampled_logits", None)  # the graph path must not need it
+            got = runner.execute(batch).token_ids
+        assert graphs.replays == replays + 1, name
+        assert got == want.tolist() and len(got) == sum(s.sample for s in seqs), name
+        for s in seqs:
+            pool.free(s.request.pages)
+    assert pool.num_free == PAGES

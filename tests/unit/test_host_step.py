@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from decode.graphs import fill_graph_inputs
+from decode.graphs import StagedInputs, fill_graph_inputs
 from engine.request import Request
 from engine.runner import HostStep
 from engine.sampling import SamplingParams
@@ -34,7 +34,7 @@ def test_table_array_pads_ragged_tables_with_zeros(dtype):
     assert out.tolist() == [[7, 3, 9], [4, 0, 0], [12, 2, 0]]
 
 
-def test_graph_inputs_pad_rows_store_and_read_nothing():
+def test_fill_graph_inputs_pad_rows_store_and_read_nothing():
     step = _step([[7, 3, 9], [4]], [40, 5])
     inputs = np.full((4, 6), 99, dtype=np.int64)  # what earlier steps left in the host twin
     tables = np.full((4, 5), 99, dtype=np.int32)
@@ -56,3 +56,21 @@ def test_host_step_bench_runs(capsys, monkeypatch):
     assert host_step.main() == 0
     out = capsys.readouterr().out
     assert "collect" in out and "graph inputs" in out and "total" in out
+
+
+def test_staged_inputs_one_buffer_aligned_fields_prefix_upload():
+    staged = StagedInputs({"a": ((2, 3), torch.int64), "b": ((5,), torch.int32),
+                           "c": ((2, 2), torch.int32)}, torch.device("cpu"))
+    assert staged.offsets == {"a": 0, "b": 48, "c": 72}  # b ends at 68: c starts 8-aligned
+    host = staged.host()
+    host["a"][:] = [[1, 2, 3], [4, 5, 6]]
+    host["b"][:] = 7
+    host["c"][:] = 9
+    assert staged.device["c"].tolist() == [[0, 0], [0, 0]]  # nothing moves before upload
+    staged.upload(staged.offsets["c"])  # a and b only
+    assert staged.device["a"].tolist() == [[1, 2, 3], [4, 5, 6]]
+    assert staged.device["b"].tolist() == [7] * 5
+    assert staged.device["c"].tolist() == [[0, 0], [0, 0]]
+    staged.upload()
+    assert staged.device["c"].tolist() == [[9, 9], [9, 9]]
+    assert staged.device["a"].dtype == torch.int64 and staged.device["c"].dtype == torch.int32
