@@ -10,8 +10,8 @@ Design notes (what a graph bakes in, and how this file lives with it):
   [max_bs, max_pages]); the KV cache is allocated once by the engine and never moves.
   A step writes its values into a pinned host twin of the buffers (`StagedInputs`),
   copies them over in one asynchronous copy, then replays.
-- Outputs. Each graph ends in the logits and their argmax, so a greedy batch's tokens
-  need no launch after the replay.
+- Outputs. Each decode graph ends in the logits and their argmax, so a greedy batch's
+  tokens need no launch after the replay (verify graphs return logits only).
 - Shapes. Batch sizes are bucketed (1, 2, 4, 8, then steps of 8 up to 64, then of 16);
   a step runs in the smallest bucket that holds it, padded. The block-table width is
   fixed at max_pages, so the decode kernel's split-K launch is the same on every replay.
@@ -62,7 +62,8 @@ _PAD_COLUMN = np.array([[0], [0], [-1], [0]], dtype=np.int64)  # token, position
 
 def fill_tables(out: np.ndarray, tables: list[list[int]]) -> None:
     """Row i of `out` = tables[i] (a sequence's pages), then 0; rows past len(tables) keep
-    what they held (graphs give those sequences no context, so nothing reads them)."""
+    what they held: page ids a padding sequence of a decode or prefill graph never reads
+    (it has no context), and a verify graph's reads only for logits that are dropped."""
     for row, pages in zip(out, tables):
         row[: len(pages)] = pages
         row[len(pages):] = 0
@@ -85,20 +86,24 @@ def fill_graph_inputs(step: HostStep, bs: int, inputs: np.ndarray, tables: np.nd
 class StagedInputs:
     """A captured graph's static inputs: views of one device byte buffer, each field at an
     8-byte boundary in the order given, with a host twin (pinned on CUDA) that a step fills
-    through numpy views and sends in one asynchronous copy. Two or three copies from
-    pageable memory took 36 us of a 1.04 ms SmolLM2 decode step on an H200.
+    through numpy views and sends in one asynchronous copy. The decode step's two copies
+    from pageable memory took 36 us of a 1.04 ms SmolLM2 step on an H200.
 
     fields: name -> (shape, dtype). `device[name]` are the tensors a graph captures,
-    `host()[name]` the arrays to fill, `upload(end)` copies the first `end` bytes."""
+    `host()[name]` the arrays to fill; `upload()` sends them all, `upload(rows=n)` every
+    field but the last and the last one's first n rows (the block tables: only the rows
+    of the step's sequences)."""
 
     def __init__(self, fields: dict[str, tuple[tuple[int, ...], torch.dtype]],
                  device: torch.device) -> None:
         self.offsets, size = {}, 0
+        last_shape, last_dtype = list(fields.values())[-1]
+        self._last_row_bytes = int(np.prod(last_shape[1:])) * last_dtype.itemsize
         for name, (shape, dtype) in fields.items():
             size = -(-size // 8) * 8
             self.offsets[name] = size
             size += int(np.prod(shape)) * dtype.itemsize
-        self.nbytes = size
+        self.nbytes, self.last = size, name
         cuda = device.type == "cuda"
         self._device = torch.zeros(size, dtype=torch.uint8, device=device)
         self._host = torch.zeros(size, dtype=torch.uint8, pin_memory=cuda)
@@ -120,9 +125,10 @@ class StagedInputs:
             self._copied.synchronize()
         return self._host_arrays
 
-    def upload(self, end: int | None = None) -> None:
-        """Copy the first `end` bytes (all by default) of the host twin to the device."""
-        end = self.nbytes if end is None else end
+    def upload(self, rows: int | None = None) -> None:
+        """Copy the host twin to the device: all of it, or every field before the last and
+        the last one's first `rows` rows."""
+        end = self.nbytes if rows is None else self.offsets[self.last] + rows * self._last_row_bytes
         self._device[:end].copy_(self._host[:end], non_blocking=True)
         if self._copied is not None:
             self._copied.record(torch.cuda.current_stream(self._device.device))
@@ -188,15 +194,12 @@ class CudaGraphRunner:
 
     def _fields(self, max_bs: int) -> dict:
         """The static inputs (`StagedInputs` fields); the block tables come last, so a step
-        uploads everything before them plus its own table rows."""
+        uploads the fields before them and only its own table rows."""
         return {"inputs": ((4, max_bs), torch.int64),  # ids, positions, slots, contexts
                 "tables": ((max_bs, self.max_pages), torch.int32)}
 
     def _pad(self, host: dict) -> None:
         host["inputs"][2] = -1  # slot -1: padding rows store nothing (context 0 reads nothing)
-
-    def _upload(self, host: dict, num_seqs: int) -> None:
-        self.staged.upload(self.staged.offsets["tables"] + host["tables"][:num_seqs].nbytes)
 
     @property
     def max_batch_size(self) -> int:
@@ -253,7 +256,7 @@ class CudaGraphRunner:
             return None
         host = self.staged.host()
         fill_graph_inputs(step, bs, host["inputs"], host["tables"])
-        self._upload(host, n)
+        self.staged.upload(rows=n)  # the tables come last: the inputs and n table rows
         self.graphs[bs].replay()
         self.replays += 1
         return (self.argmax if tokens else self.logits)[bs][:n]
@@ -266,8 +269,9 @@ class VerifyGraphRunner(CudaGraphRunner):
 
     The step is a chunked-prefill extend over the paged KV, so attention takes the varlen
     path with a fixed `cu_q_lens` per bucket. Padding sequences feed q_len tokens at
-    positions 0.. with slot -1 (nothing stored) and ctx_len q_len (a prefix of 0 tokens),
-    so they read only their own (never stored) rows; their logits are ignored.
+    positions 0.. with slot -1 (nothing stored) and ctx_len q_len (a prefix of 0 tokens):
+    they read q_len keys through whatever pages their (stale) table row names, and their
+    logits are ignored.
     """
 
     def __init__(self, model, cache, backend, max_batch_size: int, max_model_len: int, q_len: int):
@@ -320,7 +324,7 @@ class VerifyGraphRunner(CudaGraphRunner):
         slots[:m], slots[m:t] = step.slots, -1
         host["ctx"][:n], host["ctx"][n:bs] = step.ctx_lens, q
         fill_tables(host["tables"], step.tables)
-        self._upload(host, n)
+        self.staged.upload(rows=n)  # the tables come last: the inputs and n table rows
         self.graphs[bs].replay()
         self.replays += 1
         return self.logits[bs][: n * q]

@@ -85,6 +85,7 @@ if PDL_ENABLED and not (HAS_TRITON and _triton_has_pdl()):
     warnings.warn("MINIINFER_PDL=1 ignored: this Triton has no programmatic dependent launch "
                   "(tl.extra.cuda.gdc_wait)", stacklevel=1)
     PDL_ENABLED = False
+_INTERPRETER = interpreting()  # as Triton, which reads TRITON_INTERPRET when kernels are defined
 _NO_PDL = {"PDL": False}
 _WITH_PDL = {"PDL": True, "launch_pdl": True}
 _capability: dict[int, tuple[int, int]] = {}
@@ -93,7 +94,7 @@ _capability: dict[int, tuple[int, int]] = {}
 def pdl_args(t: torch.Tensor) -> dict:
     """Launch keywords for a kernel taking `PDL: tl.constexpr`: PDL on CUDA devices of
     compute capability 9.0+ while PDL_ENABLED, never in the interpreter or on CPU."""
-    if not PDL_ENABLED or t.device.type != "cuda" or interpreting():
+    if not PDL_ENABLED or t.device.type != "cuda" or _INTERPRETER:
         return _NO_PDL
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     cap = _capability.get(index)

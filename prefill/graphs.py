@@ -145,7 +145,7 @@ class PrefillGraphRunner:
         rows = step.logits_rows + [0] * (s - len(step.logits_rows))
         host["seqs"][:] = step.ctx_lens + [0] * spad + rows + step.cu_q_lens + [n] * spad
         fill_tables(host["tables"], step.tables)
-        self.staged.upload(self.staged.offsets["tables"] + host["tables"][: step.num_seqs].nbytes)
+        self.staged.upload(rows=step.num_seqs)  # the tables come last: only the step's rows
         self.graphs[t].replay()
         self.replays += 1
         return (self.argmax if tokens else self.logits)[t][: len(step.logits_rows)]

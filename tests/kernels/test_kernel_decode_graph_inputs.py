@@ -116,5 +116,6 @@ def test_verify_replay_matches_eager(device):
             pool.free(s.request.pages)
     with pytest.raises(ValueError, match="logits only"):
         graphs.run(runner.collect(_batch(pool, [5], q_len=2)), tokens=True)
-    with pytest.raises(ValueError, match="CUDA KV cache"):
-        graphs.capture()
+    if device == "cpu":  # on a GPU this would capture for real
+        with pytest.raises(ValueError, match="CUDA KV cache"):
+            graphs.capture()

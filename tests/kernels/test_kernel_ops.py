@@ -248,7 +248,7 @@ def test_pdl_only_on_hopper_cuda_and_only_while_enabled(monkeypatch):
     monkeypatch.setattr(kt, "PDL_ENABLED", True)
     assert kt.pdl_args(torch.empty(1)) == off
     gpu = types.SimpleNamespace(device=torch.device("cuda", 3))
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a GPU machine (CI's conftest sets 1)
+    monkeypatch.setattr(kt, "_INTERPRETER", False)  # as on a GPU machine (CI runs the interpreter)
     for cap, want in (((9, 0), on), ((10, 0), on), ((8, 9), off)):
         monkeypatch.setattr(kt, "_capability", {})
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, cap=cap: cap)
@@ -256,17 +256,31 @@ def test_pdl_only_on_hopper_cuda_and_only_while_enabled(monkeypatch):
     monkeypatch.setattr(kt, "_capability", {})
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
     assert kt.pdl_args(gpu) == on
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the interpreter has no PDL, CUDA tensors or not
+    monkeypatch.setattr(kt, "_INTERPRETER", True)  # no PDL in the interpreter, CUDA tensors or not
     assert kt.pdl_args(gpu) == off
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(kt, "_INTERPRETER", False)
     monkeypatch.setattr(kt, "PDL_ENABLED", False)
     assert kt.pdl_args(gpu) == off
 
 
 @pytest.mark.parametrize("value, want", [("0", False), ("", False), ("1", True), ("on", True)])
 def test_pdl_switch_from_the_environment(value, want):
+    import kernels._triton as kt
+
     code = "import kernels._triton as kt; print(kt.PDL_ENABLED)"
     env = {**os.environ, "MINIINFER_PDL": value}
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=120, check=True).stdout.strip()
-    assert out == str(want)
+    assert out == str(want and kt._triton_has_pdl())
+
+
+def test_pdl_switch_ignored_with_a_warning_on_a_triton_without_it():
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "import triton.language.extra.cuda as c; del c.gdc_wait  # as an older Triton\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    import kernels._triton as kt\n"
+            "print(kt.PDL_ENABLED, any('MINIINFER_PDL=1 ignored' in str(x.message) for x in w))")
+    env = {**os.environ, "MINIINFER_PDL": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.strip()
+    assert out == "False True"

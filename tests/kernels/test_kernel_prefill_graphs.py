@@ -118,8 +118,9 @@ def test_steps_that_do_not_fit_run_eager(device):
     for s in decode:
         pool.free(s.request.pages)
     assert graphs.replays == 0 and pool.num_free == PAGES
-    with pytest.raises(ValueError, match="CUDA KV cache"):
-        graphs.capture()
+    if device == "cpu":  # on a GPU this would capture for real
+        with pytest.raises(ValueError, match="CUDA KV cache"):
+            graphs.capture()
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
