@@ -144,12 +144,25 @@ def check_capturable(model: torch.nn.Module, backend: Backend) -> None:
         raise ValueError("CUDA graphs cannot capture an MoE model; run its steps eager")
 
 
-def capture_buckets(buckets: list[int], step, device: torch.device) -> tuple[dict, dict]:
-    """Capture `step(b)` for every bucket, largest first, into one memory pool (each smaller
-    graph reuses the largest one's intermediates), then replay each once: the first launch
-    of an instantiated graph uploads it, which belongs here and not in a request's step.
-    -> (bucket -> CUDAGraph, bucket -> its static output). Call under inference mode."""
-    graphs, outputs = {}, {}
+def smallest_bucket(buckets: list[int], n: int) -> int | None:
+    """The smallest of the sorted `buckets` that holds n; None past the largest."""
+    i = bisect.bisect_left(buckets, n)
+    return buckets[i] if i < len(buckets) else None
+
+
+def capture_buckets(buckets: list[int], step, device: torch.device,
+                    argmax: bool) -> tuple[dict, dict, dict]:
+    """Capture `step(b)` (-> logits) for every bucket, largest first, into one memory pool
+    (each smaller graph reuses the largest one's intermediates), then replay each once: the
+    first launch of an instantiated graph uploads it, which belongs here and not in a
+    request's step. With `argmax`, each graph also ends in the logits' argmax, so a greedy
+    step needs no launch after its replay (an eager argmax took 13.5 us of host time in a
+    1.04 ms SmolLM2 decode step on an H200).
+    -> (bucket -> CUDAGraph, bucket -> static logits, bucket -> static argmax, empty without
+    `argmax`). Call under inference mode."""
+    if device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA KV cache, got {device}")
+    graphs, logits, tokens = {}, {}, {}
     with torch.cuda.device(device):  # the pool, the graphs and the syncs on the cache's GPU
         pool = torch.cuda.graph_pool_handle()
         for b in reversed(buckets):
@@ -157,16 +170,20 @@ def capture_buckets(buckets: list[int], step, device: torch.device) -> tuple[dic
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                outputs[b] = step(b)
+                logits[b] = step(b)
+                if argmax:
+                    tokens[b] = logits[b].argmax(dim=-1)
             graphs[b] = graph
         for b in buckets:
             graphs[b].replay()
         torch.cuda.synchronize()
-    return graphs, outputs
+    return graphs, logits, tokens
 
 
 class CudaGraphRunner:
     """Captures decode steps of `model` over `cache` and replays them (engine.runner.DecodeGraphs)."""
+
+    captures_argmax = True  # each graph ends in its logits' argmax (capture_buckets)
 
     def __init__(
         self,
@@ -212,24 +229,14 @@ class CudaGraphRunner:
         hidden = self.model(ids, pos, meta, self.cache, self.backend)  # [bs, hidden]
         return self.model.compute_logits(hidden)
 
-    def _step_and_argmax(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """_step plus the greedy tokens [bs]: a greedy batch then needs no launch after the
-        replay (an eager argmax took 13.5 us of host time in a 1.04 ms SmolLM2 step)."""
-        logits = self._step(bs)
-        return logits, logits.argmax(dim=-1)
-
     @torch.inference_mode()
     def capture(self) -> float:
         """Capture every bucket, largest first, into one pool. -> seconds taken."""
-        if self.cache.data.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA KV cache, got {self.cache.data.device}")
         t0 = time.perf_counter()
         # The buffers still hold padding (slot -1, context 0), so the replays that upload
         # each graph store nothing and read no page.
-        self.graphs, outputs = capture_buckets(self.buckets, self._step_and_argmax,
-                                               self.cache.data.device)
-        self.logits = {b: out[0] for b, out in outputs.items()}
-        self.argmax = {b: out[1] for b, out in outputs.items() if out[1] is not None}
+        self.graphs, self.logits, self.argmax = capture_buckets(
+            self.buckets, self._step, self.cache.data.device, self.captures_argmax)
         self.capture_seconds = time.perf_counter() - t0
         log.info(
             "captured %d decode graphs (batch %d..%d) in %.2fs",
@@ -241,8 +248,7 @@ class CudaGraphRunner:
         return self.capture_seconds
 
     def bucket_for(self, n: int) -> int | None:
-        i = bisect.bisect_left(self.buckets, n)
-        return self.buckets[i] if i < len(self.buckets) else None
+        return smallest_bucket(self.buckets, n)
 
     def run(self, step: HostStep, tokens: bool = False) -> torch.Tensor | None:
         """Replay the bucket that holds `step` -> logits [B, V], or with `tokens` the greedy
@@ -274,6 +280,8 @@ class VerifyGraphRunner(CudaGraphRunner):
     logits are ignored.
     """
 
+    captures_argmax = False  # verification reads the logits
+
     def __init__(self, model, cache, backend, max_batch_size: int, max_model_len: int, q_len: int):
         if q_len < 1:
             raise ValueError(f"q_len must be >= 1, got {q_len}")
@@ -291,9 +299,6 @@ class VerifyGraphRunner(CudaGraphRunner):
     def _pad(self, host: dict) -> None:
         host["inputs"][2] = -1  # padding stores nothing...
         host["ctx"][:] = self.q_len  # ...and reads only its own q_len (never stored) rows
-
-    def _step_and_argmax(self, bs: int) -> tuple[torch.Tensor, None]:
-        return self._step(bs), None  # verification reads the logits: no argmax to capture
 
     def _step(self, bs: int) -> torch.Tensor:
         """The captured region: bs sequences of q_len tokens -> logits [bs * q_len, V]."""

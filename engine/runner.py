@@ -172,29 +172,23 @@ class ModelRunner:
 
     def sampled_logits(self, s: HostStep, use_graphs: bool = True) -> torch.Tensor:
         """Logits [N, V] float32 of the rows to sample; a captured graph when one fits."""
-        if use_graphs and self.graphs is not None and s.is_decode:
-            logits = self.graphs.run(s)  # [B, V], one row per sequence
-            if logits is not None:
-                if len(s.logits_rows) == s.num_seqs:
-                    return logits
-                return logits[self._tensor(s.logits_rows)]
-        if use_graphs and self.prefill_graphs is not None and not s.is_decode:
-            logits = self.prefill_graphs.run(s)  # [N, V], the sampled rows
-            if logits is not None:
-                return logits
+        logits = self._replay(s) if use_graphs else None
+        if logits is not None:
+            return logits
         inp = self.to_inputs(s)
         hidden = self.forward(inp)
         return self.model.compute_logits(hidden[inp.logits_index])  # [N, V]
 
-    def _graph_argmax(self, s: HostStep) -> torch.Tensor | None:
-        """The sampled rows' greedy tokens [N] from a graph that captured their argmax (no
-        launch after the replay); None when no graph fits. The graphs sampled_logits uses."""
-        if s.is_decode:
-            if self.graphs is not None and len(s.logits_rows) == s.num_seqs:
-                return self.graphs.run(s, tokens=True)
-        elif self.prefill_graphs is not None:
-            return self.prefill_graphs.run(s, tokens=True)
-        return None
+    def _replay(self, s: HostStep, tokens: bool = False) -> torch.Tensor | None:
+        """The sampled rows' logits [N, V], or with `tokens` their greedy tokens [N] (the
+        argmax the graph captured), from a captured graph: decode steps from the decode
+        graphs, every other step from the prefill graphs. None when no graph fits."""
+        if not s.is_decode:
+            return None if self.prefill_graphs is None else self.prefill_graphs.run(s, tokens)
+        out = None if self.graphs is None else self.graphs.run(s, tokens)  # one row a sequence
+        if out is None or len(s.logits_rows) == s.num_seqs:
+            return out
+        return out[self._tensor(s.logits_rows)]
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
@@ -211,9 +205,9 @@ class ModelRunner:
                     self.forward(self.to_inputs(s))
                 return StepOutput([])
             if all(p.greedy and not p.logprobs for p in s.params):
-                tokens = self._graph_argmax(s)
-                if tokens is None:
-                    tokens = self.sampled_logits(s).argmax(dim=-1)  # what sample() does then
+                tokens = self._replay(s, tokens=True)
+                if tokens is None:  # what sample() does then
+                    tokens = self.sampled_logits(s, use_graphs=False).argmax(dim=-1)
                 return StepOutput(tokens.tolist())
             # built before the launch: its host->device copies then find the GPU idle
             sb = SamplingBatch.build(s.params, s.generators, self.device)

@@ -58,9 +58,14 @@ if not HAS_TRITON:
     tl = types.SimpleNamespace(constexpr=object)
 
 
+def _env_flag(name: str) -> bool:
+    """An on/off switch from the environment: 1, true, on or yes (any case) mean on."""
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "on", "yes")
+
+
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+    return _env_flag("TRITON_INTERPRET")
 
 
 # Programmatic dependent launch (PDL, Hopper and later), off unless MINIINFER_PDL=1 is in the
@@ -80,7 +85,7 @@ def _triton_has_pdl() -> bool:
     return hasattr(tl_cuda, "gdc_wait") and hasattr(tl_cuda, "gdc_launch_dependents")
 
 
-PDL_ENABLED = os.environ.get("MINIINFER_PDL", "0").strip().lower() in ("1", "true", "on", "yes")
+PDL_ENABLED = _env_flag("MINIINFER_PDL")
 if PDL_ENABLED and not (HAS_TRITON and _triton_has_pdl()):
     warnings.warn("MINIINFER_PDL=1 ignored: this Triton has no programmatic dependent launch "
                   "(tl.extra.cuda.gdc_wait)", stacklevel=1)

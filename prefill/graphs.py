@@ -32,13 +32,18 @@ What a graph bakes in, and how padding stays harmless:
 
 from __future__ import annotations
 
-import bisect
 import logging
 import time
 
 import torch
 
-from decode.graphs import StagedInputs, capture_buckets, check_capturable, fill_tables
+from decode.graphs import (
+    StagedInputs,
+    capture_buckets,
+    check_capturable,
+    fill_tables,
+    smallest_bucket,
+)
 from engine.attention import AttentionMetadata
 from engine.backend import Backend
 from engine.kv_cache import KVCache
@@ -101,22 +106,13 @@ class PrefillGraphRunner:
         hidden = self.model(ids, pos, meta, self.cache, self.backend)  # [t, hidden]
         return self.model.compute_logits(hidden[rows])
 
-    def _step_and_argmax(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """_step plus the greedy tokens [S]: a greedy step needs no launch after the replay."""
-        logits = self._step(t)
-        return logits, logits.argmax(dim=-1)
-
     @torch.inference_mode()
     def capture(self) -> float:
         """Capture every bucket, largest first, into one pool. -> seconds taken."""
-        if self.cache.data.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA KV cache, got {self.cache.data.device}")
         t0 = time.perf_counter()
         # the buffers hold padding (slot -1, no sequences): the capture touches no page
-        self.graphs, outputs = capture_buckets(self.buckets, self._step_and_argmax,
-                                               self.cache.data.device)
-        self.logits = {t: out[0] for t, out in outputs.items()}
-        self.argmax = {t: out[1] for t, out in outputs.items()}
+        self.graphs, self.logits, self.argmax = capture_buckets(
+            self.buckets, self._step, self.cache.data.device, argmax=True)
         self.capture_seconds = time.perf_counter() - t0
         log.info("captured %d prefill graphs (%d..%d tokens, up to %d sequences) in %.2fs",
                  len(self.buckets), self.buckets[0], self.buckets[-1], self.max_seqs,
@@ -124,8 +120,7 @@ class PrefillGraphRunner:
         return self.capture_seconds
 
     def bucket_for(self, num_tokens: int) -> int | None:
-        i = bisect.bisect_left(self.buckets, num_tokens)
-        return self.buckets[i] if i < len(self.buckets) else None
+        return smallest_bucket(self.buckets, num_tokens)
 
     def run(self, step: HostStep, tokens: bool = False) -> torch.Tensor | None:
         """Replay the bucket that holds `step` -> logits [N, V] of its sampled rows, or with

@@ -2,18 +2,18 @@
 
 
 class StepAsGraph:
-    """Replays by recomputing the runner's captured step (`_step_and_argmax(key)`) eagerly
-    over its static buffers, into its static outputs (`logits`, and `argmax` when the step
-    captures one)."""
+    """Replays by recomputing what `decode.graphs.capture_buckets` captures, eagerly, over the
+    runner's static buffers: `_step(key)` into its static logits, and their argmax into its
+    static argmax when it has one for `key`."""
 
     def __init__(self, runner, key: int) -> None:
         self.runner, self.key = runner, key
 
     def replay(self) -> None:
-        logits, argmax = self.runner._step_and_argmax(self.key)
+        logits = self.runner._step(self.key)
         self.runner.logits[self.key].copy_(logits)
-        if argmax is not None:
-            self.runner.argmax[self.key].copy_(argmax)
+        if self.key in self.runner.argmax:
+            self.runner.argmax[self.key].copy_(logits.argmax(dim=-1))
 
 
 def tiny_runner(device, kv_dtype, num_pages: int, max_position: int):
