@@ -17,7 +17,8 @@ What each row measures (ms per decode step = wall time of one whole step, host i
   large `copy_` and counting bytes read + written.
 - decode attention: `kernels.decode_attention` on one layer; bandwidth = KV (+ scales)
   bytes / time. prefill attention: causal FLOPs (2 * B * H * S^2 * D) / time, ours over a
-  paged cache vs SDPA's flash and cuDNN backends on contiguous tensors.
+  paged cache vs SDPA's flash and cuDNN backends on contiguous tensors, medians of 5
+  interleaved rounds.
 
     python bench/gpu_decode.py [--no-cuda-graph] [--quick] [--profile-dir DIR]
 """
@@ -25,6 +26,7 @@ What each row measures (ms per decode step = wall time of one whole step, host i
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import statistics
@@ -403,7 +405,7 @@ def sdpa_decode_ms(cfg: ModelConfig, batch: int, ctx: int) -> float:
     return graph_ms(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
 
 
-def prefill_tflops(batch=4, seq=4096, heads=32, head_dim=128) -> dict:
+def prefill_tflops(batch=4, seq=4096, heads=32, head_dim=128, rounds=5) -> dict:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -417,24 +419,30 @@ def prefill_tflops(batch=4, seq=4096, heads=32, head_dim=128) -> dict:
     tables = torch.randperm(batch * pages_per_seq, device=dev).view(batch, -1).to(torch.int32)
     cu = torch.arange(0, batch + 1, device=dev, dtype=torch.int32) * seq
     lens = torch.full((batch,), seq, dtype=torch.int32, device=dev)
-    out = {}
-    ms = event_ms(lambda: prefill_attention(q, data, None, tables, cu, lens, seq), iters=10)
-    out["ours_paged"] = flops / (ms * 1e-3) / 1e12
     qs = torch.randn(batch, heads, seq, head_dim, dtype=bf16, device=dev)
     ks, vs = torch.randn_like(qs), torch.randn_like(qs)
+
+    def sdpa(backend):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)
+
+    runs = {"ours_paged": lambda: prefill_attention(q, data, None, tables, cu, lens, seq)}
     for name, backend in (
         ("sdpa_flash", SDPBackend.FLASH_ATTENTION),
         ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
     ):
         try:
-            with sdpa_kernel(backend):
-                ms = event_ms(
-                    lambda: F.scaled_dot_product_attention(qs, ks, vs, is_causal=True), iters=10
-                )
-            out[name] = flops / (ms * 1e-3) / 1e12
+            sdpa(backend)
+            runs[name] = functools.partial(sdpa, backend)
         except Exception as exc:  # noqa: BLE001 - a backend missing on this build
             progress(f"{name} unavailable: {exc!r}")
-            out[name] = None
+    # interleaved rounds: the GPU's clocks drift over a run by more than the gaps compared
+    times = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            times[name].append(event_ms(fn, iters=10))
+    out = {name: None for name in ("ours_paged", "sdpa_flash", "sdpa_cudnn")}
+    out.update({name: flops / (statistics.median(ms) * 1e-3) / 1e12 for name, ms in times.items()})
     return out
 
 

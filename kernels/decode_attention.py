@@ -53,6 +53,7 @@ def _attend_tile(
     MASK: "end" masks keys past `end` (decode); "causal" also keys past each row's
     position q_pos [M] (prefill tiles that reach the diagonal); "none" masks nothing
     (prefill tiles every row sees whole)."""
+    # masked on "none" tiles too: dropping the key mask there made prefill 4.5% slower (H200)
     n_mask = n < end
     page = tl.load(table + n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
     row = page * d_page_stride + (n % PAGE_SIZE) * d_slot_stride + kvh * d_head_stride
@@ -65,17 +66,23 @@ def _attend_tile(
         srow = page * s_page_stride + (n % PAGE_SIZE) * s_slot_stride + kvh * s_head_stride
         k_scale = tl.load(scales_ptr + srow, mask=n_mask, other=0.0)  # [BLOCK_N]
         v_scale = tl.load(scales_ptr + s_kv_stride + srow, mask=n_mask, other=0.0)
-        s = s * k_scale[None, :]
+        s = s * (k_scale * qk_scale)[None, :]  # in log2 units from here
     if MASK == "causal":
         keep = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]
-        s = tl.where(keep, s * qk_scale, float("-inf"))
+        s = tl.where(keep, s, float("-inf"))
     elif MASK == "end":
-        s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+    # m_new is finite: every row sees a key of the tile. Unquantized scores take qk_scale
+    # after the max (a positive scale commutes with it) and inside the exponent's
+    # multiply-add: one multiply a score fewer than scaling the tile first (prefill
+    # 337.8 vs 334.0 TFLOP/s on an H200), outputs equal within bf16 rounding
+    if QUANTIZED:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])  # [M, BLOCK_N]
     else:
-        s = s * qk_scale
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every row sees a key of the tile
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])  # [M, BLOCK_N]
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if QUANTIZED:
         p = p * v_scale[None, :]
@@ -233,7 +240,9 @@ def _launch(device: torch.device, partition_size: int, quantized: bool) -> dict:
             # 0.220 ms against 0.280 for 128-token tiles on 4 warps; b8 x ctx 1024,
             # partition 128, 13.9 us against 17.9. With 64-token partitions (few sequences)
             # one warp per program was slower: 9.6 us against 7.0 at b1 x ctx 512.
-            cfg.update(block_n=math.gcd(partition_size, 32), num_warps=1)
+            # Two pipeline stages instead of Triton's three: 0.206 against 0.222 ms at
+            # b32 x ctx 8192, 12.8 against 13.6 us at b8 x ctx 1024 (one stage: 0.245 ms).
+            cfg.update(block_n=math.gcd(partition_size, 32), num_warps=1, num_stages=2)
     return cfg
 
 
