@@ -37,6 +37,47 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _tile_rows(n, end, kvh, table, d_page_stride, d_slot_stride, d_head_stride,
+               PAGE_SIZE: tl.constexpr):
+    """Keys n [BLOCK_N] -> (n < end, their pages, their rows' offsets in a layer)."""
+    # masked on prefill's whole tiles too: dropping the key mask there made prefill 4.5%
+    # slower (H200)
+    n_mask = n < end
+    page = tl.load(table + n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+    row = page * d_page_stride + (n % PAGE_SIZE) * d_slot_stride + kvh * d_head_stride
+    return n_mask, page, row
+
+
+@triton.jit
+def _kv_scales(page, n, n_mask, kvh, scales_ptr, s_kv_stride, s_page_stride, s_slot_stride,
+               s_head_stride, PAGE_SIZE: tl.constexpr):
+    """int8 pages: the keys' and values' scales [BLOCK_N]."""
+    srow = page * s_page_stride + (n % PAGE_SIZE) * s_slot_stride + kvh * s_head_stride
+    k_scale = tl.load(scales_ptr + srow, mask=n_mask, other=0.0)
+    v_scale = tl.load(scales_ptr + s_kv_stride + srow, mask=n_mask, other=0.0)
+    return k_scale, v_scale
+
+
+@triton.jit
+def _softmax_step(s, m_i, l_i, qk_scale, PRESCALED: tl.constexpr):
+    """Masked scores s [M, BLOCK_N] (-inf where hidden) -> (m_new, l_i, p, alpha).
+
+    m_new is finite: every row sees a key of the tile. PRESCALED scores are already in
+    log2 units (int8 tiles fold qk_scale into the key scales); the others take qk_scale
+    after the max (a positive scale commutes with it) and inside the exponent's
+    multiply-add: one multiply a score fewer than scaling the tile first (prefill 337.8
+    vs 334.0 TFLOP/s on an H200), outputs equal within bf16 rounding."""
+    if PRESCALED:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+        p = tl.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    return m_new, l_i * alpha + tl.sum(p, axis=1), p, alpha
+
+
+@triton.jit
 def _attend_tile(
     q, q_pos, n, end, kvh, d, d_mask, data_ptr, scales_ptr, table, m_i, l_i, acc, qk_scale,
     d_kv_stride, d_page_stride, d_slot_stride, d_head_stride,
@@ -53,41 +94,64 @@ def _attend_tile(
     MASK: "end" masks keys past `end` (decode); "causal" also keys past each row's
     position q_pos [M] (prefill tiles that reach the diagonal); "none" masks nothing
     (prefill tiles every row sees whole)."""
-    # masked on "none" tiles too: dropping the key mask there made prefill 4.5% slower (H200)
-    n_mask = n < end
-    page = tl.load(table + n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-    row = page * d_page_stride + (n % PAGE_SIZE) * d_slot_stride + kvh * d_head_stride
+    n_mask, page, row = _tile_rows(n, end, kvh, table, d_page_stride, d_slot_stride,
+                                   d_head_stride, PAGE_SIZE)
     kv_mask = n_mask[:, None] & d_mask[None, :]
     k = tl.load(data_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(data_ptr + d_kv_stride + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    # [M, BLOCK_N] scores in log2 units
-    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # [M, BLOCK_N]
     if QUANTIZED:
-        srow = page * s_page_stride + (n % PAGE_SIZE) * s_slot_stride + kvh * s_head_stride
-        k_scale = tl.load(scales_ptr + srow, mask=n_mask, other=0.0)  # [BLOCK_N]
-        v_scale = tl.load(scales_ptr + s_kv_stride + srow, mask=n_mask, other=0.0)
+        k_scale, v_scale = _kv_scales(page, n, n_mask, kvh, scales_ptr, s_kv_stride,
+                                      s_page_stride, s_slot_stride, s_head_stride, PAGE_SIZE)
         s = s * (k_scale * qk_scale)[None, :]  # in log2 units from here
     if MASK == "causal":
-        keep = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]
-        s = tl.where(keep, s, float("-inf"))
+        s = tl.where((n[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
     elif MASK == "end":
         s = tl.where(n_mask[None, :], s, float("-inf"))
-    # m_new is finite: every row sees a key of the tile. Unquantized scores take qk_scale
-    # after the max (a positive scale commutes with it) and inside the exponent's
-    # multiply-add: one multiply a score fewer than scaling the tile first (prefill
-    # 337.8 vs 334.0 TFLOP/s on an H200), outputs equal within bf16 rounding
-    if QUANTIZED:
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp2(s - m_new[:, None])  # [M, BLOCK_N]
-    else:
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
+    m_new, l_i, p, alpha = _softmax_step(s, m_i, l_i, qk_scale, QUANTIZED)
     if QUANTIZED:
         p = p * v_scale[None, :]
     pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
     return m_new, l_i, acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _attend_tile_halves(
+    q_lo, q_hi, n, end, kvh, dh, data_ptr, scales_ptr, table, m_i, l_i, acc_lo, acc_hi,
+    qk_scale, d_kv_stride, d_page_stride, d_slot_stride, d_head_stride,
+    s_kv_stride, s_page_stride, s_slot_stride, s_head_stride,
+    PAGE_SIZE: tl.constexpr,
+    QUANTIZED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HALF: tl.constexpr,
+):
+    """_attend_tile's decode step ("end" mask) with the head dim cut in two halves of
+    HALF = len(dh) columns (q = [q_lo | q_hi], acc likewise; no column mask, so
+    head_dim == 2 * HALF). Each half of a K or V tile is loaded, converted and used on
+    its own. For the int8 one-warp tile on three stages (sm_90, triton 3.6, compiled
+    offline) that is 1409 instructions a tile against 1484 whole on two stages; both
+    use 255 registers a thread."""
+    n_mask, page, row = _tile_rows(n, end, kvh, table, d_page_stride, d_slot_stride,
+                                   d_head_stride, PAGE_SIZE)
+    base = data_ptr + row[:, None] + dh[None, :]  # [BLOCK_N, HALF], keys' first half
+    k_lo = tl.load(base, mask=n_mask[:, None], other=0.0)
+    s = tl.dot(q_lo, tl.trans(k_lo.to(q_lo.dtype)), input_precision=DOT_PRECISION)
+    k_hi = tl.load(base + HALF, mask=n_mask[:, None], other=0.0)
+    s = tl.dot(q_hi, tl.trans(k_hi.to(q_hi.dtype)), s, input_precision=DOT_PRECISION)
+    if QUANTIZED:
+        k_scale, v_scale = _kv_scales(page, n, n_mask, kvh, scales_ptr, s_kv_stride,
+                                      s_page_stride, s_slot_stride, s_head_stride, PAGE_SIZE)
+        s = s * (k_scale * qk_scale)[None, :]
+    s = tl.where(n_mask[None, :], s, float("-inf"))
+    m_new, l_i, p, alpha = _softmax_step(s, m_i, l_i, qk_scale, QUANTIZED)
+    if QUANTIZED:
+        p = p * v_scale[None, :]
+    p = p.to(q_lo.dtype)
+    v_lo = tl.load(base + d_kv_stride, mask=n_mask[:, None], other=0.0)
+    acc_lo = tl.dot(p, v_lo.to(q_lo.dtype), acc_lo * alpha[:, None], input_precision=DOT_PRECISION)
+    v_hi = tl.load(base + d_kv_stride + HALF, mask=n_mask[:, None], other=0.0)
+    acc_hi = tl.dot(p, v_hi.to(q_lo.dtype), acc_hi * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i, acc_lo, acc_hi
 
 
 @triton.jit
@@ -122,6 +186,7 @@ def _decode_partition_kernel(
     BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    SPLIT_D: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)
@@ -140,26 +205,41 @@ def _decode_partition_kernel(
     heads = kvh * GROUP + g  # [BLOCK_G]
     g_mask = g < GROUP
     d_mask = d < head_dim
-    q_ptrs = q_ptr + b * q_b_stride + heads[:, None] * q_h_stride + d[None, :]
-    q = tl.load(q_ptrs, mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
     table = block_tables_ptr + b * bt_b_stride
-
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for n0 in range(start, end, BLOCK_N):
-        m_i, l_i, acc = _attend_tile(
-            q, 0, n0 + tl.arange(0, BLOCK_N), end, kvh, d, d_mask, data_ptr, scales_ptr, table,
-            m_i, l_i, acc, qk_scale, d_kv_stride, d_page_stride, d_slot_stride, d_head_stride,
-            s_kv_stride, s_page_stride, s_slot_stride, s_head_stride, PAGE_SIZE, QUANTIZED,
-            DOT_PRECISION, "end",
-        )
-
     mid = (b * num_heads + heads) * num_parts + part  # [BLOCK_G] row of [B, H, NP]
+    q_ptrs = q_ptr + b * q_b_stride + heads[:, None] * q_h_stride
+    out_ptrs = mid_out_ptr + mid[:, None] * head_dim
+    if SPLIT_D:  # head_dim == BLOCK_D, in two halves
+        HALF: tl.constexpr = BLOCK_D // 2
+        dh = tl.arange(0, HALF)
+        q_lo = tl.load(q_ptrs + dh[None, :], mask=g_mask[:, None], other=0.0)
+        q_hi = tl.load(q_ptrs + HALF + dh[None, :], mask=g_mask[:, None], other=0.0)
+        acc_lo = tl.zeros([BLOCK_G, HALF], tl.float32)
+        acc_hi = tl.zeros([BLOCK_G, HALF], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            m_i, l_i, acc_lo, acc_hi = _attend_tile_halves(
+                q_lo, q_hi, n0 + tl.arange(0, BLOCK_N), end, kvh, dh, data_ptr, scales_ptr,
+                table, m_i, l_i, acc_lo, acc_hi, qk_scale, d_kv_stride, d_page_stride,
+                d_slot_stride, d_head_stride, s_kv_stride, s_page_stride, s_slot_stride,
+                s_head_stride, PAGE_SIZE, QUANTIZED, DOT_PRECISION, HALF,
+            )
+        tl.store(out_ptrs + dh[None, :], acc_lo, mask=g_mask[:, None])
+        tl.store(out_ptrs + HALF + dh[None, :], acc_hi, mask=g_mask[:, None])
+    else:
+        q = tl.load(q_ptrs + d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, 0, n0 + tl.arange(0, BLOCK_N), end, kvh, d, d_mask, data_ptr, scales_ptr,
+                table, m_i, l_i, acc, qk_scale, d_kv_stride, d_page_stride, d_slot_stride,
+                d_head_stride, s_kv_stride, s_page_stride, s_slot_stride, s_head_stride,
+                PAGE_SIZE, QUANTIZED, DOT_PRECISION, "end",
+            )
+        tl.store(out_ptrs + d[None, :], acc, mask=g_mask[:, None] & d_mask[None, :])
     tl.store(mid_max_ptr + mid, m_i, mask=g_mask)
     tl.store(mid_sum_ptr + mid, l_i, mask=g_mask)
-    out_ptrs = mid_out_ptr + mid[:, None] * head_dim + d[None, :]
-    tl.store(out_ptrs, acc, mask=g_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -220,18 +300,25 @@ def _decode_reduce_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-# Launch override {"block_n", "num_warps", "num_stages", "maxnreg"}: set only by
+# Launch override {"block_n", "num_warps", "num_stages", "maxnreg", "split_d"}: set only by
 # bench/decode_attn_tune.py, which sweeps them on a GPU. None: the rules in _launch.
 TUNING: dict | None = None
 
 
-def _launch(device: torch.device, partition_size: int, quantized: bool) -> dict:
-    """Tile size and launch options: big tiles on GPU, 16-token tiles in the interpreter."""
+def _launch(device: torch.device, partition_size: int, quantized: bool, head_dim: int) -> dict:
+    """Tile size and launch options: big tiles on GPU, 16-token tiles in the interpreter.
+
+    split_d: run the tile's head dim in two halves (_attend_tile_halves); the op takes it
+    only where head_dim is a power of two of 32 or more. The interpreter takes it wherever
+    it may, so that the CPU tests cover both paths."""
     if TUNING is not None:
-        return {"num_stages": None, "maxnreg": None, **TUNING}
-    cfg = dict(block_n=16, num_warps=1, num_stages=None, maxnreg=None)
+        return {"num_stages": None, "maxnreg": None, "split_d": False, **TUNING}
+    cfg = dict(block_n=16, num_warps=1, num_stages=None, maxnreg=None, split_d=True)
     if device.type == "cuda":
-        cfg.update(block_n=math.gcd(partition_size, 64), num_warps=4)  # a power of two tiling it
+        # 16-bit pages in halves, H200 (graph-timed, same-run A/B): 12% faster at b32 x
+        # ctx 1024 on SmolLM2's shape (D64), 1.6% at b8 on the 8B shape (D128), within 1%
+        # at b32 x ctx 8192, 0.2 us (4%) slower at b1
+        cfg.update(block_n=math.gcd(partition_size, 64), num_warps=4, split_d=not quantized)
         if quantized and partition_size >= 128:
             # int8 tiles are bound by the loop's per-tile work (the int8 -> bf16 conversion,
             # the layout shuffles for the dots), not by bandwidth. One warp per program needs
@@ -240,9 +327,13 @@ def _launch(device: torch.device, partition_size: int, quantized: bool) -> dict:
             # 0.220 ms against 0.280 for 128-token tiles on 4 warps; b8 x ctx 1024,
             # partition 128, 13.9 us against 17.9. With 64-token partitions (few sequences)
             # one warp per program was slower: 9.6 us against 7.0 at b1 x ctx 512.
-            # Two pipeline stages instead of Triton's three: 0.206 against 0.222 ms at
-            # b32 x ctx 8192, 12.8 against 13.6 us at b8 x ctx 1024 (one stage: 0.245 ms).
-            cfg.update(block_n=math.gcd(partition_size, 32), num_warps=1, num_stages=2)
+            # Whole tiles: two pipeline stages, 0.206 ms at b32 x ctx 8192 against 0.222 on
+            # Triton's three. Halves (fewer instructions a tile), D128 only, on three
+            # stages: 0.2055 against 0.2089 ms at b32 x ctx 8192 and 11.6 against
+            # 12.7 us at b8 x ctx 1024; at D64 halves were 3-6% slower.
+            halves = head_dim >= 128
+            cfg.update(block_n=math.gcd(partition_size, 32), num_warps=1,
+                       num_stages=3 if halves else 2, split_d=halves)
     return cfg
 
 
@@ -268,9 +359,10 @@ def _decode_attention_op(
     quantized = scales_layer is not None
     s_strides = scales_layer.stride() if quantized else (0, 0, 0, 0)
     group = h // hkv
-    cfg = _launch(q.device, partition_size, quantized)
+    cfg = _launch(q.device, partition_size, quantized, d)
     options = {k: cfg[k] for k in ("num_stages", "maxnreg") if cfg[k]}
     block_d = max(16, triton.next_power_of_2(d))
+    split_d = bool(cfg["split_d"]) and d == block_d and d >= 32
     with device_guard(q):
         _decode_partition_kernel[(b, hkv, num_parts)](
             q,
@@ -297,6 +389,7 @@ def _decode_attention_op(
             BLOCK_G=max(16, triton.next_power_of_2(group)),
             BLOCK_N=cfg["block_n"],
             BLOCK_D=block_d,
+            SPLIT_D=split_d,
             num_warps=cfg["num_warps"],
             **options,
             **pdl_args(q),

@@ -5,6 +5,7 @@ import torch
 
 pytest.importorskip("triton")
 
+import kernels.decode_attention as da  # noqa: E402
 from engine.attention import AttentionMetadata  # noqa: E402
 from engine.attention import decode_attention as engine_decode_attention  # noqa: E402
 from engine.kv_cache import KVCache, KVCacheSpec  # noqa: E402
@@ -34,6 +35,7 @@ def _check(b, h, hkv, d, ctx_lens, kv_dtype, q_dtype, device, make_layer, make_b
     assert out.shape == q.shape and out.dtype == q_dtype
     rtol, atol = TOL[q_dtype]
     torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+    return out
 
 
 @pytest.mark.parametrize("b,h,hkv,d,ctx_lens", CASES)
@@ -49,6 +51,23 @@ def test_decode_split_k_matches_reference(
         b, h, hkv, d, ctx_lens, kv_dtype, q_dtype, device, make_layer, make_block_tables,
         partition_size=32,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.int8])
+def test_decode_head_dim_in_halves_equals_whole_tiles(
+    kv_dtype, device, make_layer, make_block_tables, monkeypatch
+):
+    """split_d (the head dim in two halves, _attend_tile_halves) and whole tiles both give
+    the reference's output, GQA 3, over several partitions and tiles."""
+    outs = []
+    for split in (False, True):
+        monkeypatch.setattr(da, "TUNING", {"block_n": 16, "num_warps": 1, "split_d": split})
+        torch.manual_seed(1)  # the same inputs for both
+        outs.append(_check(
+            2, 6, 2, 64, [45, 100], kv_dtype, torch.float32, device, make_layer,
+            make_block_tables, partition_size=32,
+        ))  # fmt: skip
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.int8])
@@ -179,6 +198,23 @@ def test_decode_gpu(
     _check(
         b, h, hkv, d, ctx_lens, kv_dtype, q_dtype, "cuda", make_layer, make_block_tables,
         num_pages=1024, partition_size=partition_size,
+    )  # fmt: skip
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("split_d", [False, True])
+@pytest.mark.parametrize("partition_size", [512, 128, 64])
+def test_decode_gpu_halves_and_whole_tiles(
+    kv_dtype, split_d, partition_size, make_layer, make_block_tables, monkeypatch
+):
+    """Both tile paths under each GPU launch rule (whichever one the rule picks)."""
+    cfg = da._launch(torch.device("cuda"), partition_size, kv_dtype == torch.int8, 128)
+    monkeypatch.setattr(da, "TUNING", {**cfg, "split_d": split_d})
+    _check(
+        4, 32, 8, 128, [1, 300, 2047, 4096], kv_dtype, torch.bfloat16, "cuda", make_layer,
+        make_block_tables, num_pages=1024, partition_size=partition_size,
     )  # fmt: skip
 
 
