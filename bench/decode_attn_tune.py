@@ -1,11 +1,12 @@
 """Sweep the decode-attention kernel's launch parameters on a GPU (issue 4's int8 target).
 
 For each KV dtype (int8 with per-token-per-head scales, bf16) and each (partition size,
-BLOCK_N, num_warps, num_stages, register cap), time `kernels.decode_attention` on one
-layer of the 8B shape and print achieved bandwidth (K + V + scale bytes / time) against
-a device copy. Times are kernel times: calls replayed from a CUDA graph, as the engine
-runs them (bench.gpu_decode.graph_ms; a single eager call's time also counts its Python
-launch path). Every config's output is checked against the default config's first.
+BLOCK_N, num_warps, num_stages, register cap, head dim whole or in halves), time
+`kernels.decode_attention` on one layer of the 8B shape and print achieved bandwidth
+(K + V + scale bytes / time) against a device copy. Times are kernel times: calls
+replayed from a CUDA graph, as the engine runs them (bench.gpu_decode.graph_ms; a single
+eager call's time also counts its Python launch path). Every config's output is checked
+against the default config's first.
 Both are also run with pages laid out head-major ([2, P, Hkv, S, D] viewed as
 [2, P, S, Hkv, D]): a kv head's rows of a page are then one contiguous run.
 
@@ -57,6 +58,7 @@ def main() -> int:
     ap.add_argument("--maxnreg", default="0", help="register cap per thread (0: none)")
     ap.add_argument("--layouts", default="0,1", help="0: [P, S, Hkv, D] pages, 1: head-major [P, Hkv, S, D]")
     ap.add_argument("--kv", default="int8,bf16")
+    ap.add_argument("--split-d", default="0,1", help="1: the head dim in two halves (power-of-two D >= 32)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print("decode_attn_tune.py: needs a CUDA GPU", file=sys.stderr)
@@ -74,25 +76,25 @@ def main() -> int:
             da.TUNING = None
             ref = da.decode_attention(q, data, scales, tables, lens, partition_size=512).float()
             axes = (ints(a.partitions), ints(a.block_n), ints(a.warps), ints(a.stages),
-                    ints(a.maxnreg))
-            for psize, bn, w, st, mr in itertools.product(*axes):
+                    ints(a.maxnreg), ints(a.split_d))
+            for psize, bn, w, st, mr, sd in itertools.product(*axes):
                 if bn > psize or psize % bn:
                     continue
                 da.TUNING = {"block_n": bn, "num_warps": w, "num_stages": st or None,
-                             "maxnreg": mr}
+                             "maxnreg": mr, "split_d": bool(sd)}
                 try:
                     out = da.decode_attention(q, data, scales, tables, lens, partition_size=psize).float()
                     err = ((out - ref).norm() / ref.norm()).item()
                     ms = graph_ms(functools.partial(da.decode_attention, q, data, scales, tables, lens,
                                                     partition_size=psize))
                 except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: report, go on
-                    print(f"{kv} part{psize} bn{bn} w{w} s{st} r{mr}: {type(e).__name__}: {str(e)[:80]}", flush=True)
+                    print(f"{kv} part{psize} bn{bn} w{w} s{st} r{mr} h{sd}: {type(e).__name__}: {str(e)[:80]}", flush=True)
                     continue
                 gbps = nbytes / (ms * 1e-3) / 1e9
                 r = dict(kv=kv, head_major=head_major, partition=psize, block_n=bn, warps=w,
-                         stages=st, maxnreg=mr, ms=ms, gbps=gbps, frac=gbps * 1e9 / (bw * 1e9), rel_err=err)
+                         stages=st, maxnreg=mr, split_d=bool(sd), ms=ms, gbps=gbps, frac=gbps * 1e9 / (bw * 1e9), rel_err=err)
                 rows.append(r)
-                print(f"{kv:4s} {'hm' if head_major else '  '} part{psize:5d} bn{bn:4d} w{w} s{st} r{mr}: "
+                print(f"{kv:4s} {'hm' if head_major else '  '} part{psize:5d} bn{bn:4d} w{w} s{st} r{mr} h{sd}: "
                       f"{ms:7.4f} ms {gbps:7.0f} GB/s {r['frac']:5.0%}  err {err:.1e}", flush=True)
             del data, scales, tables
             torch.cuda.empty_cache()

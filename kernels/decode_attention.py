@@ -62,7 +62,8 @@ def _kv_scales(page, n, n_mask, kvh, scales_ptr, s_kv_stride, s_page_stride, s_s
 def _softmax_step(s, m_i, l_i, qk_scale, PRESCALED: tl.constexpr):
     """Masked scores s [M, BLOCK_N] (-inf where hidden) -> (m_new, l_i, p, alpha).
 
-    m_new is finite: every row sees a key of the tile. PRESCALED scores are already in
+    m_new is finite: every row has seen a key by this tile (decode tiles start below
+    `end`; prefill rows all see key 0 in their first tile). PRESCALED scores are already in
     log2 units (int8 tiles fold qk_scale into the key scales); the others take qk_scale
     after the max (a positive scale commutes with it) and inside the exponent's
     multiply-add: one multiply a score fewer than scaling the tile first (prefill 337.8
@@ -300,21 +301,28 @@ def _decode_reduce_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-# Launch override {"block_n", "num_warps", "num_stages", "maxnreg", "split_d"}: set only by
-# bench/decode_attn_tune.py, which sweeps them on a GPU. None: the rules in _launch.
+# Launch override {"block_n", "num_warps", "num_stages", "maxnreg", "split_d"}: set by
+# bench/decode_attn_tune.py, which sweeps them on a GPU, and by tests that pick a path.
+# None: the rules in _launch. split_d is still only taken where halves_allowed says so.
 TUNING: dict | None = None
+
+
+def halves_allowed(head_dim: int) -> bool:
+    """The head dim can run in two halves: a power of two of 32 or more (halves of 16+
+    columns for the dots, and no column mask)."""
+    return head_dim >= 32 and head_dim == triton.next_power_of_2(head_dim)
 
 
 def _launch(device: torch.device, partition_size: int, quantized: bool, head_dim: int) -> dict:
     """Tile size and launch options: big tiles on GPU, 16-token tiles in the interpreter.
 
-    split_d: run the tile's head dim in two halves (_attend_tile_halves); the op takes it
-    only where head_dim is a power of two of 32 or more. The interpreter takes it wherever
-    it may, so that the CPU tests cover both paths."""
-    if TUNING is not None:
-        return {"num_stages": None, "maxnreg": None, "split_d": False, **TUNING}
+    split_d: run the tile's head dim in two halves (_attend_tile_halves), only where
+    halves_allowed(head_dim). The interpreter takes it wherever it may, so that the CPU
+    tests cover both paths."""
     cfg = dict(block_n=16, num_warps=1, num_stages=None, maxnreg=None, split_d=True)
-    if device.type == "cuda":
+    if TUNING is not None:
+        cfg = {"num_stages": None, "maxnreg": None, "split_d": False, **TUNING}
+    elif device.type == "cuda":
         # 16-bit pages in halves, H200 (graph-timed, same-run A/B): 12% faster at b32 x
         # ctx 1024 on SmolLM2's shape (D64), 1.6% at b8 on the 8B shape (D128), within 1%
         # at b32 x ctx 8192, 0.2 us (4%) slower at b1
@@ -328,12 +336,14 @@ def _launch(device: torch.device, partition_size: int, quantized: bool, head_dim
             # partition 128, 13.9 us against 17.9. With 64-token partitions (few sequences)
             # one warp per program was slower: 9.6 us against 7.0 at b1 x ctx 512.
             # Whole tiles: two pipeline stages, 0.206 ms at b32 x ctx 8192 against 0.222 on
-            # Triton's three. Halves (fewer instructions a tile), D128 only, on three
-            # stages: 0.2055 against 0.2089 ms at b32 x ctx 8192 and 11.6 against
-            # 12.7 us at b8 x ctx 1024; at D64 halves were 3-6% slower.
-            halves = head_dim >= 128
+            # Triton's three. Halves (fewer instructions a tile) on three stages, at D128
+            # only (the one head dim where they were faster): 0.2055 against 0.2089 ms at
+            # b32 x ctx 8192 and 11.6 against 12.7 us at b8 x ctx 1024; at D64 they were
+            # 3-6% slower; other head dims were not measured and stay whole.
+            halves = head_dim == 128
             cfg.update(block_n=math.gcd(partition_size, 32), num_warps=1,
                        num_stages=3 if halves else 2, split_d=halves)
+    cfg["split_d"] = bool(cfg["split_d"]) and halves_allowed(head_dim)
     return cfg
 
 
@@ -362,7 +372,6 @@ def _decode_attention_op(
     cfg = _launch(q.device, partition_size, quantized, d)
     options = {k: cfg[k] for k in ("num_stages", "maxnreg") if cfg[k]}
     block_d = max(16, triton.next_power_of_2(d))
-    split_d = bool(cfg["split_d"]) and d == block_d and d >= 32
     with device_guard(q):
         _decode_partition_kernel[(b, hkv, num_parts)](
             q,
@@ -389,7 +398,7 @@ def _decode_attention_op(
             BLOCK_G=max(16, triton.next_power_of_2(group)),
             BLOCK_N=cfg["block_n"],
             BLOCK_D=block_d,
-            SPLIT_D=split_d,
+            SPLIT_D=cfg["split_d"],
             num_warps=cfg["num_warps"],
             **options,
             **pdl_args(q),
@@ -417,6 +426,15 @@ def _decode_attention_op(
 @_decode_attention_op.register_fake
 def _(q, data_layer, scales_layer, block_tables, ctx_lens, sm_scale, partition_size):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def softmax_scale(name: str, head_dim: int, sm_scale: float | None) -> float:
+    """sm_scale, or 1 / sqrt(head_dim) when None. It must be positive: the tiles take the
+    row max of the unscaled scores, which only a positive scale leaves in place."""
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+    if not scale > 0.0 or math.isinf(scale):
+        raise ValueError(f"{name}: sm_scale must be a positive finite number, got {sm_scale}")
+    return scale
 
 
 def check_paged_cache(name: str, q, data_layer, scales_layer, block_tables) -> None:
@@ -484,7 +502,7 @@ def decode_attention(
         raise ValueError(
             f"{name}: partition_size must be a positive multiple of 16, got {partition_size}"
         )
-    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    scale = softmax_scale(name, q.shape[-1], sm_scale)
     return _decode_attention_op(
         q, data_layer, scales_layer, block_tables, ctx_lens, scale, int(partition_size)
     )

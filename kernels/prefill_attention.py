@@ -30,6 +30,7 @@ from kernels.decode_attention import (
     attend_reference,
     check_paged_cache,
     gather_kv_reference,
+    softmax_scale,
 )
 
 
@@ -247,7 +248,7 @@ def prefill_attention(
         max_q_len = int((cu_q_lens[1:] - cu_q_lens[:-1]).max()) if b > 0 else 0
     if max_q_len < 0:
         raise ValueError(f"{name}: max_q_len must be >= 0, got {max_q_len}")
-    scale = 1.0 / math.sqrt(q.shape[-1]) if sm_scale is None else float(sm_scale)
+    scale = softmax_scale(name, q.shape[-1], sm_scale)
     return _prefill_attention_op(
         q, data_layer, scales_layer, block_tables, cu_q_lens, ctx_lens, int(max_q_len), scale
     )

@@ -169,6 +169,26 @@ def test_decode_rejects_bad_inputs(device, make_layer, make_block_tables):
         decode_attention(q, data, scales, tables, ctx, partition_size=24)
     with pytest.raises(ValueError, match="int32 or int64"):
         decode_attention(q, data, scales, tables.float(), ctx)
+    for bad in (0.0, -0.25, float("inf"), float("nan")):  # the tiles need a positive scale
+        with pytest.raises(ValueError, match="sm_scale must be a positive"):
+            decode_attention(q, data, scales, tables, ctx, sm_scale=bad)
+
+
+def test_decode_launch_rules_pick_the_tile_path(monkeypatch):
+    """Which head dims run in halves, per device and KV dtype (plain Python: no GPU needed).
+    Halves need a power-of-two head dim of 32+; on a GPU, int8 takes them only at D128 on
+    its one-warp tile (three stages; whole tiles two), 16-bit pages wherever allowed."""
+    assert [d for d in (16, 24, 32, 64, 80, 96, 128, 256) if da.halves_allowed(d)] == [32, 64, 128, 256]
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert da._launch(cpu, 32, True, 64)["split_d"] and not da._launch(cpu, 32, True, 24)["split_d"]
+    for d, want in ((128, True), (64, True), (80, False)):
+        assert da._launch(gpu, 512, False, d)["split_d"] is want
+    for d, partition, halves, stages in ((128, 512, True, 3), (128, 128, True, 3), (64, 512, False, 2),
+                                         (256, 512, False, 2), (80, 512, False, 2), (128, 64, False, None)):
+        cfg = da._launch(gpu, partition, True, d)
+        assert (cfg["split_d"], cfg["num_stages"]) == (halves, stages), (d, partition, cfg)
+    monkeypatch.setattr(da, "TUNING", {"block_n": 16, "num_warps": 1, "split_d": True})
+    assert da._launch(gpu, 512, True, 128)["split_d"] and not da._launch(gpu, 512, True, 80)["split_d"]
 
 
 @pytest.mark.gpu

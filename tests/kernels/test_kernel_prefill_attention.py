@@ -108,6 +108,9 @@ def test_prefill_rejects_bad_inputs(device, make_layer, make_block_tables):
         prefill_attention(torch.randn(5, 4, 8, device=device), data, scales, tables, cu, ctx)
     with pytest.raises(ValueError, match="only for int8"):
         prefill_attention(q, data, torch.ones(2, 4, 16, 2, device=device), tables, cu, ctx)
+    for bad in (0.0, -0.25, float("inf"), float("nan")):  # the tiles need a positive scale
+        with pytest.raises(ValueError, match="sm_scale must be a positive"):
+            prefill_attention(q, data, scales, tables, cu, ctx, sm_scale=bad)
 
 
 @pytest.mark.gpu
