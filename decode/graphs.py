@@ -57,7 +57,11 @@ def batch_buckets(max_batch_size: int) -> list[int]:
     return sizes
 
 
-_PAD_COLUMN = np.array([[0], [0], [-1], [0]], dtype=np.int64)  # token, position, slot, context
+def fill_rows(rows: np.ndarray, n: int, end: int, values, pads) -> None:
+    """rows[i, :n] = values[i] and rows[i, n:end] = pads[i] (a scalar or an array), for the
+    static input rows of a graph: the step's own columns, then its bucket's padding."""
+    for row, value, pad in zip(rows, values, pads, strict=True):
+        row[:n], row[n:end] = value, pad
 
 
 def fill_tables(out: np.ndarray, tables: list[list[int]]) -> None:
@@ -74,12 +78,8 @@ def fill_graph_inputs(step: HostStep, bs: int, inputs: np.ndarray, tables: np.nd
     rows (token, position, slot, context; padding columns are token 0 at position 0, slot
     -1, context 0: they store nothing and read nothing) and `tables` [>= n, width] int32
     (`fill_tables`)."""
-    n = step.num_seqs
-    inputs[0, :n] = step.input_ids
-    inputs[1, :n] = step.positions
-    inputs[2, :n] = step.slots
-    inputs[3, :n] = step.ctx_lens
-    inputs[:, n:bs] = _PAD_COLUMN
+    fill_rows(inputs, step.num_seqs, bs, (step.input_ids, step.positions, step.slots, step.ctx_lens),
+              (0, 0, -1, 0))
     fill_tables(tables, step.tables)
 
 
@@ -97,13 +97,13 @@ class StagedInputs:
     def __init__(self, fields: dict[str, tuple[tuple[int, ...], torch.dtype]],
                  device: torch.device) -> None:
         self.offsets, size = {}, 0
-        last_shape, last_dtype = list(fields.values())[-1]
-        self._last_row_bytes = int(np.prod(last_shape[1:])) * last_dtype.itemsize
         for name, (shape, dtype) in fields.items():
             size = -(-size // 8) * 8
             self.offsets[name] = size
             size += int(np.prod(shape)) * dtype.itemsize
-        self.nbytes, self.last = size, name
+        self.nbytes, self.last = size, list(fields)[-1]
+        last_shape, last_dtype = fields[self.last]
+        self._last_row_bytes = int(np.prod(last_shape[1:])) * last_dtype.itemsize
         cuda = device.type == "cuda"
         self._device = torch.zeros(size, dtype=torch.uint8, device=device)
         self._host = torch.zeros(size, dtype=torch.uint8, pin_memory=cuda)
@@ -322,12 +322,9 @@ class VerifyGraphRunner(CudaGraphRunner):
         if max(len(t) for t in step.tables) > self.max_pages:
             return None
         host = self.staged.host()
-        ids, pos, slots = host["inputs"]
-        m, t = n * q, bs * q
-        ids[:m], ids[m:t] = step.input_ids, 0
-        pos[:m], pos[m:t] = step.positions, np.tile(np.arange(q), bs - n)
-        slots[:m], slots[m:t] = step.slots, -1
-        host["ctx"][:n], host["ctx"][n:bs] = step.ctx_lens, q
+        fill_rows(host["inputs"], n * q, bs * q, (step.input_ids, step.positions, step.slots),
+                  (0, np.tile(np.arange(q), bs - n), -1))
+        fill_rows(host["ctx"][None], n, bs, (step.ctx_lens,), (q,))
         fill_tables(host["tables"], step.tables)
         self.staged.upload(rows=n)  # the tables come last: the inputs and n table rows
         self.graphs[bs].replay()

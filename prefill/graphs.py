@@ -41,6 +41,7 @@ from decode.graphs import (
     StagedInputs,
     capture_buckets,
     check_capturable,
+    fill_rows,
     fill_tables,
     smallest_bucket,
 )
@@ -133,10 +134,7 @@ class PrefillGraphRunner:
             return None
         spad = s - step.num_seqs
         host = self.staged.host()
-        ids, pos, slots = host["tokens"]
-        ids[:n], ids[n:t] = step.input_ids, 0
-        pos[:n], pos[n:t] = step.positions, 0
-        slots[:n], slots[n:t] = step.slots, -1
+        fill_rows(host["tokens"], n, t, (step.input_ids, step.positions, step.slots), (0, 0, -1))
         rows = step.logits_rows + [0] * (s - len(step.logits_rows))
         host["seqs"][:] = step.ctx_lens + [0] * spad + rows + step.cu_q_lens + [n] * spad
         fill_tables(host["tables"], step.tables)
