@@ -6,7 +6,7 @@ BLOCK_N, num_warps, num_stages, register cap, head dim whole or in halves), time
 (K + V + scale bytes / time) against a device copy. Times are kernel times: calls
 replayed from a CUDA graph, as the engine runs them (bench.gpu_decode.graph_ms; a single
 eager call's time also counts its Python launch path). Every config's output is checked
-against the default config's first.
+against the torch reference in fp32 (the pages dequantized exactly).
 Both are also run with pages laid out head-major ([2, P, Hkv, S, D] viewed as
 [2, P, S, Hkv, D]): a kv head's rows of a page are then one contiguous run.
 
@@ -59,6 +59,8 @@ def main() -> int:
     ap.add_argument("--layouts", default="0,1", help="0: [P, S, Hkv, D] pages, 1: head-major [P, Hkv, S, D]")
     ap.add_argument("--kv", default="int8,bf16")
     ap.add_argument("--split-d", default="0,1", help="1: the head dim in two halves (power-of-two D >= 32)")
+    ap.add_argument("--fast-i8", default="0,1",
+                    help="1: int8 pages through fp16 dots and the ALU conversion (ignored for bf16 pages)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print("decode_attn_tune.py: needs a CUDA GPU", file=sys.stderr)
@@ -74,27 +76,29 @@ def main() -> int:
             data, scales, tables = make_cache(kv, a.batch, a.ctx, a.kv_heads, a.head_dim, head_major)
             nbytes = data.numel() * data.element_size() + (0 if scales is None else scales.numel() * 4)
             da.TUNING = None
-            ref = da.decode_attention(q, data, scales, tables, lens, partition_size=512).float()
+            ref = da.decode_attention_reference(q.float(), data, scales, tables, lens)
+            fast = ints(a.fast_i8) if kv == "int8" else [0]
             axes = (ints(a.partitions), ints(a.block_n), ints(a.warps), ints(a.stages),
-                    ints(a.maxnreg), ints(a.split_d))
-            for psize, bn, w, st, mr, sd in itertools.product(*axes):
+                    ints(a.maxnreg), ints(a.split_d), fast)
+            for psize, bn, w, st, mr, sd, fi in itertools.product(*axes):
                 if bn > psize or psize % bn:
                     continue
                 da.TUNING = {"block_n": bn, "num_warps": w, "num_stages": st or None,
-                             "maxnreg": mr, "split_d": bool(sd)}
+                             "maxnreg": mr, "split_d": bool(sd), "fast_i8": bool(fi)}
                 try:
                     out = da.decode_attention(q, data, scales, tables, lens, partition_size=psize).float()
                     err = ((out - ref).norm() / ref.norm()).item()
                     ms = graph_ms(functools.partial(da.decode_attention, q, data, scales, tables, lens,
                                                     partition_size=psize))
                 except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: report, go on
-                    print(f"{kv} part{psize} bn{bn} w{w} s{st} r{mr} h{sd}: {type(e).__name__}: {str(e)[:80]}", flush=True)
+                    print(f"{kv} part{psize} bn{bn} w{w} s{st} r{mr} h{sd} f{fi}: "
+                          f"{type(e).__name__}: {str(e)[:80]}", flush=True)
                     continue
                 gbps = nbytes / (ms * 1e-3) / 1e9
                 r = dict(kv=kv, head_major=head_major, partition=psize, block_n=bn, warps=w,
-                         stages=st, maxnreg=mr, split_d=bool(sd), ms=ms, gbps=gbps, frac=gbps * 1e9 / (bw * 1e9), rel_err=err)
+                         stages=st, maxnreg=mr, split_d=bool(sd), fast_i8=bool(fi), ms=ms, gbps=gbps, frac=gbps * 1e9 / (bw * 1e9), rel_err=err)
                 rows.append(r)
-                print(f"{kv:4s} {'hm' if head_major else '  '} part{psize:5d} bn{bn:4d} w{w} s{st} r{mr} h{sd}: "
+                print(f"{kv:4s} {'hm' if head_major else '  '} part{psize:5d} bn{bn:4d} w{w} s{st} r{mr} h{sd} f{fi}: "
                       f"{ms:7.4f} ms {gbps:7.0f} GB/s {r['frac']:5.0%}  err {err:.1e}", flush=True)
             del data, scales, tables
             torch.cuda.empty_cache()

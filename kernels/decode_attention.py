@@ -26,6 +26,7 @@ from kernels._triton import (
     check_last_dim_contiguous,
     check_launchable,
     device_guard,
+    interpreting,
     kernel_op,
     pdl_args,
     pdl_wait,
@@ -34,6 +35,85 @@ from kernels._triton import (
 )
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _i8_to_f16(x):
+    """int8 -> fp16, exact, without the conversion unit (I2F issues 16 a clock an SM on
+    sm_90; with Triton's own int8 -> bf16 sequence it held int8 decode attention near 65%
+    of the copy bandwidth). Four bytes a register: each byte + 128 goes under the exponent
+    of fp16 1024 (whose mantissa step is 1), then one fp16x2 subtract of 1152 per pair."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 u, c;
+        xor.b32 u, $2, 0x80808080;
+        mov.b32 c, 0x64806480;
+        prmt.b32 $0, u, 0x64646464, 0x4140;
+        prmt.b32 $1, u, 0x64646464, 0x4342;
+        sub.f16x2 $0, $0, c;
+        sub.f16x2 $1, $1, c;
+        }""",
+        constraints="=r,=r,r", args=[x], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _i8x4_to_f16(words):
+    """int32 words of four int8 (lowest address first) -> the four as fp16 tensors, by
+    _i8_to_f16's steps."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 u, c, a, b;
+        xor.b32 u, $4, 0x80808080;
+        mov.b32 c, 0x64806480;
+        prmt.b32 a, u, 0x64646464, 0x4140;
+        prmt.b32 b, u, 0x64646464, 0x4342;
+        sub.f16x2 a, a, c;
+        sub.f16x2 b, b, c;
+        mov.b32 {$0, $1}, a;
+        mov.b32 {$2, $3}, b;
+        }""",
+        constraints="=h,=h,=h,=h,r", args=[words],
+        dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=1)
+
+
+@triton.jit
+def _k_operand(k, dtype: tl.constexpr, FAST_I8: tl.constexpr):
+    """A loaded K tile as a dot operand of `dtype` (fp16 when FAST_I8)."""
+    if FAST_I8:
+        return _i8_to_f16(k)
+    else:
+        return k.to(dtype)
+
+
+@triton.jit
+def _v_load(ptrs, rows, n_mask, mask, FAST_I8: tl.constexpr):
+    """A V tile: the elements at ptrs [BLOCK_N, C] where mask, or with FAST_I8 (every
+    column) the C columns from the row starts `rows` [BLOCK_N] where n_mask [BLOCK_N], as
+    C / 4 int32 words a row (_v_operand converts either)."""
+    if FAST_I8:
+        w = tl.arange(0, ptrs.shape[1] // 4)
+        return tl.load(rows.to(tl.pointer_type(tl.int32))[:, None] + w[None, :],
+                       mask=n_mask[:, None], other=0)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _v_operand(v, dtype: tl.constexpr, FAST_I8: tl.constexpr):
+    """A loaded V tile (_v_load) as a dot operand of `dtype` (fp16 when FAST_I8).
+
+    FAST_I8 converts the words before the tile changes layout for the dot, so the shuffle
+    moves 16-bit values (ldmatrix.trans) rather than bytes: a byte-loaded int8 V tile is
+    gathered one byte at a time from shared memory, as the dot pairs values of consecutive
+    tokens. On sm_90 (triton 3.6, compiled offline) the int8 one-warp tile in halves fell
+    from 1409 instructions to 1043 with both conversions, 1088 with the weighted running
+    max (whole tiles: 1484 -> 1141)."""
+    if FAST_I8:
+        b0, b1, b2, b3 = _i8x4_to_f16(v)
+        x = tl.join(tl.join(b0, b2), tl.join(b1, b3))  # [BLOCK_N, C / 4, 2, 2]: b0 b1 b2 b3
+        return tl.reshape(x, [v.shape[0], 4 * v.shape[1]])
+    else:
+        return v.to(dtype)
 
 
 @triton.jit
@@ -79,6 +159,44 @@ def _softmax_step(s, m_i, l_i, qk_scale, PRESCALED: tl.constexpr):
 
 
 @triton.jit
+def _exponent(x):
+    """floor(log2(x)) of positive normal fp32 values from their exponent bits (-127 for 0)."""
+    return ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+
+
+@triton.jit
+def _weighted_softmax_step(s, m_i, l_i, v_scale):
+    """_softmax_step for FAST_I8 tiles (s in log2 units): -> (m_new, l_i, p * v_scale,
+    alpha), the probabilities already times the value scales, as P @ V takes them in fp16.
+
+    The running max is over s + floor(log2(v_scale)) rather than s, so every p * v_scale
+    is below 2 (fp16 cannot overflow) and the largest term of a row is at least 1: fp16
+    loses only terms below 2^-24 of that one, whatever the value scales' magnitude
+    (scaling by a fixed factor instead underflowed where all value scales are tiny). l
+    counts exp2(s - m) against the same m; the merge kernel is unchanged. The exponent is
+    clamped at -64 (zero scales: masked keys, all-zero rows), so exp2(s - m) <= 2^64."""
+    lg = tl.maximum(_exponent(v_scale), -64).to(tl.float32)
+    m_new = tl.maximum(m_i, tl.max(s + lg[None, :], axis=1))
+    e = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    return m_new, l_i * alpha + tl.sum(e, axis=1), e * v_scale[None, :], alpha
+
+
+@triton.jit
+def _tile_probabilities(s, m_i, l_i, qk_scale, v_scale, QUANTIZED: tl.constexpr,
+                        FAST_I8: tl.constexpr):
+    """A tile's masked scores -> (m_new, l_i, p, alpha), p already times the value scales
+    for int8 pages (_softmax_step, or _weighted_softmax_step for FAST_I8)."""
+    if FAST_I8:
+        m_new, l_i, p, alpha = _weighted_softmax_step(s, m_i, l_i, v_scale)
+    else:
+        m_new, l_i, p, alpha = _softmax_step(s, m_i, l_i, qk_scale, QUANTIZED)
+        if QUANTIZED:
+            p = p * v_scale[None, :]
+    return m_new, l_i, p, alpha
+
+
+@triton.jit
 def _attend_tile(
     q, q_pos, n, end, kvh, d, d_mask, data_ptr, scales_ptr, table, m_i, l_i, acc, qk_scale,
     d_kv_stride, d_page_stride, d_slot_stride, d_head_stride,
@@ -87,6 +205,7 @@ def _attend_tile(
     QUANTIZED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     MASK: tl.constexpr,
+    FAST_I8: tl.constexpr = False,
 ):
     """One online-softmax step of the query rows q [M, D] over the keys n [BLOCK_N] < end,
     read from their pages through `table`; int8 pages dequantized (key scale on the
@@ -97,10 +216,12 @@ def _attend_tile(
     (prefill tiles every row sees whole)."""
     n_mask, page, row = _tile_rows(n, end, kvh, table, d_page_stride, d_slot_stride,
                                    d_head_stride, PAGE_SIZE)
+    v_scale = 1.0  # 16-bit pages: unused
     kv_mask = n_mask[:, None] & d_mask[None, :]
     k = tl.load(data_ptr + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(data_ptr + d_kv_stride + row[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # [M, BLOCK_N]
+    v = _v_load(data_ptr + d_kv_stride + row[:, None] + d[None, :], data_ptr + d_kv_stride + row,
+                n_mask, kv_mask, FAST_I8)
+    s = tl.dot(q, tl.trans(_k_operand(k, q.dtype, FAST_I8)), input_precision=DOT_PRECISION)
     if QUANTIZED:
         k_scale, v_scale = _kv_scales(page, n, n_mask, kvh, scales_ptr, s_kv_stride,
                                       s_page_stride, s_slot_stride, s_head_stride, PAGE_SIZE)
@@ -109,10 +230,8 @@ def _attend_tile(
         s = tl.where((n[None, :] <= q_pos[:, None]) & n_mask[None, :], s, float("-inf"))
     elif MASK == "end":
         s = tl.where(n_mask[None, :], s, float("-inf"))
-    m_new, l_i, p, alpha = _softmax_step(s, m_i, l_i, qk_scale, QUANTIZED)
-    if QUANTIZED:
-        p = p * v_scale[None, :]
-    pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    m_new, l_i, p, alpha = _tile_probabilities(s, m_i, l_i, qk_scale, v_scale, QUANTIZED, FAST_I8)
+    pv = tl.dot(p.to(q.dtype), _v_operand(v, q.dtype, FAST_I8), input_precision=DOT_PRECISION)
     return m_new, l_i, acc * alpha[:, None] + pv
 
 
@@ -125,34 +244,49 @@ def _attend_tile_halves(
     QUANTIZED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HALF: tl.constexpr,
+    FAST_I8: tl.constexpr = False,
 ):
     """_attend_tile's decode step ("end" mask) with the head dim cut in two halves of
     HALF = len(dh) columns (q = [q_lo | q_hi], acc likewise; no column mask, so
     head_dim == 2 * HALF). Each half of a K or V tile is loaded, converted and used on
     its own. For the int8 one-warp tile on three stages (sm_90, triton 3.6, compiled
-    offline) that is 1409 instructions a tile against 1484 whole on two stages; both
-    use 255 registers a thread."""
+    offline) that was 1409 instructions a tile against 1484 whole on two stages (both
+    255 registers a thread), before FAST_I8."""
     n_mask, page, row = _tile_rows(n, end, kvh, table, d_page_stride, d_slot_stride,
                                    d_head_stride, PAGE_SIZE)
     base = data_ptr + row[:, None] + dh[None, :]  # [BLOCK_N, HALF], keys' first half
+    v_scale = 1.0  # 16-bit pages: unused
     k_lo = tl.load(base, mask=n_mask[:, None], other=0.0)
-    s = tl.dot(q_lo, tl.trans(k_lo.to(q_lo.dtype)), input_precision=DOT_PRECISION)
+    s = tl.dot(q_lo, tl.trans(_k_operand(k_lo, q_lo.dtype, FAST_I8)),
+               input_precision=DOT_PRECISION)
     k_hi = tl.load(base + HALF, mask=n_mask[:, None], other=0.0)
-    s = tl.dot(q_hi, tl.trans(k_hi.to(q_hi.dtype)), s, input_precision=DOT_PRECISION)
+    s = tl.dot(q_hi, tl.trans(_k_operand(k_hi, q_hi.dtype, FAST_I8)), s,
+               input_precision=DOT_PRECISION)
     if QUANTIZED:
         k_scale, v_scale = _kv_scales(page, n, n_mask, kvh, scales_ptr, s_kv_stride,
                                       s_page_stride, s_slot_stride, s_head_stride, PAGE_SIZE)
         s = s * (k_scale * qk_scale)[None, :]
     s = tl.where(n_mask[None, :], s, float("-inf"))
-    m_new, l_i, p, alpha = _softmax_step(s, m_i, l_i, qk_scale, QUANTIZED)
-    if QUANTIZED:
-        p = p * v_scale[None, :]
+    m_new, l_i, p, alpha = _tile_probabilities(s, m_i, l_i, qk_scale, v_scale, QUANTIZED, FAST_I8)
     p = p.to(q_lo.dtype)
-    v_lo = tl.load(base + d_kv_stride, mask=n_mask[:, None], other=0.0)
-    acc_lo = tl.dot(p, v_lo.to(q_lo.dtype), acc_lo * alpha[:, None], input_precision=DOT_PRECISION)
-    v_hi = tl.load(base + d_kv_stride + HALF, mask=n_mask[:, None], other=0.0)
-    acc_hi = tl.dot(p, v_hi.to(q_lo.dtype), acc_hi * alpha[:, None], input_precision=DOT_PRECISION)
+    v_rows = data_ptr + d_kv_stride + row
+    v_lo = _v_load(base + d_kv_stride, v_rows, n_mask, n_mask[:, None], FAST_I8)
+    acc_lo = tl.dot(p, _v_operand(v_lo, q_lo.dtype, FAST_I8), acc_lo * alpha[:, None],
+                    input_precision=DOT_PRECISION)
+    v_hi = _v_load(base + d_kv_stride + HALF, v_rows + HALF, n_mask, n_mask[:, None], FAST_I8)
+    acc_hi = tl.dot(p, _v_operand(v_hi, q_lo.dtype, FAST_I8), acc_hi * alpha[:, None],
+                    input_precision=DOT_PRECISION)
     return m_new, l_i, acc_lo, acc_hi
+
+
+@triton.jit
+def _fp16_query(q, big):
+    """FAST_I8: a query tile whose largest magnitude is `big` as fp16 times 2^-e, where
+    2^e <= big < 2^(e+1), so below 2 whatever its magnitude (11 significant bits, against
+    bf16's 8). -> (the tile, 2^e: the factor the scores take back)."""
+    e = tl.minimum(tl.maximum(_exponent(big), -100), 100)
+    down = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    return (q.to(tl.float32) * down).to(tl.float16), ((127 + e) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -188,6 +322,7 @@ def _decode_partition_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SPLIT_D: tl.constexpr,
+    FAST_I8: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)
@@ -217,26 +352,37 @@ def _decode_partition_kernel(
         dh = tl.arange(0, HALF)
         q_lo = tl.load(q_ptrs + dh[None, :], mask=g_mask[:, None], other=0.0)
         q_hi = tl.load(q_ptrs + HALF + dh[None, :], mask=g_mask[:, None], other=0.0)
+        tile_scale = qk_scale
+        if FAST_I8:
+            big = tl.maximum(tl.max(tl.abs(q_lo.to(tl.float32))),
+                             tl.max(tl.abs(q_hi.to(tl.float32))))
+            q_lo, up = _fp16_query(q_lo, big)
+            q_hi, up = _fp16_query(q_hi, big)
+            tile_scale = qk_scale * up
         acc_lo = tl.zeros([BLOCK_G, HALF], tl.float32)
         acc_hi = tl.zeros([BLOCK_G, HALF], tl.float32)
         for n0 in range(start, end, BLOCK_N):
             m_i, l_i, acc_lo, acc_hi = _attend_tile_halves(
                 q_lo, q_hi, n0 + tl.arange(0, BLOCK_N), end, kvh, dh, data_ptr, scales_ptr,
-                table, m_i, l_i, acc_lo, acc_hi, qk_scale, d_kv_stride, d_page_stride,
+                table, m_i, l_i, acc_lo, acc_hi, tile_scale, d_kv_stride, d_page_stride,
                 d_slot_stride, d_head_stride, s_kv_stride, s_page_stride, s_slot_stride,
-                s_head_stride, PAGE_SIZE, QUANTIZED, DOT_PRECISION, HALF,
+                s_head_stride, PAGE_SIZE, QUANTIZED, DOT_PRECISION, HALF, FAST_I8,
             )
         tl.store(out_ptrs + dh[None, :], acc_lo, mask=g_mask[:, None])
         tl.store(out_ptrs + HALF + dh[None, :], acc_hi, mask=g_mask[:, None])
     else:
         q = tl.load(q_ptrs + d[None, :], mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        tile_scale = qk_scale
+        if FAST_I8:
+            q, up = _fp16_query(q, tl.max(tl.abs(q.to(tl.float32))))
+            tile_scale = qk_scale * up
         acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         for n0 in range(start, end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 q, 0, n0 + tl.arange(0, BLOCK_N), end, kvh, d, d_mask, data_ptr, scales_ptr,
-                table, m_i, l_i, acc, qk_scale, d_kv_stride, d_page_stride, d_slot_stride,
+                table, m_i, l_i, acc, tile_scale, d_kv_stride, d_page_stride, d_slot_stride,
                 d_head_stride, s_kv_stride, s_page_stride, s_slot_stride, s_head_stride,
-                PAGE_SIZE, QUANTIZED, DOT_PRECISION, "end",
+                PAGE_SIZE, QUANTIZED, DOT_PRECISION, "end", FAST_I8,
             )
         tl.store(out_ptrs + d[None, :], acc, mask=g_mask[:, None] & d_mask[None, :])
     tl.store(mid_max_ptr + mid, m_i, mask=g_mask)
@@ -301,9 +447,10 @@ def _decode_reduce_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-# Launch override {"block_n", "num_warps", "num_stages", "maxnreg", "split_d"}: set by
-# bench/decode_attn_tune.py, which sweeps them on a GPU, and by tests that pick a path.
-# None: the rules in _launch. split_d is still only taken where halves_allowed says so.
+# Launch override {"block_n", "num_warps", "num_stages", "maxnreg", "split_d", "fast_i8"}:
+# set by bench/decode_attn_tune.py, which sweeps them on a GPU, and by tests that pick a
+# path. None: the rules in _launch. split_d is still only taken where halves_allowed says
+# so, fast_i8 only where fast_i8_allowed does (absent: off).
 TUNING: dict | None = None
 
 
@@ -313,13 +460,31 @@ def halves_allowed(head_dim: int) -> bool:
     return head_dim >= 32 and head_dim == triton.next_power_of_2(head_dim)
 
 
-def _launch(device: torch.device, partition_size: int, quantized: bool, head_dim: int) -> dict:
+def fast_i8_allowed(device: torch.device, quantized: bool, q_dtype: torch.dtype,
+                    head_dim: int) -> bool:
+    """int8 pages under 16-bit queries on a GPU (not the interpreter, which runs no inline
+    assembly) may take the FAST_I8 tiles: fp16 dots, K and V converted by _i8_to_f16 and
+    _i8x4_to_f16, V read in whole words (so a power-of-two head dim: no column mask).
+    fp32 queries keep exact fp32 dots over the dequantized pages."""
+    return (quantized and device.type == "cuda" and not interpreting()
+            and q_dtype in (torch.float16, torch.bfloat16)
+            and head_dim >= 16 and head_dim == triton.next_power_of_2(head_dim))
+
+
+def _launch(device: torch.device, partition_size: int, quantized: bool, head_dim: int,
+            q_dtype: torch.dtype = torch.bfloat16) -> dict:
     """Tile size and launch options: big tiles on GPU, 16-token tiles in the interpreter.
 
     split_d: run the tile's head dim in two halves (_attend_tile_halves), only where
     halves_allowed(head_dim). The interpreter takes it wherever it may, so that the CPU
-    tests cover both paths."""
-    cfg = dict(block_n=16, num_warps=1, num_stages=None, maxnreg=None, split_d=True)
+    tests cover both paths. fast_i8: FAST_I8 tiles, only where fast_i8_allowed.
+
+    FAST_I8 numerics: K and V are exact in fp16; the queries (scaled by a power of two to
+    below 2, _fp16_queries) and the probabilities times the value scales (below 2 by the
+    running max, _weighted_softmax_step) are rounded to fp16: 11 significant bits, against
+    bf16's 8, and neither can overflow."""
+    cfg = dict(block_n=16, num_warps=1, num_stages=None, maxnreg=None, split_d=True,
+               fast_i8=False)
     if TUNING is not None:
         cfg = {"num_stages": None, "maxnreg": None, "split_d": False, **TUNING}
     elif device.type == "cuda":
@@ -340,10 +505,19 @@ def _launch(device: torch.device, partition_size: int, quantized: bool, head_dim
             # only (the one head dim where they were faster): 0.2055 against 0.2089 ms at
             # b32 x ctx 8192 and 11.6 against 12.7 us at b8 x ctx 1024; at D64 they were
             # 3-6% slower; other head dims were not measured and stay whole.
+            # FAST_I8 on the same tiles (1088 instructions a tile in halves against 1409),
+            # on an H100 (graph-timed, same run): 0.2208 against 0.2257 ms at b32 x ctx 8192
+            # (84% of copy bandwidth, against 82%), so on for 512-token partitions in halves.
+            # Where it was slower it stays off: 128-token partitions (12.0 against 11.8 us,
+            # b8 x ctx 1024), D64 whole tiles (11.2 against 10.5 us, b32 x ctx 1024), the
+            # four-warp 64-token partitions (7.3 against 6.5 us, b1 x ctx 512).
             halves = head_dim == 128
             cfg.update(block_n=math.gcd(partition_size, 32), num_warps=1,
-                       num_stages=3 if halves else 2, split_d=halves)
+                       num_stages=3 if halves else 2, split_d=halves,
+                       fast_i8=halves and partition_size >= 512)
     cfg["split_d"] = bool(cfg["split_d"]) and halves_allowed(head_dim)
+    allowed = fast_i8_allowed(device, quantized, q_dtype, head_dim)
+    cfg["fast_i8"] = bool(cfg.get("fast_i8", False)) and allowed
     return cfg
 
 
@@ -369,7 +543,7 @@ def _decode_attention_op(
     quantized = scales_layer is not None
     s_strides = scales_layer.stride() if quantized else (0, 0, 0, 0)
     group = h // hkv
-    cfg = _launch(q.device, partition_size, quantized, d)
+    cfg = _launch(q.device, partition_size, quantized, d, q.dtype)
     options = {k: cfg[k] for k in ("num_stages", "maxnreg") if cfg[k]}
     block_d = max(16, triton.next_power_of_2(d))
     with device_guard(q):
@@ -399,6 +573,7 @@ def _decode_attention_op(
             BLOCK_N=cfg["block_n"],
             BLOCK_D=block_d,
             SPLIT_D=cfg["split_d"],
+            FAST_I8=cfg["fast_i8"],
             num_warps=cfg["num_warps"],
             **options,
             **pdl_args(q),

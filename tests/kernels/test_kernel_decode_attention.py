@@ -191,6 +191,34 @@ def test_decode_launch_rules_pick_the_tile_path(monkeypatch):
     assert da._launch(gpu, 512, True, 128)["split_d"] and not da._launch(gpu, 512, True, 80)["split_d"]
 
 
+def test_decode_launch_rules_pick_fast_int8(monkeypatch):
+    """FAST_I8 (fp16 dots, inline-assembly conversions) may run for int8 pages under 16-bit
+    queries with a power-of-two head dim, on a GPU outside the interpreter; the rules take
+    it on the one-warp tiles in halves (D128) over 512-token partitions, where it was
+    faster, and TUNING may take it wherever it may run. Plain Python: no GPU needed."""
+    cpu, gpu, bf16 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16
+    monkeypatch.setattr(da, "interpreting", lambda: False)
+    for partition in (512, 1024):
+        assert da._launch(gpu, partition, True, 128, bf16)["fast_i8"]
+        assert da._launch(gpu, partition, True, 128, torch.float16)["fast_i8"]
+    assert not da._launch(gpu, 128, True, 128, bf16)["fast_i8"]  # 128-token partitions: slower
+    assert not da._launch(gpu, 64, True, 128, bf16)["fast_i8"]  # four warps: slower
+    assert not da._launch(gpu, 512, True, 64, bf16)["fast_i8"]  # whole D64 tiles: slower
+    assert not da._launch(gpu, 512, True, 128, torch.float32)["fast_i8"]  # exact fp32 dots
+    assert not da._launch(gpu, 512, False, 128, bf16)["fast_i8"]  # 16-bit pages
+    assert not da._launch(cpu, 512, True, 128, bf16)["fast_i8"]
+    assert [d for d in (16, 64, 80, 96, 128, 256)
+            if da.fast_i8_allowed(gpu, True, bf16, d)] == [16, 64, 128, 256]  # V in words
+    monkeypatch.setattr(da, "TUNING", {"block_n": 32, "num_warps": 1})
+    assert not da._launch(gpu, 512, True, 128, bf16)["fast_i8"]  # absent from TUNING: off
+    monkeypatch.setattr(da, "TUNING", {"block_n": 32, "num_warps": 4, "fast_i8": True})
+    assert da._launch(gpu, 64, True, 64, bf16)["fast_i8"]
+    assert not da._launch(gpu, 512, True, 80, bf16)["fast_i8"]
+    monkeypatch.setattr(da, "TUNING", None)
+    monkeypatch.setattr(da, "interpreting", lambda: True)  # the interpreter runs no PTX
+    assert not da._launch(gpu, 512, True, 128, bf16)["fast_i8"]
+
+
 @pytest.mark.gpu
 @CUDA
 @pytest.mark.parametrize(
@@ -255,3 +283,62 @@ def test_decode_gpu_int8_value_scales_of_any_magnitude(partition_size, make_laye
     ref = decode_attention_reference(q.float(), data, scales, tables, ctx)
     err = ((out - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
     assert err < 2e-2, err
+
+
+def _rel_err(out, ref):
+    return ((out.float() - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)).max().item()
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize(
+    "h,hkv,d,ctx_lens",
+    [(32, 8, 128, [1, 31, 32, 33, 700, 4096]), (9, 3, 64, [5, 1000, 129]),
+     (16, 16, 128, [2047, 64]), (32, 4, 64, [300, 17])],
+)
+@pytest.mark.parametrize("partition_size", [512, 128, 64])
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])
+def test_decode_gpu_fast_int8_against_the_conversion_path(
+    h, hkv, d, ctx_lens, partition_size, q_dtype, make_layer, make_block_tables, monkeypatch
+):
+    """FAST_I8 (fp16 dots, the ALU conversions, V read in words, the weighted running max)
+    and the plain conversion path, both against the fp32 reference (pages dequantized
+    exactly): GQA 1, 3, 4 and 8, head dims 64 and 128, every tile shape the rules pick.
+    fp16 keeps more bits than bf16, so the fast path must be at least as close."""
+    data, scales = make_layer(1024, hkv, d, torch.int8, "cuda")
+    tables = make_block_tables(ctx_lens, 1024, 300, "cuda")
+    ctx = torch.tensor(ctx_lens, device="cuda")
+    q = torch.randn(len(ctx_lens), h, d, device="cuda").to(q_dtype)
+    ref = decode_attention_reference(q.float(), data, scales, tables, ctx)
+    errs = {}
+    for fast in (True, False):
+        cfg = da._launch(torch.device("cuda"), partition_size, True, d, q_dtype)
+        monkeypatch.setattr(da, "TUNING", {**cfg, "fast_i8": fast})
+        cfg = da._launch(torch.device("cuda"), partition_size, True, d, q_dtype)
+        assert cfg["fast_i8"] is fast
+        out = decode_attention(q, data, scales, tables, ctx, partition_size=partition_size)
+        assert out.dtype == q_dtype
+        errs[fast] = _rel_err(out, ref)
+    assert errs[True] < 1e-2 and errs[True] <= 1.25 * errs[False] + 1e-3, errs
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("q_mag,v_mag", [(1e-6, 1.0), (1e4, 1.0), (1.0, 1e-12), (1.0, 1e4), (1e3, 1e-9)])
+@pytest.mark.parametrize("partition_size", [512, 64])
+def test_decode_gpu_fast_int8_at_any_magnitude(q_mag, v_mag, partition_size, make_layer,
+                                               make_block_tables, monkeypatch):
+    """fp16 has a narrow range: FAST_I8 scales the queries and the weighted probabilities
+    into it, so queries and value scales far from 1 (every value scale of a head tiny, or
+    huge) keep their relative accuracy, with no inf or NaN."""
+    ctx_lens = [1, 900, 4096]
+    data, scales = make_layer(600, 8, 128, torch.int8, "cuda")
+    scales[1] *= v_mag
+    tables = make_block_tables(ctx_lens, 600, 256, "cuda")
+    ctx = torch.tensor(ctx_lens, device="cuda")
+    q = (torch.randn(3, 32, 128, device="cuda") * q_mag).to(torch.bfloat16)
+    cfg = da._launch(torch.device("cuda"), partition_size, True, 128)
+    monkeypatch.setattr(da, "TUNING", {**cfg, "fast_i8": True})
+    out = decode_attention(q, data, scales, tables, ctx, partition_size=partition_size)
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, decode_attention_reference(q.float(), data, scales, tables, ctx)) < 2e-2
