@@ -171,10 +171,11 @@ def _weighted_softmax_step(s, m_i, l_i, v_scale):
 
     The running max is over s + floor(log2(v_scale)) rather than s, so every p * v_scale
     is below 2 (fp16 cannot overflow) and the largest term of a row is at least 1: fp16
-    loses only terms below 2^-24 of that one, whatever the value scales' magnitude
-    (scaling by a fixed factor instead underflowed where all value scales are tiny). l
-    counts exp2(s - m) against the same m; the merge kernel is unchanged. The exponent is
-    clamped at -64 (zero scales: masked keys, all-zero rows), so exp2(s - m) <= 2^64."""
+    loses only terms below 2^-24 of that one for value scales from 2^-64 up (the int8
+    store's smallest is about 2^-34; a fixed scale-up factor would underflow where every
+    value scale is tiny). l counts exp2(s - m) against the same m; the merge kernel is
+    unchanged. The exponent is clamped at -64 (zero scales: masked keys, all-zero rows),
+    so exp2(s - m) <= 2^64."""
     lg = tl.maximum(_exponent(v_scale), -64).to(tl.float32)
     m_new = tl.maximum(m_i, tl.max(s + lg[None, :], axis=1))
     e = tl.exp2(s - m_new[:, None])
@@ -282,9 +283,10 @@ def _attend_tile_halves(
 @triton.jit
 def _fp16_query(q, big):
     """FAST_I8: a query tile whose largest magnitude is `big` as fp16 times 2^-e, where
-    2^e <= big < 2^(e+1), so below 2 whatever its magnitude (11 significant bits, against
-    bf16's 8). -> (the tile, 2^e: the factor the scores take back)."""
-    e = tl.minimum(tl.maximum(_exponent(big), -100), 100)
+    2^e <= big < 2^(e+1), so at most 2 (11 significant bits, against bf16's 8).
+    -> (the tile, 2^e: the factor the scores take back). e is clamped to +-126 (both
+    factors stay normal fp32): that covers every bf16 or fp16 query but all-zero ones."""
+    e = tl.minimum(tl.maximum(_exponent(big), -126), 126)
     down = ((127 - e) << 23).to(tl.float32, bitcast=True)
     return (q.to(tl.float32) * down).to(tl.float16), ((127 + e) << 23).to(tl.float32, bitcast=True)
 
@@ -460,6 +462,12 @@ def halves_allowed(head_dim: int) -> bool:
     return head_dim >= 32 and head_dim == triton.next_power_of_2(head_dim)
 
 
+def words_aligned(data_layer: torch.Tensor) -> bool:
+    """Every row of an int8 layer starts on a 4-byte boundary: FAST_I8 reads V rows as
+    int32 words. True for a layer of a contiguous cache; a caller's view may not be."""
+    return data_layer.data_ptr() % 4 == 0 and all(st % 4 == 0 for st in data_layer.stride()[:4])
+
+
 def fast_i8_allowed(device: torch.device, quantized: bool, q_dtype: torch.dtype,
                     head_dim: int) -> bool:
     """int8 pages under 16-bit queries on a GPU (not the interpreter, which runs no inline
@@ -480,7 +488,7 @@ def _launch(device: torch.device, partition_size: int, quantized: bool, head_dim
     tests cover both paths. fast_i8: FAST_I8 tiles, only where fast_i8_allowed.
 
     FAST_I8 numerics: K and V are exact in fp16; the queries (scaled by a power of two to
-    below 2, _fp16_queries) and the probabilities times the value scales (below 2 by the
+    at most 2, _fp16_query) and the probabilities times the value scales (below 2 by the
     running max, _weighted_softmax_step) are rounded to fp16: 11 significant bits, against
     bf16's 8, and neither can overflow."""
     cfg = dict(block_n=16, num_warps=1, num_stages=None, maxnreg=None, split_d=True,
@@ -507,7 +515,8 @@ def _launch(device: torch.device, partition_size: int, quantized: bool, head_dim
             # 3-6% slower; other head dims were not measured and stay whole.
             # FAST_I8 on the same tiles (1088 instructions a tile in halves against 1409),
             # on an H100 (graph-timed, same run): 0.2208 against 0.2257 ms at b32 x ctx 8192
-            # (84% of copy bandwidth, against 82%), so on for 512-token partitions in halves.
+            # (84% of copy bandwidth, against 82%), so on for 512-token partitions in halves
+            # (the engine's longest; longer ones, which only a caller may ask for, too).
             # Where it was slower it stays off: 128-token partitions (12.0 against 11.8 us,
             # b8 x ctx 1024), D64 whole tiles (11.2 against 10.5 us, b32 x ctx 1024), the
             # four-warp 64-token partitions (7.3 against 6.5 us, b1 x ctx 512).
@@ -544,6 +553,7 @@ def _decode_attention_op(
     s_strides = scales_layer.stride() if quantized else (0, 0, 0, 0)
     group = h // hkv
     cfg = _launch(q.device, partition_size, quantized, d, q.dtype)
+    fast_i8 = cfg["fast_i8"] and words_aligned(data_layer)  # else the byte loads, any layout
     options = {k: cfg[k] for k in ("num_stages", "maxnreg") if cfg[k]}
     block_d = max(16, triton.next_power_of_2(d))
     with device_guard(q):
@@ -573,7 +583,7 @@ def _decode_attention_op(
             BLOCK_N=cfg["block_n"],
             BLOCK_D=block_d,
             SPLIT_D=cfg["split_d"],
-            FAST_I8=cfg["fast_i8"],
+            FAST_I8=fast_i8,
             num_warps=cfg["num_warps"],
             **options,
             **pdl_args(q),

@@ -219,6 +219,17 @@ def test_decode_launch_rules_pick_fast_int8(monkeypatch):
     assert not da._launch(gpu, 512, True, 128, bf16)["fast_i8"]
 
 
+def test_decode_fast_int8_needs_word_aligned_rows():
+    """FAST_I8 reads V rows as int32 words: a layer whose rows may start off a 4-byte
+    boundary (a caller's view) takes the byte loads instead."""
+    flat = torch.zeros(2 * 4 * 16 * 2 * 16 + 4, dtype=torch.int8)
+    shape = (2, 4, 16, 2, 16)
+    assert da.words_aligned(flat[: flat.numel() - 4].view(shape))
+    assert not da.words_aligned(flat[1: flat.numel() - 3].view(shape))  # storage offset 1
+    odd = flat.as_strided((2, 4, 16, 2, 16), (1030, 257, 16, 8, 1))  # row strides not 4k
+    assert not da.words_aligned(odd)
+
+
 @pytest.mark.gpu
 @CUDA
 @pytest.mark.parametrize(
@@ -324,13 +335,17 @@ def test_decode_gpu_fast_int8_against_the_conversion_path(
 
 @pytest.mark.gpu
 @CUDA
-@pytest.mark.parametrize("q_mag,v_mag", [(1e-6, 1.0), (1e4, 1.0), (1.0, 1e-12), (1.0, 1e4), (1e3, 1e-9)])
+@pytest.mark.parametrize(
+    "q_mag,v_mag", [(1e-6, 1.0), (1e6, 1.0), (1.0, 1e-12), (1.0, 1e7), (1e3, 1e-9), (1e6, 1e7)]
+)
 @pytest.mark.parametrize("partition_size", [512, 64])
 def test_decode_gpu_fast_int8_at_any_magnitude(q_mag, v_mag, partition_size, make_layer,
                                                make_block_tables, monkeypatch):
     """fp16 has a narrow range: FAST_I8 scales the queries and the weighted probabilities
     into it, so queries and value scales far from 1 (every value scale of a head tiny, or
-    huge) keep their relative accuracy, with no inf or NaN."""
+    huge) keep their relative accuracy, with no inf or NaN. Unscaled, queries of 1e6 and
+    value scales of 1e7 / 127 would overflow fp16 (65504), and scales of 1e-12 / 127
+    would fall into its subnormals."""
     ctx_lens = [1, 900, 4096]
     data, scales = make_layer(600, 8, 128, torch.int8, "cuda")
     scales[1] *= v_mag
@@ -339,6 +354,28 @@ def test_decode_gpu_fast_int8_at_any_magnitude(q_mag, v_mag, partition_size, mak
     q = (torch.randn(3, 32, 128, device="cuda") * q_mag).to(torch.bfloat16)
     cfg = da._launch(torch.device("cuda"), partition_size, True, 128)
     monkeypatch.setattr(da, "TUNING", {**cfg, "fast_i8": True})
+    assert da._launch(torch.device("cuda"), partition_size, True, 128)["fast_i8"]
+    assert da.words_aligned(data)
     out = decode_attention(q, data, scales, tables, ctx, partition_size=partition_size)
     assert torch.isfinite(out).all()
     assert _rel_err(out, decode_attention_reference(q.float(), data, scales, tables, ctx)) < 2e-2
+
+
+@pytest.mark.gpu
+@CUDA
+def test_decode_gpu_int8_misaligned_view_takes_the_byte_loads(make_layer, make_block_tables):
+    """A layer viewed one byte into its storage, under the rule that takes FAST_I8 (512-token
+    partitions, D128): decode falls back to the byte loads and still matches the
+    reference, instead of a misaligned int32 load."""
+    data, scales = make_layer(64, 8, 128, torch.int8, "cuda")
+    buf = torch.empty(data.numel() + 1, dtype=torch.int8, device="cuda")
+    shifted = buf[1:].view(data.shape)
+    shifted.copy_(data)
+    assert not da.words_aligned(shifted)
+    assert da._launch(torch.device("cuda"), 512, True, 128)["fast_i8"]
+    ctx_lens = [700, 33]
+    tables = make_block_tables(ctx_lens, 64, 48, "cuda")
+    ctx = torch.tensor(ctx_lens, device="cuda")
+    q = torch.randn(2, 32, 128, device="cuda").to(torch.bfloat16)
+    out = decode_attention(q, shifted, scales, tables, ctx, partition_size=512)
+    assert _rel_err(out, decode_attention_reference(q.float(), data, scales, tables, ctx)) < 1e-2
