@@ -515,8 +515,10 @@ def _launch(device: torch.device, partition_size: int, quantized: bool, head_dim
             # 3-6% slower; other head dims were not measured and stay whole.
             # FAST_I8 on the same tiles (1088 instructions a tile in halves against 1409),
             # on an H100 (graph-timed, same run): 0.2208 against 0.2257 ms at b32 x ctx 8192
-            # (84% of copy bandwidth, against 82%), so on for 512-token partitions in halves
-            # (the engine's longest; longer ones, which only a caller may ask for, too).
+            # (84% of copy bandwidth, against 82%); on an H200 0.184 against 0.193 ms (71%
+            # against 68%) and the whole int8 step 10.98 against 11.35 ms. So on for 512-token
+            # partitions in halves (the engine's longest; longer ones, which only a caller
+            # may ask for, too).
             # Where it was slower it stays off: 128-token partitions (12.0 against 11.8 us,
             # b8 x ctx 1024), D64 whole tiles (11.2 against 10.5 us, b32 x ctx 1024), the
             # four-warp 64-token partitions (7.3 against 6.5 us, b1 x ctx 512).
