@@ -85,9 +85,7 @@ def main() -> int:
                     continue
                 da.TUNING = {"block_n": bn, "num_warps": w, "num_stages": st or None,
                              "maxnreg": mr, "split_d": bool(sd), "fast_i8": bool(fi)}
-                # what runs: fast_i8 only where allowed (power-of-two D, 16-bit q, GPU)
-                fi = int(da._launch(q.device, psize, kv == "int8", a.head_dim, q.dtype)["fast_i8"]
-                         and da.words_aligned(data))
+                fi = int(da.launch_config(q, data, psize, kv == "int8")["fast_i8"])  # what runs
                 try:
                     out = da.decode_attention(q, data, scales, tables, lens, partition_size=psize).float()
                     err = ((out - ref).norm() / ref.norm()).item()

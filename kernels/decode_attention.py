@@ -532,6 +532,15 @@ def _launch(device: torch.device, partition_size: int, quantized: bool, head_dim
     return cfg
 
 
+def launch_config(q: torch.Tensor, data_layer: torch.Tensor, partition_size: int,
+                  quantized: bool) -> dict:
+    """_launch's options for these tensors: what the kernel runs. fast_i8 also needs
+    word-aligned rows; a layer whose rows are not (a caller's view) takes the byte loads."""
+    cfg = _launch(q.device, partition_size, quantized, q.shape[-1], q.dtype)
+    cfg["fast_i8"] = cfg["fast_i8"] and words_aligned(data_layer)
+    return cfg
+
+
 @kernel_op("decode_attention")
 def _decode_attention_op(
     q: torch.Tensor,
@@ -554,8 +563,7 @@ def _decode_attention_op(
     quantized = scales_layer is not None
     s_strides = scales_layer.stride() if quantized else (0, 0, 0, 0)
     group = h // hkv
-    cfg = _launch(q.device, partition_size, quantized, d, q.dtype)
-    fast_i8 = cfg["fast_i8"] and words_aligned(data_layer)  # else the byte loads, any layout
+    cfg = launch_config(q, data_layer, partition_size, quantized)
     options = {k: cfg[k] for k in ("num_stages", "maxnreg") if cfg[k]}
     block_d = max(16, triton.next_power_of_2(d))
     with device_guard(q):
@@ -585,7 +593,7 @@ def _decode_attention_op(
             BLOCK_N=cfg["block_n"],
             BLOCK_D=block_d,
             SPLIT_D=cfg["split_d"],
-            FAST_I8=fast_i8,
+            FAST_I8=cfg["fast_i8"],
             num_warps=cfg["num_warps"],
             **options,
             **pdl_args(q),

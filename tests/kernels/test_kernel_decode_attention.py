@@ -379,5 +379,7 @@ def test_decode_gpu_int8_misaligned_view_takes_the_byte_loads(make_layer, make_b
     tables = make_block_tables(ctx_lens, 64, 48, "cuda")
     ctx = torch.tensor(ctx_lens, device="cuda")
     q = torch.randn(2, 32, 128, device="cuda").to(torch.bfloat16)
+    assert not da.launch_config(q, shifted, 512, True)["fast_i8"]
+    assert da.launch_config(q, data, 512, True)["fast_i8"]
     out = decode_attention(q, shifted, scales, tables, ctx, partition_size=512)
     assert _rel_err(out, decode_attention_reference(q.float(), data, scales, tables, ctx)) < 1e-2
