@@ -324,11 +324,10 @@ def test_decode_gpu_fast_int8_against_the_conversion_path(
     q = torch.randn(len(ctx_lens), h, d, device="cuda").to(q_dtype)
     ref = decode_attention_reference(q.float(), data, scales, tables, ctx)
     errs = {}
+    rule = da._launch(torch.device("cuda"), partition_size, True, d, q_dtype)
     for fast in (True, False):
-        cfg = da._launch(torch.device("cuda"), partition_size, True, d, q_dtype)
-        monkeypatch.setattr(da, "TUNING", {**cfg, "fast_i8": fast})
-        cfg = da._launch(torch.device("cuda"), partition_size, True, d, q_dtype)
-        assert cfg["fast_i8"] is fast
+        monkeypatch.setattr(da, "TUNING", {**rule, "fast_i8": fast})
+        assert da.launch_config(q, data, partition_size, True)["fast_i8"] is fast
         out = decode_attention(q, data, scales, tables, ctx, partition_size=partition_size)
         assert out.dtype == q_dtype
         errs[fast] = _rel_err(out, ref)
