@@ -61,6 +61,10 @@ def main() -> int:
     ap.add_argument("--split-d", default="0,1", help="1: the head dim in two halves (power-of-two D >= 32)")
     ap.add_argument("--fast-i8", default="0,1",
                     help="1: int8 pages through fp16 dots and the ALU conversion (ignored for bf16 pages)")
+    ap.add_argument("--i8-qk", default="0,1",
+                    help="1: int8 pages' scores from int8 dots, the query split in two int8 parts "
+                         "(tiles in halves; ignored for bf16 pages)")
+    ap.add_argument("--lazy", default="0", help="1: the running max moved only past a margin (tiles in halves)")
     a = ap.parse_args()
     if not torch.cuda.is_available():
         print("decode_attn_tune.py: needs a CUDA GPU", file=sys.stderr)
@@ -78,28 +82,31 @@ def main() -> int:
             da.TUNING = None
             ref = da.decode_attention_reference(q.float(), data, scales, tables, lens)
             fast = ints(a.fast_i8) if kv == "int8" else [0]
+            i8qk = ints(a.i8_qk) if kv == "int8" else [0]
             axes = (ints(a.partitions), ints(a.block_n), ints(a.warps), ints(a.stages),
-                    ints(a.maxnreg), ints(a.split_d), fast)
-            for psize, bn, w, st, mr, sd, fi in itertools.product(*axes):
+                    ints(a.maxnreg), ints(a.split_d), fast, i8qk, ints(a.lazy))
+            for psize, bn, w, st, mr, sd, fi, iq, lz in itertools.product(*axes):
                 if bn > psize or psize % bn:
                     continue
                 da.TUNING = {"block_n": bn, "num_warps": w, "num_stages": st or None,
-                             "maxnreg": mr, "split_d": bool(sd), "fast_i8": bool(fi)}
-                fi = int(da.launch_config(q, data, psize, kv == "int8")["fast_i8"])  # what runs
+                             "maxnreg": mr, "split_d": bool(sd), "fast_i8": bool(fi), "i8_qk": bool(iq),
+                             "lazy": bool(lz)}
+                ran = da.launch_config(q, data, psize, kv == "int8")  # what runs
+                fi, iq, lz = int(ran["fast_i8"]), int(ran["i8_qk"]), int(ran["lazy"])
                 try:
                     out = da.decode_attention(q, data, scales, tables, lens, partition_size=psize).float()
                     err = ((out - ref).norm() / ref.norm()).item()
                     ms = graph_ms(functools.partial(da.decode_attention, q, data, scales, tables, lens,
                                                     partition_size=psize))
                 except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: report, go on
-                    print(f"{kv} part{psize} bn{bn} w{w} s{st} r{mr} h{sd} f{fi}: "
+                    print(f"{kv} part{psize} bn{bn} w{w} s{st} r{mr} h{sd} f{fi} q{iq} z{lz}: "
                           f"{type(e).__name__}: {str(e)[:80]}", flush=True)
                     continue
                 gbps = nbytes / (ms * 1e-3) / 1e9
                 r = dict(kv=kv, head_major=head_major, partition=psize, block_n=bn, warps=w,
-                         stages=st, maxnreg=mr, split_d=bool(sd), fast_i8=bool(fi), ms=ms, gbps=gbps, frac=gbps * 1e9 / (bw * 1e9), rel_err=err)
+                         stages=st, maxnreg=mr, split_d=bool(sd), fast_i8=bool(fi), i8_qk=bool(iq), lazy=bool(lz), ms=ms, gbps=gbps, frac=gbps * 1e9 / (bw * 1e9), rel_err=err)
                 rows.append(r)
-                print(f"{kv:4s} {'hm' if head_major else '  '} part{psize:5d} bn{bn:4d} w{w} s{st} r{mr} h{sd} f{fi}: "
+                print(f"{kv:4s} {'hm' if head_major else '  '} part{psize:5d} bn{bn:4d} w{w} s{st} r{mr} h{sd} f{fi} q{iq} z{lz}: "
                       f"{ms:7.4f} ms {gbps:7.0f} GB/s {r['frac']:5.0%}  err {err:.1e}", flush=True)
             del data, scales, tables
             torch.cuda.empty_cache()

@@ -198,6 +198,36 @@ def _tile_probabilities(s, m_i, l_i, qk_scale, v_scale, QUANTIZED: tl.constexpr,
 
 
 @triton.jit
+def _lazy_probabilities(s, m_i, l_i, acc_lo, acc_hi, qk_scale, v_scale, QUANTIZED: tl.constexpr,
+                        FAST_I8: tl.constexpr):
+    """_tile_probabilities with a lazy running max (LAZY): the max, and with it the
+    accumulators and sums, moves only when some row's tile passes it by more than 2^8, so
+    most tiles skip the rescale (FA4's trick); probabilities may then reach 2^8 (FAST_I8:
+    p * v_scale < 2^9, still far inside fp16). -> (m_i, l_i, p, acc_lo, acc_hi); p times
+    the value scales for int8 pages. Scores as _tile_probabilities takes them."""
+    if FAST_I8:  # the max over s + floor(log2(v_scale)), as _weighted_softmax_step
+        x = s + tl.maximum(_exponent(v_scale), -64).to(tl.float32)[None, :]
+    elif QUANTIZED:  # already in log2 units
+        x = s
+    else:
+        s = s * qk_scale
+        x = s
+    m_tile = tl.max(x, axis=1)
+    if tl.max(m_tile - m_i, axis=0) > 8.0:  # the first tile always (m_i = -inf)
+        m_new = tl.maximum(m_i, m_tile)
+        alpha = tl.exp2(m_i - m_new)
+        acc_lo = acc_lo * alpha[:, None]
+        acc_hi = acc_hi * alpha[:, None]
+        l_i = l_i * alpha
+        m_i = m_new
+    e = tl.exp2(s - m_i[:, None])
+    l_i = l_i + tl.sum(e, axis=1)
+    if QUANTIZED:
+        e = e * v_scale[None, :]
+    return m_i, l_i, e, acc_lo, acc_hi
+
+
+@triton.jit
 def _attend_tile(
     q, q_pos, n, end, kvh, d, d_mask, data_ptr, scales_ptr, table, m_i, l_i, acc, qk_scale,
     d_kv_stride, d_page_stride, d_slot_stride, d_head_stride,
@@ -238,14 +268,17 @@ def _attend_tile(
 
 @triton.jit
 def _attend_tile_halves(
-    q_lo, q_hi, n, end, kvh, dh, data_ptr, scales_ptr, table, m_i, l_i, acc_lo, acc_hi,
+    q_lo, q_hi, r_lo, r_hi, n, end, kvh, dh, data_ptr, scales_ptr, table, m_i, l_i, acc_lo, acc_hi,
     qk_scale, d_kv_stride, d_page_stride, d_slot_stride, d_head_stride,
     s_kv_stride, s_page_stride, s_slot_stride, s_head_stride,
     PAGE_SIZE: tl.constexpr,
     QUANTIZED: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     HALF: tl.constexpr,
+    PV_DTYPE: tl.constexpr,
     FAST_I8: tl.constexpr = False,
+    I8_QK: tl.constexpr = False,
+    LAZY: tl.constexpr = False,
 ):
     """_attend_tile's decode step ("end" mask) with the head dim cut in two halves of
     HALF = len(dh) columns (q = [q_lo | q_hi], acc likewise; no column mask, so
@@ -258,25 +291,36 @@ def _attend_tile_halves(
     base = data_ptr + row[:, None] + dh[None, :]  # [BLOCK_N, HALF], keys' first half
     v_scale = 1.0  # 16-bit pages: unused
     k_lo = tl.load(base, mask=n_mask[:, None], other=0.0)
-    s = tl.dot(q_lo, tl.trans(_k_operand(k_lo, q_lo.dtype, FAST_I8)),
-               input_precision=DOT_PRECISION)
     k_hi = tl.load(base + HALF, mask=n_mask[:, None], other=0.0)
-    s = tl.dot(q_hi, tl.trans(_k_operand(k_hi, q_hi.dtype, FAST_I8)), s,
-               input_precision=DOT_PRECISION)
+    if I8_QK:  # int8 dots on the keys as loaded; _i8_query's two parts of the query
+        i32: tl.constexpr = tl.int32
+        s = tl.dot(q_hi, tl.trans(k_hi), tl.dot(q_lo, tl.trans(k_lo), out_dtype=i32), out_dtype=i32)
+        t = tl.dot(r_hi, tl.trans(k_hi), tl.dot(r_lo, tl.trans(k_lo), out_dtype=i32), out_dtype=i32)
+        s = (s * 254 + t).to(tl.float32)
+    else:
+        s = tl.dot(q_lo, tl.trans(_k_operand(k_lo, q_lo.dtype, FAST_I8)),
+                   input_precision=DOT_PRECISION)
+        s = tl.dot(q_hi, tl.trans(_k_operand(k_hi, q_hi.dtype, FAST_I8)), s,
+                   input_precision=DOT_PRECISION)
     if QUANTIZED:
         k_scale, v_scale = _kv_scales(page, n, n_mask, kvh, scales_ptr, s_kv_stride,
                                       s_page_stride, s_slot_stride, s_head_stride, PAGE_SIZE)
         s = s * (k_scale * qk_scale)[None, :]
     s = tl.where(n_mask[None, :], s, float("-inf"))
-    m_new, l_i, p, alpha = _tile_probabilities(s, m_i, l_i, qk_scale, v_scale, QUANTIZED, FAST_I8)
-    p = p.to(q_lo.dtype)
+    if LAZY:
+        m_new, l_i, p, acc_lo, acc_hi = _lazy_probabilities(
+            s, m_i, l_i, acc_lo, acc_hi, qk_scale, v_scale, QUANTIZED, FAST_I8)
+    else:
+        m_new, l_i, p, alpha = _tile_probabilities(s, m_i, l_i, qk_scale, v_scale, QUANTIZED,
+                                                   FAST_I8)
+        acc_lo = acc_lo * alpha[:, None]
+        acc_hi = acc_hi * alpha[:, None]
+    p = p.to(PV_DTYPE)
     v_rows = data_ptr + d_kv_stride + row
     v_lo = _v_load(base + d_kv_stride, v_rows, n_mask, n_mask[:, None], FAST_I8)
-    acc_lo = tl.dot(p, _v_operand(v_lo, q_lo.dtype, FAST_I8), acc_lo * alpha[:, None],
-                    input_precision=DOT_PRECISION)
+    acc_lo = tl.dot(p, _v_operand(v_lo, PV_DTYPE, FAST_I8), acc_lo, input_precision=DOT_PRECISION)
     v_hi = _v_load(base + d_kv_stride + HALF, v_rows + HALF, n_mask, n_mask[:, None], FAST_I8)
-    acc_hi = tl.dot(p, _v_operand(v_hi, q_lo.dtype, FAST_I8), acc_hi * alpha[:, None],
-                    input_precision=DOT_PRECISION)
+    acc_hi = tl.dot(p, _v_operand(v_hi, PV_DTYPE, FAST_I8), acc_hi, input_precision=DOT_PRECISION)
     return m_new, l_i, acc_lo, acc_hi
 
 
@@ -289,6 +333,20 @@ def _fp16_query(q, big):
     e = tl.minimum(tl.maximum(_exponent(big), -126), 126)
     down = ((127 - e) << 23).to(tl.float32, bitcast=True)
     return (q.to(tl.float32) * down).to(tl.float16), ((127 + e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _i8_query(q, big):
+    """I8_QK: a query tile whose largest magnitude is `big` as two int8 tiles, main and
+    res, with q = (main + res / 254) * big / 127 to within big * 2^-16 (each element;
+    fp16's error is 2^-11 of the element, so the scores' error falls). Scores then come
+    from int8 dots on the int8 keys as they lie in the pages, with no conversion:
+    254 * (main . k) + (res . k) in int32 (exact for head dims up to 256), times the
+    returned factor big / (127 * 254)."""
+    x = q.to(tl.float32) * (127.0 / tl.maximum(big, 1e-30))
+    main = tl.floor(x + 0.5)
+    res = tl.floor((x - main) * 254.0 + 0.5)
+    return main.to(tl.int8), res.to(tl.int8), big * (1.0 / (127.0 * 254.0))
 
 
 @triton.jit
@@ -325,6 +383,9 @@ def _decode_partition_kernel(
     BLOCK_D: tl.constexpr,
     SPLIT_D: tl.constexpr,
     FAST_I8: tl.constexpr,
+    I8_QK: tl.constexpr,
+    LAZY: tl.constexpr,
+    PV_DTYPE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)
@@ -355,7 +416,15 @@ def _decode_partition_kernel(
         q_lo = tl.load(q_ptrs + dh[None, :], mask=g_mask[:, None], other=0.0)
         q_hi = tl.load(q_ptrs + HALF + dh[None, :], mask=g_mask[:, None], other=0.0)
         tile_scale = qk_scale
-        if FAST_I8:
+        r_lo = q_lo  # I8_QK's second parts
+        r_hi = q_hi
+        if I8_QK:
+            big = tl.maximum(tl.max(tl.abs(q_lo.to(tl.float32))),
+                             tl.max(tl.abs(q_hi.to(tl.float32))))
+            q_lo, r_lo, down = _i8_query(q_lo, big)
+            q_hi, r_hi, down = _i8_query(q_hi, big)
+            tile_scale = qk_scale * down
+        elif FAST_I8:
             big = tl.maximum(tl.max(tl.abs(q_lo.to(tl.float32))),
                              tl.max(tl.abs(q_hi.to(tl.float32))))
             q_lo, up = _fp16_query(q_lo, big)
@@ -365,10 +434,11 @@ def _decode_partition_kernel(
         acc_hi = tl.zeros([BLOCK_G, HALF], tl.float32)
         for n0 in range(start, end, BLOCK_N):
             m_i, l_i, acc_lo, acc_hi = _attend_tile_halves(
-                q_lo, q_hi, n0 + tl.arange(0, BLOCK_N), end, kvh, dh, data_ptr, scales_ptr,
+                q_lo, q_hi, r_lo, r_hi, n0 + tl.arange(0, BLOCK_N), end, kvh, dh, data_ptr, scales_ptr,
                 table, m_i, l_i, acc_lo, acc_hi, tile_scale, d_kv_stride, d_page_stride,
                 d_slot_stride, d_head_stride, s_kv_stride, s_page_stride, s_slot_stride,
-                s_head_stride, PAGE_SIZE, QUANTIZED, DOT_PRECISION, HALF, FAST_I8,
+                s_head_stride, PAGE_SIZE, QUANTIZED, DOT_PRECISION, HALF, PV_DTYPE, FAST_I8,
+                I8_QK, LAZY,
             )
         tl.store(out_ptrs + dh[None, :], acc_lo, mask=g_mask[:, None])
         tl.store(out_ptrs + HALF + dh[None, :], acc_hi, mask=g_mask[:, None])
@@ -479,20 +549,29 @@ def fast_i8_allowed(device: torch.device, quantized: bool, q_dtype: torch.dtype,
             and head_dim >= 16 and head_dim == triton.next_power_of_2(head_dim))
 
 
+def i8_qk_allowed(quantized: bool, q_dtype: torch.dtype, head_dim: int) -> bool:
+    """int8 pages under 16-bit queries may take their scores from int8 dots (I8_QK); the
+    int32 sums stay exact up to head dim 256. fp32 queries keep exact fp32 dots."""
+    return quantized and q_dtype in (torch.float16, torch.bfloat16) and head_dim <= 256
+
+
 def _launch(device: torch.device, partition_size: int, quantized: bool, head_dim: int,
             q_dtype: torch.dtype = torch.bfloat16) -> dict:
     """Tile size and launch options: big tiles on GPU, 16-token tiles in the interpreter.
 
     split_d: run the tile's head dim in two halves (_attend_tile_halves), only where
     halves_allowed(head_dim). The interpreter takes it wherever it may, so that the CPU
-    tests cover both paths. fast_i8: FAST_I8 tiles, only where fast_i8_allowed.
+    tests cover both paths. fast_i8: FAST_I8 tiles, only where fast_i8_allowed. i8_qk
+    (scores from int8 dots, _i8_query) and lazy (_lazy_probabilities): tiles in halves
+    only, i8_qk where i8_qk_allowed; off unless TUNING sets them (on an H100 I8_QK was
+    0.3-1% faster at b32 x ctx 8192 and slower at small shapes; not measured on an H200).
 
     FAST_I8 numerics: K and V are exact in fp16; the queries (scaled by a power of two to
     at most 2, _fp16_query) and the probabilities times the value scales (below 2 by the
     running max, _weighted_softmax_step) are rounded to fp16: 11 significant bits, against
     bf16's 8, and neither can overflow."""
     cfg = dict(block_n=16, num_warps=1, num_stages=None, maxnreg=None, split_d=True,
-               fast_i8=False)
+               fast_i8=False, i8_qk=False, lazy=False)
     if TUNING is not None:
         cfg = {"num_stages": None, "maxnreg": None, "split_d": False, **TUNING}
     elif device.type == "cuda":
@@ -529,6 +608,9 @@ def _launch(device: torch.device, partition_size: int, quantized: bool, head_dim
     cfg["split_d"] = bool(cfg["split_d"]) and halves_allowed(head_dim)
     allowed = fast_i8_allowed(device, quantized, q_dtype, head_dim)
     cfg["fast_i8"] = bool(cfg.get("fast_i8", False)) and allowed
+    cfg["i8_qk"] = (bool(cfg.get("i8_qk", False)) and cfg["split_d"]
+                    and i8_qk_allowed(quantized, q_dtype, head_dim))
+    cfg["lazy"] = bool(cfg.get("lazy", False)) and cfg["split_d"]
     return cfg
 
 
@@ -539,6 +621,10 @@ def launch_config(q: torch.Tensor, data_layer: torch.Tensor, partition_size: int
     cfg = _launch(q.device, partition_size, quantized, q.shape[-1], q.dtype)
     cfg["fast_i8"] = cfg["fast_i8"] and words_aligned(data_layer)
     return cfg
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
 @kernel_op("decode_attention")
@@ -594,6 +680,9 @@ def _decode_attention_op(
             BLOCK_D=block_d,
             SPLIT_D=cfg["split_d"],
             FAST_I8=cfg["fast_i8"],
+            I8_QK=cfg["i8_qk"],
+            LAZY=cfg["lazy"],
+            PV_DTYPE=tl.float16 if cfg["fast_i8"] else _tl_dtype(q.dtype),
             num_warps=cfg["num_warps"],
             **options,
             **pdl_args(q),

@@ -219,6 +219,60 @@ def test_decode_launch_rules_pick_fast_int8(monkeypatch):
     assert not da._launch(gpu, 512, True, 128, bf16)["fast_i8"]
 
 
+@pytest.mark.parametrize("q_scale", [1.0, 1e-4, 3e3])
+def test_decode_int8_scores_from_int8_dots(q_scale, device, make_layer, make_block_tables,
+                                           monkeypatch):
+    """I8_QK: the scores come from int8 dots of the pages' keys with the query split in two
+    int8 parts (_i8_query). Its output matches the fp32 reference, as close as the
+    conversion path's at least (the split keeps ~16 bits of the query's largest value),
+    for queries small or large, over partitions, tiles and GQA 4. fp16 queries: the CPU
+    interpreter casts int8 to bf16 wrongly; bf16 runs in the GPU test below."""
+    q_dtype = torch.float16 if device == "cpu" else torch.bfloat16
+    ctx_lens = [1, 45, 100]
+    data, scales = make_layer(24, 2, 64, torch.int8, device)
+    tables = make_block_tables(ctx_lens, 24, 8, device)
+    ctx = torch.tensor(ctx_lens, device=device)
+    q = (torch.randn(3, 8, 64, device=device) * q_scale).to(q_dtype)
+    ref = decode_attention_reference(q.float(), data, scales, tables, ctx)
+    errs = {}
+    for i8 in (True, False):
+        monkeypatch.setattr(da, "TUNING", {"block_n": 16, "num_warps": 1, "split_d": True,
+                                           "i8_qk": i8})
+        assert da.launch_config(q, data, 32, True)["i8_qk"] is i8
+        out = decode_attention(q, data, scales, tables, ctx, partition_size=32)
+        assert out.dtype == q_dtype and torch.isfinite(out).all()
+        errs[i8] = _rel_err(out, ref)
+    assert errs[True] < 5e-3 and errs[True] <= 1.25 * errs[False] + 1e-4, errs
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.int8])
+def test_decode_lazy_running_max(kv_dtype, device, make_layer, make_block_tables, monkeypatch):
+    """LAZY: the running max moves only when a tile passes it by more than 2^8. Keys scaled
+    by factors of 1 to 1000 make the tiles' maxima jump both within and past that margin,
+    so tiles take both branches; lazy and eager rescaling give the reference's output."""
+    q_dtype = torch.float16 if kv_dtype == torch.int8 and device == "cpu" else torch.float32
+    ctx_lens = [7, 200, 333]
+    data, scales = make_layer(64, 2, 64, kv_dtype, device)
+    grow = torch.pow(10.0, torch.rand(data.shape[1:4], device=device) * 3)  # [P, S, Hkv]
+    if scales is None:
+        data[0] *= grow.unsqueeze(-1)
+    else:
+        scales[0] *= grow
+    tables = make_block_tables(ctx_lens, 64, 24, device)
+    ctx = torch.tensor(ctx_lens, device=device)
+    q = torch.randn(3, 8, 64, device=device).to(q_dtype)
+    ref = decode_attention_reference(q.float(), data, scales, tables, ctx)
+    outs = {}
+    for lazy in (True, False):
+        monkeypatch.setattr(da, "TUNING", {"block_n": 16, "num_warps": 1, "split_d": True,
+                                           "lazy": lazy})
+        assert da.launch_config(q, data, 128, kv_dtype == torch.int8)["lazy"] is lazy
+        outs[lazy] = decode_attention(q, data, scales, tables, ctx, partition_size=128).float()
+        assert torch.isfinite(outs[lazy]).all()
+        assert _rel_err(outs[lazy], ref) < (5e-3 if q_dtype == torch.float16 else 1e-5)
+    torch.testing.assert_close(outs[True], outs[False], rtol=2e-3, atol=2e-3)
+
+
 def test_decode_fast_int8_needs_word_aligned_rows():
     """FAST_I8 reads V rows as int32 words: a layer whose rows may start off a 4-byte
     boundary (a caller's view) takes the byte loads instead."""
@@ -302,13 +356,26 @@ def _rel_err(out, ref):
     return ((out.float() - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-30)).max().item()
 
 
-@pytest.mark.gpu
-@CUDA
-@pytest.mark.parametrize(
+# GQA 4, 3, 1 and 8; head dims 128 and 64; contexts on and off the tile and page grids
+INT8_GPU_CASES = pytest.mark.parametrize(
     "h,hkv,d,ctx_lens",
     [(32, 8, 128, [1, 31, 32, 33, 700, 4096]), (9, 3, 64, [5, 1000, 129]),
      (16, 16, 128, [2047, 64]), (32, 4, 64, [300, 17])],
 )
+
+
+def _int8_gpu_case(h, hkv, d, ctx_lens, q_dtype, make_layer, make_block_tables):
+    """-> (q, data, scales, tables, ctx, the fp32 reference with the pages dequantized exactly)."""
+    data, scales = make_layer(1024, hkv, d, torch.int8, "cuda")
+    tables = make_block_tables(ctx_lens, 1024, 300, "cuda")
+    ctx = torch.tensor(ctx_lens, device="cuda")
+    q = torch.randn(len(ctx_lens), h, d, device="cuda").to(q_dtype)
+    return q, data, scales, tables, ctx, decode_attention_reference(q.float(), data, scales, tables, ctx)
+
+
+@pytest.mark.gpu
+@CUDA
+@INT8_GPU_CASES
 @pytest.mark.parametrize("partition_size", [512, 128, 64])
 @pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])
 def test_decode_gpu_fast_int8_against_the_conversion_path(
@@ -318,11 +385,8 @@ def test_decode_gpu_fast_int8_against_the_conversion_path(
     and the plain conversion path, both against the fp32 reference (pages dequantized
     exactly): GQA 1, 3, 4 and 8, head dims 64 and 128, every tile shape the rules pick.
     fp16 keeps more bits than bf16, so the fast path must be at least as close."""
-    data, scales = make_layer(1024, hkv, d, torch.int8, "cuda")
-    tables = make_block_tables(ctx_lens, 1024, 300, "cuda")
-    ctx = torch.tensor(ctx_lens, device="cuda")
-    q = torch.randn(len(ctx_lens), h, d, device="cuda").to(q_dtype)
-    ref = decode_attention_reference(q.float(), data, scales, tables, ctx)
+    q, data, scales, tables, ctx, ref = _int8_gpu_case(h, hkv, d, ctx_lens, q_dtype, make_layer,
+                                                       make_block_tables)
     errs = {}
     rule = da._launch(torch.device("cuda"), partition_size, True, d, q_dtype)
     for fast in (True, False):
@@ -336,12 +400,42 @@ def test_decode_gpu_fast_int8_against_the_conversion_path(
 
 @pytest.mark.gpu
 @CUDA
+@INT8_GPU_CASES
+@pytest.mark.parametrize("partition_size", [512, 128, 64])
+@pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fast", [True, False])
+def test_decode_gpu_int8_scores_from_int8_dots(
+    h, hkv, d, ctx_lens, partition_size, q_dtype, fast, make_layer, make_block_tables, monkeypatch
+):
+    """I8_QK (scores from int8 dots, the query in two int8 parts) and LAZY (the running max
+    moved only past a margin) on the GPU's tiles in halves, with V by FAST_I8's words or by
+    the conversion path: against the fp32 reference, each at least as close as the same
+    tile with the 16-bit query dot and eager rescaling."""
+    q, data, scales, tables, ctx, ref = _int8_gpu_case(h, hkv, d, ctx_lens, q_dtype, make_layer,
+                                                       make_block_tables)
+    errs = {}
+    rule = da._launch(torch.device("cuda"), partition_size, True, d, q_dtype)
+    for i8, lazy in ((False, False), (True, False), (False, True), (True, True)):
+        monkeypatch.setattr(da, "TUNING", {**rule, "split_d": True, "fast_i8": fast, "i8_qk": i8,
+                                           "lazy": lazy})
+        cfg = da.launch_config(q, data, partition_size, True)
+        assert (cfg["i8_qk"], cfg["lazy"], cfg["fast_i8"]) == (i8, lazy, fast)
+        out = decode_attention(q, data, scales, tables, ctx, partition_size=partition_size)
+        assert out.dtype == q_dtype
+        errs[i8, lazy] = _rel_err(out, ref)
+    base = errs.pop((False, False))
+    assert all(e < 1e-2 and e <= 1.25 * base + 1e-3 for e in errs.values()), (base, errs)
+
+
+@pytest.mark.gpu
+@CUDA
 @pytest.mark.parametrize(
     "q_mag,v_mag", [(1e-6, 1.0), (1e6, 1.0), (1.0, 1e-12), (1.0, 1e7), (1e3, 1e-9), (1e6, 1e7)]
 )
 @pytest.mark.parametrize("partition_size", [512, 64])
-def test_decode_gpu_fast_int8_at_any_magnitude(q_mag, v_mag, partition_size, make_layer,
-                                               make_block_tables, monkeypatch):
+@pytest.mark.parametrize("i8_qk,lazy", [(False, False), (True, False), (True, True)])
+def test_decode_gpu_fast_int8_at_any_magnitude(q_mag, v_mag, partition_size, i8_qk, lazy,
+                                               make_layer, make_block_tables, monkeypatch):
     """fp16 has a narrow range: FAST_I8 scales the queries and the weighted probabilities
     into it, so queries and value scales far from 1 (every value scale of a head tiny, or
     huge) keep their relative accuracy, with no inf or NaN. Unscaled, queries of 1e6 and
@@ -354,8 +448,10 @@ def test_decode_gpu_fast_int8_at_any_magnitude(q_mag, v_mag, partition_size, mak
     ctx = torch.tensor(ctx_lens, device="cuda")
     q = (torch.randn(3, 32, 128, device="cuda") * q_mag).to(torch.bfloat16)
     cfg = da._launch(torch.device("cuda"), partition_size, True, 128)
-    monkeypatch.setattr(da, "TUNING", {**cfg, "fast_i8": True})
-    assert da._launch(torch.device("cuda"), partition_size, True, 128)["fast_i8"]
+    monkeypatch.setattr(da, "TUNING", {**cfg, "fast_i8": True, "split_d": i8_qk or cfg["split_d"],
+                                       "i8_qk": i8_qk, "lazy": lazy})
+    ran = da._launch(torch.device("cuda"), partition_size, True, 128)
+    assert (ran["fast_i8"], ran["i8_qk"], ran["lazy"]) == (True, i8_qk, lazy)
     assert da.words_aligned(data)
     out = decode_attention(q, data, scales, tables, ctx, partition_size=partition_size)
     assert torch.isfinite(out).all()
