@@ -268,7 +268,7 @@ def _attend_tile(
 
 @triton.jit
 def _attend_tile_halves(
-    q_lo, q_hi, r_lo, r_hi, n, end, kvh, dh, data_ptr, scales_ptr, table, m_i, l_i, acc_lo, acc_hi,
+    q_lo, q_hi, r_lo, r_hi, q_row, n, end, kvh, dh, data_ptr, scales_ptr, table, m_i, l_i, acc_lo, acc_hi,
     qk_scale, d_kv_stride, d_page_stride, d_slot_stride, d_head_stride,
     s_kv_stride, s_page_stride, s_slot_stride, s_head_stride,
     PAGE_SIZE: tl.constexpr,
@@ -296,7 +296,7 @@ def _attend_tile_halves(
         i32: tl.constexpr = tl.int32
         s = tl.dot(q_hi, tl.trans(k_hi), tl.dot(q_lo, tl.trans(k_lo), out_dtype=i32), out_dtype=i32)
         t = tl.dot(r_hi, tl.trans(k_hi), tl.dot(r_lo, tl.trans(k_lo), out_dtype=i32), out_dtype=i32)
-        s = (s * 254 + t).to(tl.float32)
+        s = (s * 254 + t).to(tl.float32) * q_row[:, None]
     else:
         s = tl.dot(q_lo, tl.trans(_k_operand(k_lo, q_lo.dtype, FAST_I8)),
                    input_precision=DOT_PRECISION)
@@ -337,13 +337,15 @@ def _fp16_query(q, big):
 
 @triton.jit
 def _i8_query(q, big):
-    """I8_QK: a query tile whose largest magnitude is `big` as two int8 tiles, main and
-    res, with q = (main + res / 254) * big / 127 to within big * 2^-16 (each element;
-    fp16's error is 2^-11 of the element, so the scores' error falls). Scores then come
-    from int8 dots on the int8 keys as they lie in the pages, with no conversion:
-    254 * (main . k) + (res . k) in int32 (exact for head dims up to 256), times the
-    returned factor big / (127 * 254)."""
-    x = q.to(tl.float32) * (127.0 / tl.maximum(big, 1e-30))
+    """I8_QK: query rows q [G, C] whose largest magnitudes are big [G] as two int8 tiles,
+    main and res, with q = (main + res / 254) * big / 127 to within big / 64516 an element
+    (about 16 bits of the row's largest value; the 16-bit paths are exact for bf16 and fp16
+    queries, so this is the one that rounds). Per row, so one large head does not cost the
+    others of its group their accuracy. Scores then come from int8 dots on the int8 keys
+    as they lie in the pages, with no conversion: 254 * (main . k) + (res . k) in int32
+    (at most 127 * 255 * 128 * D: exact for head dims up to 256), times the returned row
+    factors big / (127 * 254) [G]."""
+    x = q.to(tl.float32) * (127.0 / tl.maximum(big, 1e-30))[:, None]
     main = tl.floor(x + 0.5)
     res = tl.floor((x - main) * 254.0 + 0.5)
     return main.to(tl.int8), res.to(tl.int8), big * (1.0 / (127.0 * 254.0))
@@ -416,14 +418,14 @@ def _decode_partition_kernel(
         q_lo = tl.load(q_ptrs + dh[None, :], mask=g_mask[:, None], other=0.0)
         q_hi = tl.load(q_ptrs + HALF + dh[None, :], mask=g_mask[:, None], other=0.0)
         tile_scale = qk_scale
-        r_lo = q_lo  # I8_QK's second parts
+        r_lo = q_lo  # I8_QK's second parts and row factors
         r_hi = q_hi
+        q_row = tl.full([BLOCK_G], 1.0, tl.float32)
         if I8_QK:
-            big = tl.maximum(tl.max(tl.abs(q_lo.to(tl.float32))),
-                             tl.max(tl.abs(q_hi.to(tl.float32))))
-            q_lo, r_lo, down = _i8_query(q_lo, big)
-            q_hi, r_hi, down = _i8_query(q_hi, big)
-            tile_scale = qk_scale * down
+            big = tl.maximum(tl.max(tl.abs(q_lo.to(tl.float32)), axis=1),
+                             tl.max(tl.abs(q_hi.to(tl.float32)), axis=1))
+            q_lo, r_lo, q_row = _i8_query(q_lo, big)
+            q_hi, r_hi, q_row = _i8_query(q_hi, big)
         elif FAST_I8:
             big = tl.maximum(tl.max(tl.abs(q_lo.to(tl.float32))),
                              tl.max(tl.abs(q_hi.to(tl.float32))))
@@ -434,7 +436,7 @@ def _decode_partition_kernel(
         acc_hi = tl.zeros([BLOCK_G, HALF], tl.float32)
         for n0 in range(start, end, BLOCK_N):
             m_i, l_i, acc_lo, acc_hi = _attend_tile_halves(
-                q_lo, q_hi, r_lo, r_hi, n0 + tl.arange(0, BLOCK_N), end, kvh, dh, data_ptr, scales_ptr,
+                q_lo, q_hi, r_lo, r_hi, q_row, n0 + tl.arange(0, BLOCK_N), end, kvh, dh, data_ptr, scales_ptr,
                 table, m_i, l_i, acc_lo, acc_hi, tile_scale, d_kv_stride, d_page_stride,
                 d_slot_stride, d_head_stride, s_kv_stride, s_page_stride, s_slot_stride,
                 s_head_stride, PAGE_SIZE, QUANTIZED, DOT_PRECISION, HALF, PV_DTYPE, FAST_I8,
@@ -519,10 +521,11 @@ def _decode_reduce_kernel(
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-# Launch override {"block_n", "num_warps", "num_stages", "maxnreg", "split_d", "fast_i8"}:
-# set by bench/decode_attn_tune.py, which sweeps them on a GPU, and by tests that pick a
-# path. None: the rules in _launch. split_d is still only taken where halves_allowed says
-# so, fast_i8 only where fast_i8_allowed does (absent: off).
+# Launch override {"block_n", "num_warps", "num_stages", "maxnreg", "split_d", "fast_i8",
+# "i8_qk", "lazy"}: set by bench/decode_attn_tune.py, which sweeps them on a GPU, and by
+# tests that pick a path. None: the rules in _launch. split_d is still only taken where
+# halves_allowed says so, fast_i8 only where fast_i8_allowed does, i8_qk and lazy as
+# _launch says (absent: off).
 TUNING: dict | None = None
 
 
@@ -551,8 +554,18 @@ def fast_i8_allowed(device: torch.device, quantized: bool, q_dtype: torch.dtype,
 
 def i8_qk_allowed(quantized: bool, q_dtype: torch.dtype, head_dim: int) -> bool:
     """int8 pages under 16-bit queries may take their scores from int8 dots (I8_QK); the
-    int32 sums stay exact up to head dim 256. fp32 queries keep exact fp32 dots."""
-    return quantized and q_dtype in (torch.float16, torch.bfloat16) and head_dim <= 256
+    int32 sums stay exact up to head dim 256, and a half of 32+ columns is what Triton's
+    int8 dot needs on a GPU (K >= 32), so head dims 64 to 256. fp32 queries keep exact
+    fp32 dots."""
+    return quantized and q_dtype in (torch.float16, torch.bfloat16) and 64 <= head_dim <= 256
+
+
+def _drop_unsafe_lazy(cfg: dict, quantized: bool, q_dtype: torch.dtype) -> None:
+    """LAZY lets probabilities reach 2^8: int8 pages under fp16 queries without FAST_I8
+    (whose weighted max bounds p * v_scale) would take p * v_scale into fp16 and overflow
+    for value scales above 256, so they keep the eager max."""
+    if quantized and q_dtype == torch.float16 and not cfg["fast_i8"]:
+        cfg["lazy"] = False
 
 
 def _launch(device: torch.device, partition_size: int, quantized: bool, head_dim: int,
@@ -563,8 +576,9 @@ def _launch(device: torch.device, partition_size: int, quantized: bool, head_dim
     halves_allowed(head_dim). The interpreter takes it wherever it may, so that the CPU
     tests cover both paths. fast_i8: FAST_I8 tiles, only where fast_i8_allowed. i8_qk
     (scores from int8 dots, _i8_query) and lazy (_lazy_probabilities): tiles in halves
-    only, i8_qk where i8_qk_allowed; off unless TUNING sets them (on an H100 I8_QK was
-    0.3-1% faster at b32 x ctx 8192 and slower at small shapes; not measured on an H200).
+    only, i8_qk where i8_qk_allowed, lazy not where _drop_unsafe_lazy says; off unless
+    TUNING sets them (on an H100 I8_QK, then with one query scale a tile, was 0.3-1%
+    faster at b32 x ctx 8192 and slower at small shapes; not measured on an H200).
 
     FAST_I8 numerics: K and V are exact in fp16; the queries (scaled by a power of two to
     at most 2, _fp16_query) and the probabilities times the value scales (below 2 by the
@@ -611,6 +625,7 @@ def _launch(device: torch.device, partition_size: int, quantized: bool, head_dim
     cfg["i8_qk"] = (bool(cfg.get("i8_qk", False)) and cfg["split_d"]
                     and i8_qk_allowed(quantized, q_dtype, head_dim))
     cfg["lazy"] = bool(cfg.get("lazy", False)) and cfg["split_d"]
+    _drop_unsafe_lazy(cfg, quantized, q_dtype)
     return cfg
 
 
@@ -620,6 +635,7 @@ def launch_config(q: torch.Tensor, data_layer: torch.Tensor, partition_size: int
     word-aligned rows; a layer whose rows are not (a caller's view) takes the byte loads."""
     cfg = _launch(q.device, partition_size, quantized, q.shape[-1], q.dtype)
     cfg["fast_i8"] = cfg["fast_i8"] and words_aligned(data_layer)
+    _drop_unsafe_lazy(cfg, quantized, q.dtype)
     return cfg
 
 
