@@ -85,6 +85,7 @@ def main() -> int:
             i8qk = ints(a.i8_qk) if kv == "int8" else [0]
             axes = (ints(a.partitions), ints(a.block_n), ints(a.warps), ints(a.stages),
                     ints(a.maxnreg), ints(a.split_d), fast, i8qk, ints(a.lazy))
+            seen = set()  # configs as they run: options a tile cannot take are dropped
             for psize, bn, w, st, mr, sd, fi, iq, lz in itertools.product(*axes):
                 if bn > psize or psize % bn:
                     continue
@@ -93,6 +94,10 @@ def main() -> int:
                              "lazy": bool(lz)}
                 ran = da.launch_config(q, data, psize, kv == "int8")  # what runs
                 fi, iq, lz = int(ran["fast_i8"]), int(ran["i8_qk"]), int(ran["lazy"])
+                sd = int(ran["split_d"])
+                if (psize, bn, w, st, mr, sd, fi, iq, lz) in seen:
+                    continue
+                seen.add((psize, bn, w, st, mr, sd, fi, iq, lz))
                 try:
                     out = da.decode_attention(q, data, scales, tables, lens, partition_size=psize).float()
                     err = ((out - ref).norm() / ref.norm()).item()
