@@ -165,6 +165,13 @@ def _exponent(x):
 
 
 @triton.jit
+def _weighted_scores(s, v_scale):
+    """FAST_I8's running max runs over these: s + floor(log2(v_scale)) [M, BLOCK_N], the
+    exponent clamped at -64 (zero scales: masked keys, all-zero rows)."""
+    return s + tl.maximum(_exponent(v_scale), -64).to(tl.float32)[None, :]
+
+
+@triton.jit
 def _weighted_softmax_step(s, m_i, l_i, v_scale):
     """_softmax_step for FAST_I8 tiles (s in log2 units): -> (m_new, l_i, p * v_scale,
     alpha), the probabilities already times the value scales, as P @ V takes them in fp16.
@@ -176,8 +183,7 @@ def _weighted_softmax_step(s, m_i, l_i, v_scale):
     value scale is tiny). l counts exp2(s - m) against the same m; the merge kernel is
     unchanged. The exponent is clamped at -64 (zero scales: masked keys, all-zero rows),
     so exp2(s - m) <= 2^64."""
-    lg = tl.maximum(_exponent(v_scale), -64).to(tl.float32)
-    m_new = tl.maximum(m_i, tl.max(s + lg[None, :], axis=1))
+    m_new = tl.maximum(m_i, tl.max(_weighted_scores(s, v_scale), axis=1))
     e = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     return m_new, l_i * alpha + tl.sum(e, axis=1), e * v_scale[None, :], alpha
@@ -205,8 +211,8 @@ def _lazy_probabilities(s, m_i, l_i, acc_lo, acc_hi, qk_scale, v_scale, QUANTIZE
     most tiles skip the rescale (FA4's trick); probabilities may then reach 2^8 (FAST_I8:
     p * v_scale < 2^9, still far inside fp16). -> (m_i, l_i, p, acc_lo, acc_hi); p times
     the value scales for int8 pages. Scores as _tile_probabilities takes them."""
-    if FAST_I8:  # the max over s + floor(log2(v_scale)), as _weighted_softmax_step
-        x = s + tl.maximum(_exponent(v_scale), -64).to(tl.float32)[None, :]
+    if FAST_I8:  # the max over the weighted scores, as _weighted_softmax_step
+        x = _weighted_scores(s, v_scale)
     elif QUANTIZED:  # already in log2 units
         x = s
     else:
