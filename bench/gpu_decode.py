@@ -8,6 +8,10 @@ What each row measures (ms per decode step = wall time of one whole step, host i
 - ours graph / ours eager: `ModelRunner.execute` of one decode step (inputs built on the
   host, model, logits, greedy sampling, tokens back on the host); graph = CUDA-graph
   replay, eager = the same kernels launched one by one.
+- ours engine loop, run-ahead on / off: the median wall time of `LLMEngine.step()` while
+  one greedy request decodes (prompt of ctx - 1 tokens), what a client sees per token.
+  With run-ahead the next step is launched before this one's tokens are read, so the
+  host's work overlaps the GPU's (engine/llm.py); off, every step waits for its tokens.
 - HF eager / HF static / HF static+compile: `generate` with the dynamic cache, with
   `cache_implementation="static"` and `disable_compile=True`, and with the static cache
   and HF's automatic `torch.compile` (mode reduce-overhead); the step time is the median
@@ -223,6 +227,27 @@ def ours_step_ms(engine: LLMEngine, batch: int, ctx: int, iters: int, graphs: bo
     finally:
         r.graphs, r.prefill_graphs = saved
         release(engine, sb)
+
+
+def loop_step_ms(engine: LLMEngine, ctx: int, steps: int, run_ahead: bool) -> float:
+    """Median wall ms of `engine.step()` while one greedy request decodes `steps` tokens
+    after a prompt of ctx - 1 tokens (its prefill and first two decode steps not counted):
+    the per-token time a client sees, host work included, like HF's StepClock."""
+    saved, engine.run_ahead = engine.run_ahead, run_ahead
+    g = torch.Generator().manual_seed(11)
+    prompt = torch.randint(3, engine.model_config.vocab_size, (ctx - 1,), generator=g).tolist()
+    engine.add_request(prompt, SamplingParams(max_tokens=steps + 4, ignore_eos=True))
+    times = []
+    try:
+        while engine.has_unfinished() and len(times) < steps + 8:
+            t0 = time.perf_counter()
+            engine.step()
+            times.append(1e3 * (time.perf_counter() - t0))
+    finally:
+        engine.run_ahead = saved
+    if engine.has_unfinished():
+        raise RuntimeError(f"a {steps + 4}-token request took more than {steps + 8} steps")
+    return statistics.median(times[3 : 3 + steps])
 
 
 def request_steps(engine: LLMEngine, prompt_len: int, new_tokens: int, seed: int) -> list[float]:
@@ -485,6 +510,7 @@ def section_smollm2(args, bw: float, hf_jobs: list) -> None:
     )
     row(f"SmolLM2 b1 ctx{ctx}: ours eager", e, "ms/step", "")
     row(f"SmolLM2 b1 ctx{ctx}: floor", 1e3 * floor, "ms/step", "bytes / copy bw")
+    loop = engine_loop_rows("SmolLM2", engine, ctx, args.iters, 1e3 * floor)
     if args.profile_dir:
         path = guarded("profile", profile_steps, engine, args.profile_dir, args.profile_steps, 1, ctx)
         if path:
@@ -503,9 +529,26 @@ def section_smollm2(args, bw: float, hf_jobs: list) -> None:
                     "ms/step",
                     f"ours graph {r['step_ms'] / g:.1f}x faster",
                 )
-            hf_jobs.append(("SmolLM2", hf, cfg, g))
+            hf_jobs.append(("SmolLM2", hf, cfg, {"graph step": g, "engine loop": loop}))
     del engine
     free()
+
+
+def engine_loop_rows(label: str, engine: LLMEngine, ctx: int, steps: int, floor_ms: float) -> float:
+    """Rows for the engine loop's per-token time at batch 1, run-ahead on and off (interleaved,
+    median of 3 rounds each). -> the run-ahead figure."""
+    on, off = [], []
+    for _ in range(3):
+        on.append(loop_step_ms(engine, ctx, steps, True))
+        off.append(loop_step_ms(engine, ctx, steps, False))
+    on_ms, off_ms = statistics.median(on), statistics.median(off)
+    emit(f"{label.lower()}_b1", "engine_loop", run_ahead_ms=on_ms, no_run_ahead_ms=off_ms,
+         floor_ms=floor_ms, ctx=ctx)
+    row(f"{label} b1 ctx{ctx}: ours engine loop, run-ahead", on_ms, "ms/token",
+        f"{on_ms / floor_ms:.2f}x floor")
+    row(f"{label} b1 ctx{ctx}: ours engine loop, no run-ahead", off_ms, "ms/token",
+        f"{off_ms / floor_ms:.2f}x floor")
+    return on_ms
 
 
 def section_8b(args, bw: float, hf_jobs: list) -> None:
@@ -530,6 +573,7 @@ def section_8b(args, bw: float, hf_jobs: list) -> None:
     row(f"8B b1 ctx{ctx}: ours {mode(engine)}", g, "ms/step", f"{g / floor:.2f}x floor")
     row(f"8B b1 ctx{ctx}: ours eager", e, "ms/step", "")
     row(f"8B b1 ctx{ctx}: floor", floor, "ms/step", "bytes / copy bw")
+    loop = engine_loop_rows("8B", engine, ctx, args.iters, floor)
     if args.profile_dir:
         path = guarded("profile 8B", profile_steps, engine, args.profile_dir, args.profile_steps, 1, ctx, "8b")
         if path:
@@ -615,7 +659,7 @@ def section_8b(args, bw: float, hf_jobs: list) -> None:
         )
     free()
     if hf is not None:
-        hf_jobs.append(("8B", hf, cfg, g))
+        hf_jobs.append(("8B", hf, cfg, {"graph step": g, "engine loop": loop}))
 
 
 def section_prefill() -> None:
@@ -644,11 +688,12 @@ def section_hf_compile(args, hf_jobs: list) -> None:
         )
         if r:
             emit("hf_compile", label, ctx=args.ctx, **r)
+            faster = "; ".join(f"ours {k} {r['step_ms'] / v:.2f}x faster" for k, v in ours_ms.items())
             row(
                 f"{label} b1 ctx{args.ctx}: HF static+compile",
                 r["step_ms"],
                 "ms/step",
-                f"first call {r['first_call_s']:.0f}s; ours graph {r['step_ms'] / ours_ms:.2f}x faster",
+                f"first call {r['first_call_s']:.0f}s; {faster}",
             )
         torch._dynamo.reset()
         free()

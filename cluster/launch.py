@@ -52,7 +52,7 @@ def worker_spec(config: ClusterConfig, role: str) -> WorkerSpec:
         model=config.model, dtype=config.dtype, kv_dtype=config.kv_dtype, device=config.device,
         num_pages=pool.num_pages, max_num_seqs=pool.max_num_seqs,
         max_num_batched_tokens=pool.max_num_batched_tokens, transport=config.transport,
-        torch_threads=pool.torch_threads, cuda_graphs=pool.cuda_graphs,
+        torch_threads=pool.torch_threads, cuda_graphs=pool.cuda_graphs, run_ahead=pool.run_ahead,
         cluster_token=config.cluster_token or _SESSION_TOKEN,
         transfer_timeout_s=config.limits.transfer_timeout_s, dummy_weights=config.dummy_weights,
         kv_host=config.kv_host,

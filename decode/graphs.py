@@ -250,10 +250,12 @@ class CudaGraphRunner:
     def bucket_for(self, n: int) -> int | None:
         return smallest_bucket(self.buckets, n)
 
-    def run(self, step: HostStep, tokens: bool = False) -> torch.Tensor | None:
+    def run(self, step: HostStep, tokens: bool = False,
+            ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Replay the bucket that holds `step` -> logits [B, V], or with `tokens` the greedy
         tokens [B] int64 (views of static buffers, valid until the next replay); None when
-        no captured graph fits the step."""
+        no captured graph fits the step. ids: device token ids [B] copied over the step's
+        input ids after the upload (the run-ahead step feeds the step before's argmax)."""
         n = step.num_seqs
         bs = self.bucket_for(n)
         if bs is None or bs not in self.graphs or not step.is_decode:
@@ -263,6 +265,8 @@ class CudaGraphRunner:
         host = self.staged.host()
         fill_graph_inputs(step, bs, host["inputs"], host["tables"])
         self.staged.upload(rows=n)  # the tables come last: the inputs and n table rows
+        if ids is not None:
+            self.inputs[0, :n].copy_(ids)  # stream-ordered after the upload and the step before
         self.graphs[bs].replay()
         self.replays += 1
         return (self.argmax if tokens else self.logits)[bs][:n]

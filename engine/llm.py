@@ -14,8 +14,15 @@ from engine.kv_cache import KVCache, KVCacheSpec, resolve_kv_dtype
 from engine.layers import transpose_linears
 from engine.loader.registry import LoadedModel, load_model
 from engine.page_pool import PAGE_SIZE, PagePool
-from engine.request import FinishReason, Request, RequestOutput
-from engine.runner import ModelRunner
+from engine.request import (
+    FinishReason,
+    Request,
+    RequestOutput,
+    ScheduledBatch,
+    ScheduledSeq,
+    StepOutput,
+)
+from engine.runner import ModelRunner, PendingTokens
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.spec import build_spec_decoder
@@ -50,6 +57,10 @@ class EngineConfig:
     spec_draft_layers: int = 0  # truncated-target draft: its first N layers (0 = a quarter)
     spec_ngram_max: int = 3  # prompt lookup tries n-grams of this many tokens down to spec_ngram_min
     spec_ngram_min: int = 1
+    # greedy decode steps launched one step ahead, fed the step before's tokens on the GPU,
+    # so the host's work (results, scheduling, the next launch) overlaps the GPU's:
+    # auto (on CUDA) | on | off. Not with speculative decoding or MoE models.
+    decode_run_ahead: str = "auto"
 
     def __post_init__(self) -> None:
         from engine.spec.drafters import DRAFTERS
@@ -64,6 +75,8 @@ class EngineConfig:
             raise ValueError(
                 f"need 1 <= spec_ngram_min <= spec_ngram_max, got {self.spec_ngram_min}, {self.spec_ngram_max}"
             )
+        if self.decode_run_ahead not in ("auto", "on", "off"):
+            raise ValueError(f"decode_run_ahead must be auto, on or off, got {self.decode_run_ahead!r}")
         if self.attention_backend not in BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}"
@@ -73,6 +86,14 @@ class EngineConfig:
         if self.max_prefill_graph_tokens < 1 or self.max_prefill_graph_seqs < 1:
             raise ValueError("max_prefill_graph_tokens and max_prefill_graph_seqs must be >= 1, got "
                              f"{self.max_prefill_graph_tokens}, {self.max_prefill_graph_seqs}")
+
+
+@dataclass
+class InFlight:
+    """A greedy decode step launched but not yet applied: its batch and its tokens."""
+
+    batch: ScheduledBatch
+    tokens: PendingTokens
 
 
 @dataclass
@@ -115,6 +136,11 @@ class LLMEngine:
         self.runner.spec = build_spec_decoder(config, loaded.model, self.runner, kv_dtype, self.device,
                                               self.backend)
         self._streams: dict[str, TextStream] = {}
+        ahead = config.decode_run_ahead
+        self.run_ahead = (ahead == "on" or (ahead == "auto" and self.device.type == "cuda")) and (
+            self.runner.spec is None and not cfg.is_moe)  # verify steps; EP's one forward a step
+        self._ahead: InFlight | None = None  # the step launched ahead, applied by the next step()
+        self.ahead_steps = 0  # steps launched ahead (metrics, tests)
         # Called with (batch, step output) after the model ran, before pages are released:
         # the prefill worker exports finished prompts' KV pages here.
         self.on_executed = None
@@ -158,6 +184,7 @@ class LLMEngine:
             if not self.model_config.is_moe:  # EP ranks step in lockstep: no private requests
                 self._warm_requests()
                 self._reset_replay_counts()  # metrics count users' steps, not the warm-up's
+                self.ahead_steps = 0
         torch.cuda.synchronize(self.device)
         if self.model_config.is_moe:  # the warm-up's made-up tokens are not expert load
             self.runner.model.expert_load(reset=True)
@@ -254,21 +281,77 @@ class LLMEngine:
     # ---- stepping ----
 
     def step(self) -> list[RequestOutput]:
-        batch = self.scheduler.schedule()
-        if batch.is_empty:
-            if self.scheduler.waiting and not self.scheduler.running:
-                # Nothing runs and the head of the queue cannot get pages: it never will.
-                req = self.scheduler.waiting[0]
-                self.scheduler.abort(req.request_id)
-                return [RequestOutput(req.request_id, [], True, FinishReason.ABORT)]
-            return []
-        out = self.runner.execute(batch)
+        """Run one step and apply its results. With run-ahead, a greedy decode step may
+        have been launched by the step before (`_ahead`): it is applied now, and the step
+        after it is launched before its tokens are read, fed them on the GPU."""
+        current = self._take_ahead()
+        if current is None:
+            batch = self.scheduler.schedule()
+            if batch.is_empty:
+                if self.scheduler.waiting and not self.scheduler.running:
+                    # Nothing runs and the head of the queue cannot get pages: it never will.
+                    req = self.scheduler.waiting[0]
+                    self.scheduler.abort(req.request_id)
+                    return [RequestOutput(req.request_id, [], True, FinishReason.ABORT)]
+                return []
+            if not self._can_run_ahead(batch):
+                return self._apply(batch, self.runner.execute(batch))
+            current = InFlight(batch, self.runner.launch_greedy(self.runner.collect(batch)))
+        self._launch_ahead(current)
+        return self._apply(current.batch, StepOutput(current.tokens.wait()))
+
+    def _apply(self, batch: ScheduledBatch, out: StepOutput) -> list[RequestOutput]:
         if self.on_executed is not None:
             self.on_executed(batch, out)
-        results = self.scheduler.update(batch, out)
+        results = self.scheduler.update(batch, out)  # drops the tokens of finished requests
         for r in results:
             self._detokenize(r)
         return results
+
+    def _take_ahead(self) -> InFlight | None:
+        """The step launched ahead, unless every request in it has finished since (a stop
+        token, a stop string, an abort): then it is drained and dropped."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and all(s.request.is_finished for s in ahead.batch.seqs):
+            ahead.tokens.wait()
+            return None
+        return ahead
+
+    def _can_run_ahead(self, batch: ScheduledBatch) -> bool:
+        """Whether the step after `batch` can be launched before `batch`'s tokens are read:
+        `batch` is a greedy decode step of every running request (no logprobs, nothing
+        waiting that could be admitted instead), some request can still go on after it,
+        and none is at the context limit."""
+        sched = self.scheduler
+        if not self.run_ahead or [s.request for s in batch.seqs] != sched.running:
+            return False
+        if sched.waiting and len(sched.running) < sched.max_num_seqs:
+            return False  # admit it next step
+        goes_on = False
+        for seq in batch.seqs:
+            req, p = seq.request, seq.request.params
+            if seq.num_new_tokens != 1 or not seq.sample or seq.num_spec_tokens:
+                return False
+            if not p.greedy or p.logprobs or req.num_computed_tokens + 1 != req.num_tokens:
+                return False
+            if req.num_tokens + 1 > self.max_model_len:
+                return False
+            goes_on |= len(req.output_token_ids) + 1 < p.max_tokens and req.num_tokens + 1 < self.max_model_len
+        return goes_on
+
+    def _launch_ahead(self, current: InFlight) -> None:
+        """Launch the step after `current` (same requests, one token further), fed
+        `current`'s tokens on the GPU, if allowed and its pages can be reserved."""
+        batch = current.batch
+        if not self._can_run_ahead(batch):
+            return
+        for seq in batch.seqs:  # the next step writes position num_computed_tokens + 1
+            if not self.scheduler.reserve(seq.request, seq.request.num_computed_tokens + 2):
+                return  # short of pages: the next step is scheduled (and may preempt)
+        nxt = ScheduledBatch([ScheduledSeq(s.request, 1, True) for s in batch.seqs])
+        tokens = self.runner.launch_greedy(self.runner.collect_next(batch), ids=current.tokens.device)
+        self._ahead = InFlight(nxt, tokens)
+        self.ahead_steps += 1
 
     def _detokenize(self, r: RequestOutput) -> None:
         stream = self._streams.get(r.request_id)

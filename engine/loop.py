@@ -98,7 +98,8 @@ class EngineLoop:
         pool, sched = self.engine.pool, self.engine.scheduler
         return {"pages_total": pool.num_pages, "pages_free": pool.num_free, "pages_used": pool.num_used,
                 "running": len(sched.running), "waiting": len(sched.waiting), "steps": self.steps,
-                "step_seconds": self.step_seconds, **self.engine.spec_stats(), **self._expert_stats()}
+                "step_seconds": self.step_seconds, "ahead_steps": self.engine.ahead_steps,
+                **self.engine.spec_stats(), **self._expert_stats()}
 
     def _expert_stats(self) -> dict:
         """MoE only: tokens this rank routed to each expert per layer since start, the worst

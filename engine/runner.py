@@ -71,9 +71,11 @@ class StepInputs:
 class DecodeGraphs(Protocol):
     """What the runner needs from a CUDA-graph runner (decode/graphs.py implements it)."""
 
-    def run(self, step: HostStep, tokens: bool = False) -> torch.Tensor | None:
+    def run(self, step: HostStep, tokens: bool = False,
+            ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """Logits [B, V] of a decode step replayed from a graph, or with `tokens` its greedy
-        tokens [B]; None when no graph fits."""
+        tokens [B]; None when no graph fits. ids: device token ids [B] fed instead of the
+        step's input_ids."""
 
 
 class PrefillGraphs(Protocol):
@@ -84,6 +86,29 @@ class PrefillGraphs(Protocol):
     def run(self, step: HostStep, tokens: bool = False) -> torch.Tensor | None:
         """Logits [N, V] of the step's sampled rows replayed from a graph, or with `tokens`
         their greedy tokens [N]; None when none fits."""
+
+
+class PendingTokens:
+    """The greedy tokens [B] of a launched step, on their way to the host: a copy into
+    pinned memory queued behind the step, so the host can launch the next step before it
+    reads these (`wait`). `device` is what the next step may feed on the GPU; a graph's
+    static output, valid until that bucket replays again."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        self.device = tokens
+        self._done = None
+        if tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record(torch.cuda.current_stream(tokens.device))
+        else:  # a copy: a stand-in graph's static output is overwritten by the next replay
+            self._host = tokens.clone()
+
+    def wait(self) -> list[int]:
+        if self._done is not None:
+            self._done.synchronize()
+        return self._host.tolist()
 
 
 class ModelRunner:
@@ -125,6 +150,28 @@ class ModelRunner:
                 s.logits_rows.append(flat - 1)
                 s.params.append(req.params)
                 s.generators.append(self._generator(req))
+        return s
+
+    def collect_next(self, batch: ScheduledBatch) -> HostStep:
+        """The decode step after `batch` (a decode batch not yet applied), collected before
+        its tokens are known: each sequence feeds the token `batch` samples for it, one
+        position further. The ids are placeholders (0): `launch_greedy(..., ids=)` feeds
+        the tokens from the device. Each request must hold pages for
+        num_computed_tokens + 2 tokens (`Scheduler.reserve`)."""
+        s = HostStep([], [], [], [], [], [], [], [], [])
+        ps = self.page_size
+        for i, seq in enumerate(batch.seqs):
+            req = seq.request
+            pos = req.num_computed_tokens + 1  # `batch` feeds num_computed_tokens
+            s.input_ids.append(0)
+            s.positions.append(pos)
+            s.slots.append(req.pages[pos // ps] * ps + pos % ps)
+            s.q_lens.append(1)
+            s.ctx_lens.append(pos + 1)
+            s.tables.append(req.pages)
+            s.logits_rows.append(i)
+            s.params.append(req.params)
+            s.generators.append(None)  # greedy only
         return s
 
     def _generator(self, req: Request) -> torch.Generator | None:
@@ -213,6 +260,22 @@ class ModelRunner:
             sb = SamplingBatch.build(s.params, s.generators, self.device)
             tokens, logprobs = sample(self.sampled_logits(s), sb)
             return StepOutput(tokens.tolist(), None if logprobs is None else logprobs.tolist())
+
+    @torch.inference_mode()
+    def launch_greedy(self, s: HostStep, ids: torch.Tensor | None = None) -> PendingTokens:
+        """Launch a greedy decode step (every sequence samples, none asks for logprobs) and
+        return before it runs: its tokens come through the `PendingTokens`. ids: device
+        token ids [B] fed instead of s.input_ids (the step before's tokens, not yet read
+        on the host)."""
+        with self.backend.range(f"step decode seqs={s.num_seqs} launched"):
+            tokens = None if self.graphs is None else self.graphs.run(s, tokens=True, ids=ids)
+            if tokens is None:
+                inp = self.to_inputs(s)
+                if ids is not None:
+                    inp.input_ids = ids
+                hidden = self.forward(inp)
+                tokens = self.model.compute_logits(hidden[inp.logits_index]).argmax(dim=-1)
+            return PendingTokens(tokens)
 
     def graph_steps(self) -> int:
         """Steps served by a captured graph (decode and prefill) since the counters were reset."""

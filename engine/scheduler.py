@@ -113,6 +113,11 @@ class Scheduler:
             return 0
         return 0 if req.num_tokens + k > self.max_model_len else k
 
+    def reserve(self, req: Request, num_tokens: int) -> bool:
+        """Make a running request hold pages for num_tokens from free pages only (no
+        preemption); False when the pool is short. Its pages go back when it finishes."""
+        return self._reserve(req, num_tokens, preempt=False)
+
     def _reserve(self, req: Request, num_tokens: int, preempt: bool = True) -> bool:
         """Make req hold pages for num_tokens, preempting the newest running request if needed."""
         need = pages_needed(num_tokens, self.page_size) - len(req.pages)

@@ -24,6 +24,7 @@ class WorkerSpec:
     transport: str = "gloo"  # gloo | nccl | grpc
     torch_threads: int = 0  # 0 = all cores
     cuda_graphs: bool = True  # GPU: decode (decode workers) and short prefill steps from CUDA graphs
+    run_ahead: str = "auto"  # EngineConfig.decode_run_ahead: auto (on CUDA) | on | off
     cluster_token: str = ""
     transfer_timeout_s: float = 30.0
     max_pairs: int = 16
@@ -104,4 +105,5 @@ class WorkerSpec:
                             max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens,
                             cuda_graphs=graphs and decode_graphs, prefill_graphs=graphs,
+                            decode_run_ahead=self.run_ahead,
                             **self._spec_fields(decode_graphs))

@@ -158,8 +158,12 @@ def test_fp32_greedy_tokens_match_cpu_engine(cpu_model, cuda_graphs):
     assert (gpu.runner.graphs is not None) == cuda_graphs
     assert (gpu.runner.prefill_graphs is not None) == cuda_graphs
     assert _greedy(gpu, prompts) == want
+    assert gpu.ahead_steps >= GREEDY_STEPS - 4  # decode run-ahead is on by default on CUDA
     if cuda_graphs:  # the prompts' prefill step replayed a prefill graph
         assert gpu.runner.prefill_graphs.replays >= 1
+    step_by_step = _engine(_on_gpu(cpu_model), "cuda", cuda_graphs=cuda_graphs, prefill_graphs=cuda_graphs,
+                           max_num_seqs=8, decode_run_ahead="off")
+    assert _greedy(step_by_step, prompts) == want and step_by_step.ahead_steps == 0
 
 
 def test_chunked_prefill_through_graphs_matches_cpu(cpu_model):

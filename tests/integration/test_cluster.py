@@ -40,6 +40,8 @@ TOPOLOGIES = [
     # speculative decoding on the decode worker (n-gram drafts, 4 per step): lossless when greedy
     pytest.param(dict(transport="gloo", kv_dtype="fp32", decode={"speculative": {"drafter": "ngram", "k": 4}}),
                  id="1p1d-spec-ngram"),
+    # decode steps launched one ahead (the GPU default), forced on here: tokens, cancels, deadlines
+    pytest.param(dict(transport="gloo", kv_dtype="fp32", decode={"run_ahead": "on"}), id="1p1d-run-ahead"),
 ]
 
 
@@ -100,6 +102,16 @@ def test_decode_workers_speculate_only_when_configured(cluster):
         assert drafted == 0 and not any("spec_drafted_tokens" in s for s in stats)
     else:  # requests ran through draft + verify steps, and some drafts were kept
         assert drafted > 0 and sum(s["spec_accepted_tokens"] for s in stats) > 0, stats
+
+
+def test_decode_steps_run_ahead_only_when_configured(cluster):
+    import ray
+
+    stream(cluster.stub, "The capital of France is", max_tokens=12)
+    stats = [ray.get(w.handle.status.remote(), timeout=30) for w in cluster.cluster.table.pool("decode")]
+    ahead = sum(s["ahead_steps"] for s in stats)
+    on = cluster.cluster.config.decode.run_ahead == "on"
+    assert ahead > 0 if on else ahead == 0, stats
 
 
 def test_greedy_matches_hf(cluster, hf_smollm2, smollm2):

@@ -119,3 +119,31 @@ def test_verify_replay_matches_eager(device):
     if device == "cpu":  # on a GPU this would capture for real
         with pytest.raises(ValueError, match="CUDA KV cache"):
             graphs.capture()
+
+
+def test_run_ahead_replay_feeds_the_step_befores_argmax(device):
+    """Decode run-ahead through the graphs: step 2 is launched before step 1's tokens are
+    read, its ids copied from step 1's captured argmax on the device; both equal two
+    steps run one after the other (each fed its token from the host)."""
+    runner, graphs, pool = _setup(device, torch.float32)
+    runner.graphs = graphs
+    batch = _batch(pool, [40, 15, 33], seed=4)  # the 15-token one's next step opens page 2
+    saved = [t.clone() for t in _cache_tensors(runner.cache)]
+    for s in batch.seqs:
+        r = s.request
+        r.pages += pool.allocate(-(-(r.num_computed_tokens + 2) // 16) - len(r.pages))
+    want = []
+    for _ in range(2):
+        want.append(runner.execute(batch).token_ids)
+        for s, tok in zip(batch.seqs, want[-1]):
+            s.request.num_computed_tokens += 1
+            s.request.output_token_ids.append(tok)
+    for t, b in zip(_cache_tensors(runner.cache), saved):
+        t.copy_(b)
+    for s in batch.seqs:
+        s.request.num_computed_tokens -= 2
+        del s.request.output_token_ids[-2:]
+    first = runner.launch_greedy(runner.collect(batch))
+    second = runner.launch_greedy(runner.collect_next(batch), ids=first.device)
+    assert [first.wait(), second.wait()] == want
+    assert want[0] != want[1] and graphs.replays == 4

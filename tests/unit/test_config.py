@@ -79,3 +79,13 @@ def test_cuda_graphs_switch_reaches_every_worker_engine(graphs):
     assert (p.cuda_graphs, p.prefill_graphs) == (False, graphs)
     moe = decode.engine_config(is_moe=True)
     assert (moe.cuda_graphs, moe.prefill_graphs) == (False, False)
+
+
+@pytest.mark.parametrize("value", ["auto", "on", "off"])
+def test_run_ahead_reaches_the_decode_engine(value):
+    from cluster.launch import worker_spec
+
+    cfg = parse_config({"decode": {"run_ahead": value}}, "test.yaml")
+    assert worker_spec(cfg, "decode").engine_config(is_moe=False).decode_run_ahead == value
+    with pytest.raises(ConfigError, match="run_ahead"):
+        parse_config({"decode": {"run_ahead": "sometimes"}}, "test.yaml")
