@@ -323,7 +323,9 @@ class LLMEngine:
         waiting that could be admitted instead), some request can still go on after it,
         and none is at the context limit."""
         sched = self.scheduler
-        if not self.run_ahead or [s.request for s in batch.seqs] != sched.running:
+        if not self.run_ahead or len(batch.seqs) != len(sched.running):
+            return False
+        if any(s.request is not r for s, r in zip(batch.seqs, sched.running)):
             return False
         if sched.waiting and len(sched.running) < sched.max_num_seqs:
             return False  # admit it next step

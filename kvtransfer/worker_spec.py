@@ -105,5 +105,6 @@ class WorkerSpec:
                             max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens,
                             cuda_graphs=graphs and decode_graphs, prefill_graphs=graphs,
-                            decode_run_ahead=self.run_ahead,
+                            # EP ranks make exactly one forward a step (engine.loop.Lockstep)
+                            decode_run_ahead="off" if self.ep_size > 1 else self.run_ahead,
                             **self._spec_fields(decode_graphs))

@@ -166,6 +166,21 @@ def test_fp32_greedy_tokens_match_cpu_engine(cpu_model, cuda_graphs):
     assert _greedy(step_by_step, prompts) == want and step_by_step.ahead_steps == 0
 
 
+def test_run_ahead_past_a_stop_then_a_new_request(cpu_model):
+    """A step runs ahead of a request that then stops on a token: its tokens end at the stop,
+    and the next request, whose pages may be the stopped one's while that step is still
+    queued, gets the CPU engine's tokens; the pool ends full."""
+    prompt, second = _prompts((21,), seed=6), _prompts((40,), seed=7)
+    cpu = _engine(cpu_model, "cpu")
+    plain, want2 = _greedy(cpu, prompt)[0], _greedy(cpu, second)
+    stop = next(t for i, t in enumerate(plain) if i >= 3 and t not in plain[:i])
+    gpu = _engine(_on_gpu(cpu_model), "cuda", max_num_seqs=8)
+    params = SamplingParams(max_tokens=GREEDY_STEPS, ignore_eos=True, stop_token_ids=(stop,))
+    assert gpu.generate(prompt, params)[0].token_ids == plain[: plain.index(stop) + 1]
+    assert gpu._ahead is not None  # launched past the stop, not yet drained
+    assert _greedy(gpu, second) == want2 and gpu.pool.is_full()
+
+
 def test_chunked_prefill_through_graphs_matches_cpu(cpu_model):
     """A 100-token prompt in 32-token chunks: three that sample nothing, then the last one."""
     prompts = _prompts((100, 7), seed=4)

@@ -1,5 +1,6 @@
 """Cluster config: the shipped YAML files load; a bad field gives a message naming it."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -87,5 +88,7 @@ def test_run_ahead_reaches_the_decode_engine(value):
 
     cfg = parse_config({"decode": {"run_ahead": value}}, "test.yaml")
     assert worker_spec(cfg, "decode").engine_config(is_moe=False).decode_run_ahead == value
+    rank = dataclasses.replace(worker_spec(cfg, "decode"), ep_rank=1, ep_size=2)  # as spawn_group makes it
+    assert rank.engine_config(is_moe=False).decode_run_ahead == "off"  # Lockstep: one forward a step
     with pytest.raises(ConfigError, match="run_ahead"):
         parse_config({"decode": {"run_ahead": "sometimes"}}, "test.yaml")

@@ -159,3 +159,44 @@ def test_what_does_not_run_ahead(tiny, params, spec):
 def test_run_ahead_setting():
     with pytest.raises(ValueError, match="decode_run_ahead"):
         EngineConfig(decode_run_ahead="yes")
+
+
+def test_a_request_joining_a_chain_is_served_at_once(tiny):
+    """A request added while steps run ahead gets its prefill by the second step after
+    (the step already launched is applied first), and the chain then carries it too."""
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    engine = _engine(tiny, "on")
+    engine.add_request(_prompt(11, 12), params)
+    for _ in range(4):
+        engine.step()
+    assert engine._ahead is not None
+    rid = engine.add_request(_prompt(7, 13), params)
+    seen = [o.request_id for _ in range(2) for o in engine.step()]
+    assert rid in seen
+    before = engine.ahead_steps
+    for _ in range(4):
+        engine.step()
+    assert engine.ahead_steps == before + 4 and len(engine._ahead.batch.seqs) == 2
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.pool.is_full()
+
+
+def test_no_step_runs_ahead_of_requests_that_all_end_by_length(tiny):
+    engine = _engine(tiny, "on")
+    got = _drive(engine, {0: [(_prompt(9, 14), SamplingParams(max_tokens=6, ignore_eos=True)),
+                              (_prompt(3, 15), SamplingParams(max_tokens=4, ignore_eos=True))]})
+    assert [len(t) for t, _ in got.values()] == [6, 4]
+    assert engine._ahead is None and engine.ahead_steps > 0
+
+
+def test_run_ahead_up_to_the_context_limit(tiny):
+    """Requests that stop at the model's 96-token context, one of them crossing into its
+    last page on the way."""
+    params = SamplingParams(max_tokens=60, ignore_eos=True)
+    script = {0: [(_prompt(80, 16), params), (_prompt(62, 17), params)]}
+    plain = _drive(_engine(tiny, "off"), script)
+    engine = _engine(tiny, "on")
+    ahead = _drive(engine, script)
+    assert ahead == plain and [len(t) for t, _ in ahead.values()] == [16, 34]
+    assert {r for _, r in ahead.values()} == {"length"} and engine.pool.is_full()
