@@ -57,7 +57,7 @@ class EngineConfig:
     spec_draft_layers: int = 0  # truncated-target draft: its first N layers (0 = a quarter)
     spec_ngram_max: int = 3  # prompt lookup tries n-grams of this many tokens down to spec_ngram_min
     spec_ngram_min: int = 1
-    # greedy decode steps launched one step ahead, fed the step before's tokens on the GPU,
+    # decode steps launched one step ahead, fed the step before's tokens on the GPU,
     # so the host's work (results, scheduling, the next launch) overlaps the GPU's:
     # auto (on CUDA) | on | off. Not with speculative decoding or MoE models.
     decode_run_ahead: str = "auto"
@@ -90,7 +90,7 @@ class EngineConfig:
 
 @dataclass
 class InFlight:
-    """A greedy decode step launched but not yet applied: its batch and its tokens."""
+    """A decode step launched but not yet applied: its batch and its tokens."""
 
     batch: ScheduledBatch
     tokens: PendingTokens
@@ -281,7 +281,7 @@ class LLMEngine:
     # ---- stepping ----
 
     def step(self) -> list[RequestOutput]:
-        """Run one step and apply its results. With run-ahead, a greedy decode step may
+        """Run one step and apply its results. With run-ahead, a decode step may
         have been launched by the step before (`_ahead`): it is applied now, and the step
         after it is launched before its tokens are read, fed them on the GPU."""
         current = self._take_ahead()
@@ -296,9 +296,9 @@ class LLMEngine:
                 return []
             if not self._can_run_ahead(batch):
                 return self._apply(batch, self.runner.execute(batch))
-            current = InFlight(batch, self.runner.launch_greedy(self.runner.collect(batch)))
+            current = InFlight(batch, self.runner.launch(self.runner.collect(batch)))
         self._launch_ahead(current)
-        return self._apply(current.batch, StepOutput(current.tokens.wait()))
+        return self._apply(current.batch, current.tokens.wait())
 
     def _apply(self, batch: ScheduledBatch, out: StepOutput) -> list[RequestOutput]:
         if self.on_executed is not None:
@@ -319,7 +319,7 @@ class LLMEngine:
 
     def _can_run_ahead(self, batch: ScheduledBatch) -> bool:
         """Whether the step after `batch` can be launched before `batch`'s tokens are read:
-        `batch` is a greedy decode step of every running request (no logprobs, nothing
+        `batch` is a decode step of every running request (greedy or sampled; nothing
         waiting that could be admitted instead), some request can still go on after it,
         and none is at the context limit."""
         sched = self.scheduler
@@ -334,7 +334,7 @@ class LLMEngine:
             req, p = seq.request, seq.request.params
             if seq.num_new_tokens != 1 or not seq.sample or seq.num_spec_tokens:
                 return False
-            if not p.greedy or p.logprobs or req.num_computed_tokens + 1 != req.num_tokens:
+            if req.num_computed_tokens + 1 != req.num_tokens:
                 return False
             if req.num_tokens + 1 > self.max_model_len:
                 return False
@@ -351,7 +351,7 @@ class LLMEngine:
             if not self.scheduler.reserve(seq.request, seq.request.num_computed_tokens + 2):
                 return  # short of pages: the next step is scheduled (and may preempt)
         nxt = ScheduledBatch([ScheduledSeq(s.request, 1, True) for s in batch.seqs])
-        tokens = self.runner.launch_greedy(self.runner.collect_next(batch), ids=current.tokens.device)
+        tokens = self.runner.launch(self.runner.collect_next(batch), ids=current.tokens.device)
         self._ahead = InFlight(nxt, tokens)
         self.ahead_steps += 1
 

@@ -89,26 +89,31 @@ class PrefillGraphs(Protocol):
 
 
 class PendingTokens:
-    """The greedy tokens [B] of a launched step, on their way to the host: a copy into
-    pinned memory queued behind the step, so the host can launch the next step before it
-    reads these (`wait`). `device` is what the next step may feed on the GPU; a graph's
-    static output, valid until that bucket replays again."""
+    """The tokens [B] (and logprobs [B] when asked) of a launched step, on their way to the
+    host: copies into pinned memory queued behind the step, so the host can launch the next
+    step before it reads these (`wait`). `device` is what the next step may feed on the GPU:
+    a graph's static output, valid until that bucket replays again."""
 
-    def __init__(self, tokens: torch.Tensor) -> None:
+    def __init__(self, tokens: torch.Tensor, logprobs: torch.Tensor | None = None) -> None:
         self.device = tokens
         self._done = None
         if tokens.is_cuda:
-            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host.copy_(tokens, non_blocking=True)
+            self._host = [self._pinned(t) for t in (tokens, logprobs) if t is not None]
             self._done = torch.cuda.Event()
             self._done.record(torch.cuda.current_stream(tokens.device))
-        else:  # a copy: a stand-in graph's static output is overwritten by the next replay
-            self._host = tokens.clone()
+        else:  # copies: a stand-in graph's static output is overwritten by the next replay
+            self._host = [t.clone() for t in (tokens, logprobs) if t is not None]
 
-    def wait(self) -> list[int]:
+    @staticmethod
+    def _pinned(t: torch.Tensor) -> torch.Tensor:
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return host.copy_(t, non_blocking=True)
+
+    def wait(self) -> StepOutput:
         if self._done is not None:
             self._done.synchronize()
-        return self._host.tolist()
+        tokens, *logprobs = (t.tolist() for t in self._host)
+        return StepOutput(tokens, logprobs[0] if logprobs else None)
 
 
 class ModelRunner:
@@ -155,7 +160,7 @@ class ModelRunner:
     def collect_next(self, batch: ScheduledBatch) -> HostStep:
         """The decode step after `batch` (a decode batch not yet applied), collected before
         its tokens are known: each sequence feeds the token `batch` samples for it, one
-        position further. The ids are placeholders (0): `launch_greedy(..., ids=)` feeds
+        position further. The ids are placeholders (0): `launch(..., ids=)` feeds
         the tokens from the device. Each request must hold pages for
         num_computed_tokens + 2 tokens (`Scheduler.reserve`)."""
         s = HostStep([], [], [], [], [], [], [], [], [])
@@ -171,7 +176,7 @@ class ModelRunner:
             s.tables.append(req.pages)
             s.logits_rows.append(i)
             s.params.append(req.params)
-            s.generators.append(None)  # greedy only
+            s.generators.append(self._generator(req))
         return s
 
     def _generator(self, req: Request) -> torch.Generator | None:
@@ -262,20 +267,25 @@ class ModelRunner:
             return StepOutput(tokens.tolist(), None if logprobs is None else logprobs.tolist())
 
     @torch.inference_mode()
-    def launch_greedy(self, s: HostStep, ids: torch.Tensor | None = None) -> PendingTokens:
-        """Launch a greedy decode step (every sequence samples, none asks for logprobs) and
-        return before it runs: its tokens come through the `PendingTokens`. ids: device
-        token ids [B] fed instead of s.input_ids (the step before's tokens, not yet read
-        on the host)."""
+    def launch(self, s: HostStep, ids: torch.Tensor | None = None) -> PendingTokens:
+        """Launch a decode step (every sequence samples) and return before it runs: its
+        tokens come through the `PendingTokens`. ids: device token ids [B] fed instead of
+        s.input_ids (the step before's tokens, not yet read on the host)."""
         with self.backend.range(f"step decode seqs={s.num_seqs} launched"):
-            tokens = None if self.graphs is None else self.graphs.run(s, tokens=True, ids=ids)
-            if tokens is None:
-                inp = self.to_inputs(s)
-                if ids is not None:
-                    inp.input_ids = ids
-                hidden = self.forward(inp)
-                tokens = self.model.compute_logits(hidden[inp.logits_index]).argmax(dim=-1)
-            return PendingTokens(tokens)
+            if all(p.greedy and not p.logprobs for p in s.params):  # the graph's argmax
+                tokens = None if self.graphs is None else self.graphs.run(s, tokens=True, ids=ids)
+                if tokens is None:
+                    tokens = self._eager_logits(s, ids).argmax(dim=-1)
+                return PendingTokens(tokens)
+            sb = SamplingBatch.build(s.params, s.generators, self.device)
+            logits = None if self.graphs is None else self.graphs.run(s, ids=ids)
+            return PendingTokens(*sample(self._eager_logits(s, ids) if logits is None else logits, sb))
+
+    def _eager_logits(self, s: HostStep, ids: torch.Tensor | None) -> torch.Tensor:
+        inp = self.to_inputs(s)
+        if ids is not None:
+            inp.input_ids = ids
+        return self.model.compute_logits(self.forward(inp)[inp.logits_index])  # [N, V]
 
     def graph_steps(self) -> int:
         """Steps served by a captured graph (decode and prefill) since the counters were reset."""

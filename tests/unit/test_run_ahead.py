@@ -5,7 +5,8 @@ before it has been read, fed that step's tokens on the device.
   that cross page boundaries, stop on a token, stop on length, join mid-run, and are
   aborted while a step runs ahead of them; steps really ran ahead; the pool ends full.
 - A pool too short for the page the next step needs: no run-ahead there, same tokens.
-- What does not run ahead: sampled requests, logprobs, speculative decoding.
+- Sampled (seeded) and logprobs requests run ahead with the same tokens and logprobs;
+  speculative decoding does not run ahead.
 """
 
 from __future__ import annotations
@@ -144,12 +145,34 @@ def test_short_pool_stops_running_ahead_not_decoding(tiny):
     assert engine.ahead_steps > 0 and engine.pool.is_full()
 
 
-@pytest.mark.parametrize("params, spec", [
-    (SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.7, seed=1), {}),
-    (SamplingParams(max_tokens=6, ignore_eos=True, logprobs=True), {}),
-    (SamplingParams(max_tokens=6, ignore_eos=True), {"spec_drafter": "ngram", "spec_k": 2}),
-])
-def test_what_does_not_run_ahead(tiny, params, spec):
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=12, ignore_eos=True, temperature=0.9, top_k=8, seed=1),
+    SamplingParams(max_tokens=12, ignore_eos=True, logprobs=True),
+    SamplingParams(max_tokens=12, ignore_eos=True, temperature=1.1, seed=2, logprobs=True),
+], ids=["seeded", "logprobs", "seeded-logprobs"])
+def test_sampled_and_logprobs_requests_run_ahead(tiny, params):
+    """Seeded sampling draws from each request's generator once a step in either mode, so
+    the tokens are the same; logprobs come back with the tokens of the step launched ahead."""
+    prompts = [_prompt(10, 11), _prompt(23, 18)]
+
+    def run(ahead):
+        engine = _engine(tiny, ahead)
+        out = engine.generate(prompts, [params, params])
+        assert engine.pool.is_full()
+        return [(c.token_ids, c.logprobs) for c in out], engine.ahead_steps
+
+    (plain, none), (got, steps) = run("off"), run("on")
+    assert none == 0 and steps > 5
+    assert [t for t, _ in got] == [t for t, _ in plain]
+    for (_, a), (_, b) in zip(got, plain):
+        assert (a is None) == (b is None) == (not params.logprobs)
+        if a is not None:
+            assert len(a) == 12 and a == pytest.approx(b, abs=1e-5)
+
+
+def test_speculative_decoding_does_not_run_ahead(tiny):
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    spec = {"spec_drafter": "ngram", "spec_k": 2}
     plain = _drive(_engine(tiny, "off", **spec), {0: [(_prompt(10, 11), params)]})
     engine = _engine(tiny, "on", **spec)
     assert _drive(engine, {0: [(_prompt(10, 11), params)]}) == plain
