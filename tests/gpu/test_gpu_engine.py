@@ -181,6 +181,23 @@ def test_run_ahead_past_a_stop_then_a_new_request(cpu_model):
     assert _greedy(gpu, second) == want2 and gpu.pool.is_full()
 
 
+def test_run_ahead_sampling_matches_step_by_step(cpu_model):
+    """Seeded sampling with logprobs, graph-replayed logits sampled on the device: the steps
+    launched ahead give the tokens and logprobs of stepping one at a time."""
+    prompts = _prompts((6, 30), seed=8)
+    params = SamplingParams(max_tokens=GREEDY_STEPS, ignore_eos=True, temperature=0.8, top_k=20, seed=3,
+                            logprobs=True)
+    runs = []
+    for ahead in ("on", "off"):
+        gpu = _engine(_on_gpu(cpu_model), "cuda", max_num_seqs=8, decode_run_ahead=ahead)
+        runs.append([(c.token_ids, c.logprobs) for c in gpu.generate(prompts, [params, params])])
+        assert (gpu.ahead_steps > 0) == (ahead == "on") and gpu.pool.is_full()
+    (on, off) = runs
+    assert [t for t, _ in on] == [t for t, _ in off]
+    for (_, a), (_, b) in zip(on, off):
+        assert len(a) == GREEDY_STEPS and a == pytest.approx(b, abs=1e-5)
+
+
 def test_chunked_prefill_through_graphs_matches_cpu(cpu_model):
     """A 100-token prompt in 32-token chunks: three that sample nothing, then the last one."""
     prompts = _prompts((100, 7), seed=4)
