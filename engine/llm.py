@@ -59,8 +59,9 @@ class EngineConfig:
     spec_ngram_min: int = 1
     # decode steps launched one step ahead, fed the step before's tokens on the GPU,
     # so the host's work (results, scheduling, the next launch) overlaps the GPU's:
-    # auto (on CUDA) | on | off. Not with speculative decoding or MoE models.
-    decode_run_ahead: str = "auto"
+    # auto (on CUDA) | on | off. Not with speculative decoding or MoE models. Off by
+    # default until a GPU run has measured it (docs/PERF.md, fourteenth session).
+    decode_run_ahead: str = "off"
 
     def __post_init__(self) -> None:
         from engine.spec.drafters import DRAFTERS

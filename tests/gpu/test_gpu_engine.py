@@ -154,11 +154,11 @@ def test_fp32_greedy_tokens_match_cpu_engine(cpu_model, cuda_graphs):
     prompts = _prompts()
     want = _greedy(_engine(cpu_model, "cpu"), prompts)
     gpu = _engine(_on_gpu(cpu_model), "cuda", cuda_graphs=cuda_graphs, prefill_graphs=cuda_graphs,
-                  max_num_seqs=8)
+                  max_num_seqs=8, decode_run_ahead="auto")
     assert (gpu.runner.graphs is not None) == cuda_graphs
     assert (gpu.runner.prefill_graphs is not None) == cuda_graphs
     assert _greedy(gpu, prompts) == want
-    assert gpu.ahead_steps >= GREEDY_STEPS - 4  # decode run-ahead is on by default on CUDA
+    assert gpu.ahead_steps >= GREEDY_STEPS - 4  # "auto": decode run-ahead on CUDA
     if cuda_graphs:  # the prompts' prefill step replayed a prefill graph
         assert gpu.runner.prefill_graphs.replays >= 1
     step_by_step = _engine(_on_gpu(cpu_model), "cuda", cuda_graphs=cuda_graphs, prefill_graphs=cuda_graphs,
@@ -174,7 +174,7 @@ def test_run_ahead_past_a_stop_then_a_new_request(cpu_model):
     cpu = _engine(cpu_model, "cpu")
     plain, want2 = _greedy(cpu, prompt)[0], _greedy(cpu, second)
     stop = next(t for i, t in enumerate(plain) if i >= 3 and t not in plain[:i])
-    gpu = _engine(_on_gpu(cpu_model), "cuda", max_num_seqs=8)
+    gpu = _engine(_on_gpu(cpu_model), "cuda", max_num_seqs=8, decode_run_ahead="on")
     params = SamplingParams(max_tokens=GREEDY_STEPS, ignore_eos=True, stop_token_ids=(stop,))
     assert gpu.generate(prompt, params)[0].token_ids == plain[: plain.index(stop) + 1]
     assert gpu._ahead is not None  # launched past the stop, not yet drained

@@ -40,7 +40,7 @@ TOPOLOGIES = [
     # speculative decoding on the decode worker (n-gram drafts, 4 per step): lossless when greedy
     pytest.param(dict(transport="gloo", kv_dtype="fp32", decode={"speculative": {"drafter": "ngram", "k": 4}}),
                  id="1p1d-spec-ngram"),
-    # decode steps launched one ahead (the GPU default), forced on here: tokens, cancels, deadlines
+    # decode steps launched one ahead (opt-in; "auto" turns it on for GPUs): tokens, cancels, deadlines
     pytest.param(dict(transport="gloo", kv_dtype="fp32", decode={"run_ahead": "on"}), id="1p1d-run-ahead"),
 ]
 
