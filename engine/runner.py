@@ -225,22 +225,41 @@ class ModelRunner:
     def sampled_logits(self, s: HostStep, use_graphs: bool = True) -> torch.Tensor:
         """Logits [N, V] float32 of the rows to sample; a captured graph when one fits."""
         logits = self._replay(s) if use_graphs else None
-        if logits is not None:
-            return logits
-        inp = self.to_inputs(s)
-        hidden = self.forward(inp)
-        return self.model.compute_logits(hidden[inp.logits_index])  # [N, V]
+        return self._eager_logits(s) if logits is None else logits
 
-    def _replay(self, s: HostStep, tokens: bool = False) -> torch.Tensor | None:
+    def _eager_logits(self, s: HostStep, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [N, V] of the rows to sample from an eager pass; ids: device token ids
+        fed instead of s.input_ids."""
+        inp = self.to_inputs(s)
+        if ids is not None:
+            inp.input_ids = ids
+        return self.model.compute_logits(self.forward(inp)[inp.logits_index])  # [N, V]
+
+    def _replay(self, s: HostStep, tokens: bool = False,
+                ids: torch.Tensor | None = None) -> torch.Tensor | None:
         """The sampled rows' logits [N, V], or with `tokens` their greedy tokens [N] (the
         argmax the graph captured), from a captured graph: decode steps from the decode
-        graphs, every other step from the prefill graphs. None when no graph fits."""
+        graphs (ids: device token ids fed instead of s.input_ids), every other step from
+        the prefill graphs. None when no graph fits."""
         if not s.is_decode:
             return None if self.prefill_graphs is None else self.prefill_graphs.run(s, tokens)
-        out = None if self.graphs is None else self.graphs.run(s, tokens)  # one row a sequence
+        out = None if self.graphs is None else self.graphs.run(s, tokens, ids)  # one row a sequence
         if out is None or len(s.logits_rows) == s.num_seqs:
             return out
         return out[self._tensor(s.logits_rows)]
+
+    def _sample(self, s: HostStep, ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Launch a sampling step -> (tokens [N], logprobs [N] or None) on the device: a
+        greedy step without logprobs takes a graph's captured argmax; ids as `_replay`'s."""
+        if all(p.greedy and not p.logprobs for p in s.params):
+            tokens = self._replay(s, tokens=True, ids=ids)
+            if tokens is None:  # what sample() does then
+                tokens = self._eager_logits(s, ids).argmax(dim=-1)
+            return tokens, None
+        # built before the launch: its host->device copies then find the GPU idle
+        sb = SamplingBatch.build(s.params, s.generators, self.device)
+        logits = self._replay(s, ids=ids)
+        return sample(self._eager_logits(s, ids) if logits is None else logits, sb)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> StepOutput:
@@ -256,14 +275,7 @@ class ModelRunner:
                 if self.prefill_graphs is None or self.prefill_graphs.run(s) is None:
                     self.forward(self.to_inputs(s))
                 return StepOutput([])
-            if all(p.greedy and not p.logprobs for p in s.params):
-                tokens = self._replay(s, tokens=True)
-                if tokens is None:  # what sample() does then
-                    tokens = self.sampled_logits(s, use_graphs=False).argmax(dim=-1)
-                return StepOutput(tokens.tolist())
-            # built before the launch: its host->device copies then find the GPU idle
-            sb = SamplingBatch.build(s.params, s.generators, self.device)
-            tokens, logprobs = sample(self.sampled_logits(s), sb)
+            tokens, logprobs = self._sample(s)
             return StepOutput(tokens.tolist(), None if logprobs is None else logprobs.tolist())
 
     @torch.inference_mode()
@@ -272,20 +284,7 @@ class ModelRunner:
         tokens come through the `PendingTokens`. ids: device token ids [B] fed instead of
         s.input_ids (the step before's tokens, not yet read on the host)."""
         with self.backend.range(f"step decode seqs={s.num_seqs} launched"):
-            if all(p.greedy and not p.logprobs for p in s.params):  # the graph's argmax
-                tokens = None if self.graphs is None else self.graphs.run(s, tokens=True, ids=ids)
-                if tokens is None:
-                    tokens = self._eager_logits(s, ids).argmax(dim=-1)
-                return PendingTokens(tokens)
-            sb = SamplingBatch.build(s.params, s.generators, self.device)
-            logits = None if self.graphs is None else self.graphs.run(s, ids=ids)
-            return PendingTokens(*sample(self._eager_logits(s, ids) if logits is None else logits, sb))
-
-    def _eager_logits(self, s: HostStep, ids: torch.Tensor | None) -> torch.Tensor:
-        inp = self.to_inputs(s)
-        if ids is not None:
-            inp.input_ids = ids
-        return self.model.compute_logits(self.forward(inp)[inp.logits_index])  # [N, V]
+            return PendingTokens(*self._sample(s, ids))
 
     def graph_steps(self) -> int:
         """Steps served by a captured graph (decode and prefill) since the counters were reset."""
