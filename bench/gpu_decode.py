@@ -234,32 +234,25 @@ def loop_step_ms(engine: LLMEngine, ctx: int, steps: int, run_ahead: bool) -> fl
     after a prompt of ctx - 1 tokens (its prefill and first two decode steps not counted):
     the per-token time a client sees, host work included, like HF's StepClock."""
     saved, engine.run_ahead = engine.run_ahead, run_ahead
-    g = torch.Generator().manual_seed(11)
-    prompt = torch.randint(3, engine.model_config.vocab_size, (ctx - 1,), generator=g).tolist()
-    engine.add_request(prompt, SamplingParams(max_tokens=steps + 4, ignore_eos=True))
-    times = []
     try:
-        while engine.has_unfinished() and len(times) < steps + 8:
-            t0 = time.perf_counter()
-            engine.step()
-            times.append(1e3 * (time.perf_counter() - t0))
+        times = request_steps(engine, ctx - 1, steps + 4, seed=11)
     finally:
         engine.run_ahead = saved
-    if engine.has_unfinished():
-        raise RuntimeError(f"a {steps + 4}-token request took more than {steps + 8} steps")
     return statistics.median(times[3 : 3 + steps])
 
 
 def request_steps(engine: LLMEngine, prompt_len: int, new_tokens: int, seed: int) -> list[float]:
-    """Wall ms of every engine.step() of one request run alone."""
+    """Wall ms of every engine.step() of one request run alone (at most new_tokens + 8)."""
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(3, engine.model_config.vocab_size, (prompt_len,), generator=g).tolist()
     engine.add_request(prompt, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
     steps = []
-    while engine.has_unfinished():
+    while engine.has_unfinished() and len(steps) < new_tokens + 8:
         t0 = time.perf_counter()
         engine.step()
         steps.append(1e3 * (time.perf_counter() - t0))
+    if engine.has_unfinished():
+        raise RuntimeError(f"a {new_tokens}-token request took more than {new_tokens + 8} steps")
     return steps
 
 
