@@ -180,6 +180,14 @@ class TritonAttention(AttentionBackend):
         one kernel then rotates q in place and stores rotated k (k itself stays unrotated)."""
         data = cache.data[layer]  # [2, P, S, Hkv, D]
         scales = cache.scales[layer] if cache.quantized else None
+        if meta.is_decode and rotary is not None:
+            psize = decode_partition_size(q.shape[0], data.shape[3])
+            if self._k.fuses_rotary_store(q, data, psize):  # one launch: rotary, store, attention
+                positions, cos, sin = rotary
+                return self._k.rotary_store_decode_attention(
+                    positions, q, k, v, cos, sin, data, scales, meta.slots, meta.block_tables,
+                    meta.ctx_lens_t, partition_size=psize,
+                )
         if rotary is None:
             self._k.store_kv(k, v, data, scales, meta.slots)
         else:

@@ -21,6 +21,7 @@ import math
 import torch
 
 from kernels._triton import (
+    _env_flag,
     check_float,
     check_index,
     check_last_dim_contiguous,
@@ -33,6 +34,8 @@ from kernels._triton import (
     tl,
     triton,
 )
+from kernels.kv_store import INV_127, _check, _store_row_halves
+from kernels.rotary import _load_cos_sin, _rotate_half, check_rotary_args
 
 LOG2E = 1.4426950408889634
 
@@ -358,6 +361,39 @@ def _i8_query(q, big):
 
 
 @triton.jit
+def _store_new_kv(b, kvh, dh, cos1, cos2, sin1, sin2, k_ptr, v_ptr, slots_ptr, data_ptr,
+                  scales_ptr, k_b_stride, k_h_stride, v_b_stride, v_h_stride, d_kv_stride,
+                  d_page_stride, d_slot_stride, d_head_stride, s_kv_stride, s_page_stride,
+                  s_slot_stride, s_head_stride, inv_qmax, PAGE_SIZE: tl.constexpr,
+                  HALF: tl.constexpr, QUANTIZE: tl.constexpr, SCALE_BY_RECIPROCAL: tl.constexpr):
+    """Sequence b's new token for kv head kvh into its slot, as rotary_store_kv stores it:
+    k rotated in fp32 by _rotate_half, rounded once to k's dtype, then stored or quantized
+    (kernels/kv_store.py's helpers); v as it is. Tiles are [1, HALF] rows. A slot < 0
+    stores nothing."""
+    slot = tl.load(slots_ptr + b).to(tl.int64)
+    page = slot // PAGE_SIZE
+    offset = slot % PAGE_SIZE
+    row_mask = (tl.zeros([1], tl.int64) + slot) >= 0  # [1]
+    mask = row_mask[:, None] & (dh < HALF)[None, :]  # [1, HALF]
+    k_row = k_ptr + b * k_b_stride + kvh * k_h_stride + dh[None, :]
+    v_row = v_ptr + b * v_b_stride + kvh * v_h_stride + dh[None, :]
+    dst = data_ptr + page * d_page_stride + offset * d_slot_stride + kvh * d_head_stride + dh[None, :]
+    scale_dst = (scales_ptr + page * s_page_stride + offset * s_slot_stride + kvh * s_head_stride
+                 + tl.zeros([1], tl.int64))
+    x1 = tl.load(k_row, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(k_row + HALF, mask=mask, other=0.0).to(tl.float32)
+    k1, k2 = _rotate_half(x1, x2, cos1, cos2, sin1, sin2)
+    k1 = k1.to(k_ptr.dtype.element_ty).to(tl.float32)
+    k2 = k2.to(k_ptr.dtype.element_ty).to(tl.float32)
+    _store_row_halves(k1, k2, dst, scale_dst, mask, row_mask, HALF, inv_qmax, QUANTIZE,
+                      SCALE_BY_RECIPROCAL)
+    v1 = tl.load(v_row, mask=mask, other=0.0).to(tl.float32)
+    v2 = tl.load(v_row + HALF, mask=mask, other=0.0).to(tl.float32)
+    _store_row_halves(v1, v2, dst + d_kv_stride, scale_dst + s_kv_stride, mask, row_mask, HALF,
+                      inv_qmax, QUANTIZE, SCALE_BY_RECIPROCAL)
+
+
+@triton.jit
 def _decode_partition_kernel(
     q_ptr,
     data_ptr,
@@ -395,6 +431,22 @@ def _decode_partition_kernel(
     LAZY: tl.constexpr,
     PV_DTYPE: tl.constexpr,
     PDL: tl.constexpr,
+    # this step's own K/V, stored by the kernel (ROTARY: see _store_new_kv); read only then
+    k_ptr,
+    v_ptr,
+    pos_ptr,
+    cos_ptr,
+    sin_ptr,
+    slots_ptr,
+    k_b_stride,
+    k_h_stride,
+    v_b_stride,
+    v_h_stride,
+    cos_row_stride,
+    sin_row_stride,
+    inv_qmax,
+    SCALE_BY_RECIPROCAL: tl.constexpr,
+    ROTARY: tl.constexpr,
 ):
     pdl_wait(PDL)
     b = tl.program_id(0).to(tl.int64)
@@ -423,6 +475,23 @@ def _decode_partition_kernel(
         dh = tl.arange(0, HALF)
         q_lo = tl.load(q_ptrs + dh[None, :], mask=g_mask[:, None], other=0.0)
         q_hi = tl.load(q_ptrs + HALF + dh[None, :], mask=g_mask[:, None], other=0.0)
+        if ROTARY:
+            pos = tl.load(pos_ptr + b).to(tl.int64)
+            cos1, cos2, sin1, sin2 = _load_cos_sin(cos_ptr, sin_ptr, pos, cos_row_stride,
+                                                   sin_row_stride, HALF, HALF)
+            r_lo, r_hi = _rotate_half(q_lo.to(tl.float32), q_hi.to(tl.float32), cos1, cos2,
+                                      sin1, sin2)
+            q_lo = r_lo.to(q_ptr.dtype.element_ty)
+            q_hi = r_hi.to(q_ptr.dtype.element_ty)
+            if part == (ctx - 1) // PARTITION_SIZE:  # the partition holding this step's token
+                _store_new_kv(
+                    b, kvh, dh, cos1, cos2, sin1, sin2, k_ptr, v_ptr, slots_ptr, data_ptr,
+                    scales_ptr, k_b_stride, k_h_stride, v_b_stride, v_h_stride, d_kv_stride,
+                    d_page_stride, d_slot_stride, d_head_stride, s_kv_stride, s_page_stride,
+                    s_slot_stride, s_head_stride, inv_qmax, PAGE_SIZE, HALF, QUANTIZED,
+                    SCALE_BY_RECIPROCAL,
+                )
+                tl.debug_barrier()  # the row is in the cache before any thread reads its tile
         tile_scale = qk_scale
         r_lo = q_lo  # I8_QK's second parts and row factors
         r_hi = q_hi
@@ -533,6 +602,11 @@ def _decode_reduce_kernel(
 # halves_allowed says so, fast_i8 only where fast_i8_allowed does, i8_qk and lazy as
 # _launch says (absent: off).
 TUNING: dict | None = None
+
+# rotary_store_decode_attention in one launch where the tiles run in halves (a decode step's
+# rotary + K/V store kernel folded into the partition kernel). Off until a GPU measures it;
+# MINIINFER_FUSE_ROTARY_STORE=1 turns it on, as may code that sets this.
+FUSE_ROTARY_STORE = _env_flag("MINIINFER_FUSE_ROTARY_STORE")
 
 
 def halves_allowed(head_dim: int) -> bool:
@@ -649,16 +723,10 @@ def _tl_dtype(dtype: torch.dtype):
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
-@kernel_op("decode_attention")
-def _decode_attention_op(
-    q: torch.Tensor,
-    data_layer: torch.Tensor,
-    scales_layer: torch.Tensor | None,
-    block_tables: torch.Tensor,
-    ctx_lens: torch.Tensor,
-    sm_scale: float,
-    partition_size: int,
-) -> torch.Tensor:
+def _run(q, data_layer, scales_layer, block_tables, ctx_lens, sm_scale, partition_size,
+         new_kv=None) -> torch.Tensor:
+    """new_kv: (positions, k, v, cos, sin, slots) to rotate q and store this step's K/V in
+    the partition kernel (only where fuses_rotary_store says so)."""
     b, h, d = q.shape
     hkv, page_size = data_layer.shape[3], data_layer.shape[2]
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -674,6 +742,12 @@ def _decode_attention_op(
     cfg = launch_config(q, data_layer, partition_size, quantized)
     options = {k: cfg[k] for k in ("num_stages", "maxnreg") if cfg[k]}
     block_d = max(16, triton.next_power_of_2(d))
+    if new_kv is None:
+        pos, k, v, cos, sin, slots = ctx_lens, q, q, q, q, ctx_lens  # never read
+    else:
+        pos, k, v, cos, sin, slots = new_kv
+        if not cfg["split_d"]:
+            raise ValueError("decode_attention: the fused K/V store runs only on tiles in halves")
     with device_guard(q):
         _decode_partition_kernel[(b, hkv, num_parts)](
             q,
@@ -708,6 +782,21 @@ def _decode_attention_op(
             num_warps=cfg["num_warps"],
             **options,
             **pdl_args(q),
+            k_ptr=k,
+            v_ptr=v,
+            pos_ptr=pos,
+            cos_ptr=cos,
+            sin_ptr=sin,
+            slots_ptr=slots,
+            k_b_stride=k.stride(0),
+            k_h_stride=k.stride(1),
+            v_b_stride=v.stride(0),
+            v_h_stride=v.stride(1),
+            cos_row_stride=cos.stride(0),
+            sin_row_stride=sin.stride(0),
+            inv_qmax=INV_127,
+            SCALE_BY_RECIPROCAL=q.device.type == "cuda",
+            ROTARY=new_kv is not None,
         )
         _decode_reduce_kernel[(b, h)](
             mid_out,
@@ -729,8 +818,47 @@ def _decode_attention_op(
     return out
 
 
+@kernel_op("decode_attention")
+def _decode_attention_op(
+    q: torch.Tensor,
+    data_layer: torch.Tensor,
+    scales_layer: torch.Tensor | None,
+    block_tables: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    sm_scale: float,
+    partition_size: int,
+) -> torch.Tensor:
+    return _run(q, data_layer, scales_layer, block_tables, ctx_lens, sm_scale, partition_size)
+
+
 @_decode_attention_op.register_fake
 def _(q, data_layer, scales_layer, block_tables, ctx_lens, sm_scale, partition_size):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@kernel_op("rotary_store_decode_attention", ("data_layer", "scales_layer"))
+def _rotary_store_decode_attention_op(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    data_layer: torch.Tensor,
+    scales_layer: torch.Tensor | None,
+    slots: torch.Tensor,
+    block_tables: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    sm_scale: float,
+    partition_size: int,
+) -> torch.Tensor:
+    return _run(q, data_layer, scales_layer, block_tables, ctx_lens, sm_scale, partition_size,
+                new_kv=(positions, k, v, cos, sin, slots))
+
+
+@_rotary_store_decode_attention_op.register_fake
+def _(positions, q, k, v, cos, sin, data_layer, scales_layer, slots, block_tables, ctx_lens,
+      sm_scale, partition_size):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
@@ -794,6 +922,14 @@ def decode_attention(
     max_pages * page_size (not checked on the device).
     """
     name = "decode_attention"
+    _check_decode(name, q, data_layer, scales_layer, block_tables, ctx_lens, partition_size)
+    scale = softmax_scale(name, q.shape[-1], sm_scale)
+    return _decode_attention_op(
+        q, data_layer, scales_layer, block_tables, ctx_lens, scale, int(partition_size)
+    )
+
+
+def _check_decode(name, q, data_layer, scales_layer, block_tables, ctx_lens, partition_size):
     tensors = [q, data_layer, block_tables, ctx_lens]
     check_launchable(name, *tensors, *([] if scales_layer is None else [scales_layer]))
     check_paged_cache(name, q, data_layer, scales_layer, block_tables)
@@ -808,9 +944,55 @@ def decode_attention(
         raise ValueError(
             f"{name}: partition_size must be a positive multiple of 16, got {partition_size}"
         )
+
+
+def fuses_rotary_store(q: torch.Tensor, data_layer: torch.Tensor, partition_size: int) -> bool:
+    """rotary_store_decode_attention runs as one launch for these shapes: FUSE_ROTARY_STORE
+    is on and the tiles run in halves (the kernel rotates q by halves)."""
+    if not FUSE_ROTARY_STORE:
+        return False
+    quantized = data_layer.dtype == torch.int8
+    return launch_config(q, data_layer, partition_size, quantized)["split_d"]
+
+
+def rotary_store_decode_attention(
+    positions: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    data_layer: torch.Tensor,
+    scales_layer: torch.Tensor | None,
+    slots: torch.Tensor,
+    block_tables: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    sm_scale: float | None = None,
+    partition_size: int = 512,
+) -> torch.Tensor:
+    """A decode step's rotary_store_kv then decode_attention -> out [B, H, D].
+
+    Arguments as those two functions take them, one token per sequence: slots[b] must be
+    the slot of sequence b's token ctx_lens[b] - 1 (not checked on the device). Where
+    fuses_rotary_store allows, one launch fewer: the program of the partition holding that
+    token rotates k and stores K/V (the same values rotary_store_kv stores), and every
+    program rotates its own copy of q; q is then left as it was, and a sequence with
+    ctx_lens[b] == 0 stores nothing. Otherwise the two launches run, and q is rotated in
+    place. So q's contents afterwards are not part of the contract."""
+    name = "rotary_store_decode_attention"
+    check_rotary_args(positions, q, k, cos, sin, name=name)
+    _check(k, v, data_layer, scales_layer, slots, name=name)
+    if not fuses_rotary_store(q, data_layer, partition_size):
+        from kernels.kv_store import rotary_store_kv
+
+        rotary_store_kv(positions, q, k, v, cos, sin, data_layer, scales_layer, slots)
+        return decode_attention(q, data_layer, scales_layer, block_tables, ctx_lens, sm_scale,
+                                partition_size)
+    _check_decode(name, q, data_layer, scales_layer, block_tables, ctx_lens, partition_size)
     scale = softmax_scale(name, q.shape[-1], sm_scale)
-    return _decode_attention_op(
-        q, data_layer, scales_layer, block_tables, ctx_lens, scale, int(partition_size)
+    return _rotary_store_decode_attention_op(
+        positions, q, k, v, cos, sin, data_layer, scales_layer, slots, block_tables, ctx_lens,
+        scale, int(partition_size),
     )
 
 

@@ -6,7 +6,11 @@ ops up by name) need one line: `import kernels.ops`.
 """
 
 from kernels.activation import silu_and_mul
-from kernels.decode_attention import decode_attention
+from kernels.decode_attention import (
+    decode_attention,
+    fuses_rotary_store,
+    rotary_store_decode_attention,
+)
 from kernels.kv_store import rotary_store_kv, store_kv
 from kernels.moe import moe_gather_sum, moe_route
 from kernels.prefill_attention import cu_seqlens, prefill_attention
@@ -23,6 +27,7 @@ OP_NAMES = (
     "store_kv",
     "rotary_store_kv",
     "decode_attention",
+    "rotary_store_decode_attention",
     "prefill_attention",
     "spec_verify",
     "moe_route",
@@ -35,10 +40,12 @@ __all__ = [
     "cu_seqlens",
     "decode_attention",
     "fused_add_rmsnorm",
+    "fuses_rotary_store",
     "moe_gather_sum",
     "moe_route",
     "prefill_attention",
     "rmsnorm",
+    "rotary_store_decode_attention",
     "rotary_store_kv",
     "silu_and_mul",
     "spec_verify",

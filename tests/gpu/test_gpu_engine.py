@@ -267,3 +267,34 @@ def test_pdl_launches_give_the_ordinary_launches_results(cpu_model, monkeypatch)
         runs[pdl] = tokens, logits
     assert runs[True][0] == runs[False][0]
     assert torch.equal(runs[True][1], runs[False][1])
+
+
+def test_fused_decode_store_gives_the_two_launches_results(cpu_model, monkeypatch):
+    """FUSE_ROTARY_STORE (rotary + K/V store inside the decode-attention kernel): fp32
+    greedy tokens equal the CPU engine's through graphs and run-ahead, and bf16 + bf16 KV
+    logits of a graph-replayed decode step equal the two-launch engine's."""
+    import kernels.decode_attention as da
+    import kernels.ops
+
+    calls = []
+    fused_op = kernels.ops.rotary_store_decode_attention
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape)
+        return fused_op(*args, **kwargs)
+
+    prompts = _prompts()
+    want = _greedy(_engine(cpu_model, "cpu"), prompts)
+    monkeypatch.setattr(kernels.ops, "rotary_store_decode_attention", counted)
+    monkeypatch.setattr(da, "FUSE_ROTARY_STORE", True)
+    gpu = _engine(_on_gpu(cpu_model), "cuda", max_num_seqs=8, decode_run_ahead="on")
+    assert calls, "the decode graphs did not take the fused launch"
+    assert _greedy(gpu, prompts) == want
+    logits = {}
+    for fuse in (True, False):
+        monkeypatch.setattr(da, "FUSE_ROTARY_STORE", fuse)
+        engine = _engine(_on_gpu(cpu_model, torch.bfloat16), "cuda", max_num_seqs=8)
+        logits[fuse] = _prefill_then_decode_logits(engine, prompts[2], 42)
+    print(f"fused vs two launches, bf16 logits: max |diff| "
+          f"{(logits[True] - logits[False]).abs().max().item():.3g}")
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-2, atol=1e-2)

@@ -31,13 +31,13 @@ PROMPTS = [[5, 9, 2, 33, 41, 7, 7, 12, 60, 3, 18, 22, 1, 9, 50, 44, 8, 27, 31], 
 DECODE_TOKENS = [[17, 2], [40, 8]]  # teacher-forced, one per sequence a step
 
 
-def _model(name, device):
+def _model(name, device, head_dim=16):
     cfg = ModelConfig(
         vocab_size=64,
         hidden_size=48,
         intermediate_size=64,
         num_layers=LAYERS,
-        head_dim=16,
+        head_dim=head_dim,
         max_position=64,
         **CONFIGS[name],
     )
@@ -95,6 +95,37 @@ def test_triton_decoder_fuses_rotary_into_kv_store(name, kv_dtype, device, monke
     assert len(calls) == LAYERS * (1 + len(DECODE_TOKENS))  # one launch a layer a step
     for got, want in zip(fused, unfused):
         assert torch.equal(got, want)  # the same numbers as apply_rotary + store_kv
+    reference = _logits(model, TORCH_BACKEND, kv_dtype, device)
+    for got, want in zip(fused, reference):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,kv_dtype", [("llama", torch.float32), ("qwen3", torch.int8)])
+def test_triton_decoder_folds_the_decode_store_into_attention(name, kv_dtype, device, monkeypatch):
+    """With FUSE_ROTARY_STORE (head dim 32: tiles in halves) each decode step's layer is one
+    rotary_store_decode_attention launch; prefill keeps rotary_store_kv. Same logits as the
+    two launches, and as the torch backend."""
+    import kernels.decode_attention as da
+
+    model = _model(name, device, head_dim=32)
+    backend = select_backend(device, "triton")
+    unfused = _logits(model, backend, kv_dtype, device)
+    calls = {"store": 0, "fused": 0}
+
+    def spy(key, fn):
+        def call(*args, **kwargs):
+            calls[key] += 1
+            return fn(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(da, "FUSE_ROTARY_STORE", True)
+    monkeypatch.setattr(kernels.ops, "rotary_store_kv", spy("store", kernels.ops.rotary_store_kv))
+    monkeypatch.setattr(kernels.ops, "rotary_store_decode_attention",
+                        spy("fused", kernels.ops.rotary_store_decode_attention))
+    fused = _logits(model, backend, kv_dtype, device)
+    assert calls == {"store": LAYERS, "fused": LAYERS * len(DECODE_TOKENS)}
+    for got, want in zip(fused, unfused):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     reference = _logits(model, TORCH_BACKEND, kv_dtype, device)
     for got, want in zip(fused, reference):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

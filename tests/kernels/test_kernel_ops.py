@@ -28,6 +28,20 @@ def _paged_args(device, kv_dtype=torch.int8):
     return data, scales, tables
 
 
+def _fused_decode_args(device):
+    """rotary_store_decode_attention's op arguments: D32 (its tiles run in halves), tokens
+    at positions 19 and 8, their slots from the tables [[2, 0], [1, 0]]."""
+    data = torch.randn(2, 3, 16, 2, 32, device=device)
+    scales = data.abs().amax(-1) / 127.0
+    data = torch.round(data / scales.unsqueeze(-1)).to(torch.int8)
+    tables = torch.tensor([[2, 0], [1, 0]], dtype=torch.int32, device=device)
+    kv = torch.randn(2, 2, 2, 32, device=device)
+    return (torch.tensor([19, 8], device=device), torch.randn(2, 4, 32, device=device), kv[0],
+            kv[1], torch.randn(32, 32, device=device), torch.randn(32, 32, device=device), data,
+            scales, torch.tensor([3, 24], device=device), tables,
+            torch.tensor([20, 9], device=device), 0.25, 16)
+
+
 def _op_cases(device):
     x = torch.randn(3, 32, device=device)
     w = torch.randn(32, device=device)
@@ -55,6 +69,10 @@ def _op_cases(device):
         "decode_attention": (
             m.decode_attention.default,
             (torch.randn(2, 4, 16, device=device), data, scales, tables, ctx, 0.25, 16),
+        ),
+        "rotary_store_decode_attention": (
+            m.rotary_store_decode_attention.default,
+            _fused_decode_args(device),
         ),
         "prefill_attention": (
             m.prefill_attention.default,
