@@ -60,7 +60,7 @@ class PoolConfig(_Strict):
     cuda_graphs: bool = Field(True, description="GPU workers: replay decode steps and short prefill steps "
                                                 "from CUDA graphs; false runs every step eagerly")
     run_ahead: Literal["auto", "on", "off"] = Field(
-        "off", description="decode pool: launch each decode step before the step before it is read, fed "
+        "auto", description="decode pool: launch each decode step before the step before it is read, fed "
                            "its tokens on the GPU (host work overlaps the GPU's); auto = on CUDA")
     autoscale: AutoscaleConfig | None = Field(None, description="size the pool from its load (optional)")
     ep_size: int = Field(1, ge=1, le=64, description="ranks per expert-parallel group (MoE models, decode "

@@ -25,20 +25,33 @@ class Backend:
     ops: LayerOps  # norms, rotary, activation
     attn: AttentionBackend  # KV store + paged attention
     nvtx: bool = False  # emit NVTX ranges (CUDA only; no-ops elsewhere)
+    # Triton kernels with programmatic dependent launch (Hopper+): True / False, or None to
+    # leave it to MINIINFER_PDL (kernels._triton.PDL_ENABLED). See engine.llm.EngineConfig.pdl
+    pdl: bool | None = None
 
     def range(self, label: str):
         """An NVTX range for Nsight / the torch profiler; a null context off CUDA."""
         return torch.cuda.nvtx.range(label) if self.nvtx else contextlib.nullcontext()
 
+    def launches(self):
+        """Around a forward pass: the kernels it launches (or a CUDA graph captures) take
+        this backend's launch options (PDL). A null context on the torch backend."""
+        if self.name != "triton":
+            return contextlib.nullcontext()
+        from kernels._triton import pdl_scope  # lazy: triton is imported with kernels only
+
+        return pdl_scope(self.pdl)
+
 
 TORCH_BACKEND = Backend("torch", TORCH_OPS, TorchAttention())
 
 
-def select_backend(device: torch.device | str, name: str = "auto", cpu_kernels: bool = False) -> Backend:
+def select_backend(device: torch.device | str, name: str = "auto", cpu_kernels: bool = False,
+                   pdl: bool | None = None) -> Backend:
     """auto = triton on CUDA, torch elsewhere. triton on CPU needs TRITON_INTERPRET=1.
     cpu_kernels: on CPU, the torch backend's norms, rotary and activation
     (`engine.layers.CPUOps`) and decode attention (`CPUAttention`) go through the C kernels
-    when they build here."""
+    when they build here. pdl: the triton backend's `Backend.pdl`."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
     device = torch.device(device)
@@ -51,4 +64,4 @@ def select_backend(device: torch.device | str, name: str = "auto", cpu_kernels: 
             if cpu.available():
                 return Backend("torch", CPUOps(), CPUAttention())
         return Backend("torch", TORCH_OPS, TorchAttention(), nvtx=device.type == "cuda")
-    return Backend("triton", TritonOps(), TritonAttention(), nvtx=device.type == "cuda")
+    return Backend("triton", TritonOps(), TritonAttention(), nvtx=device.type == "cuda", pdl=pdl)

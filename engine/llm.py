@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -29,6 +30,19 @@ from engine.spec import build_spec_decoder
 from engine.textstream import TextStream
 
 log = logging.getLogger(__name__)
+
+# EngineConfig.pdl = "auto": PDL for models at least this wide (measured: 8B's 4096 gains,
+# SmolLM2's 576 loses; widths between were not measured)
+PDL_MIN_HIDDEN = 2048
+
+
+def resolve_pdl(setting: str, hidden_size: int) -> bool | None:
+    """EngineConfig.pdl -> Backend.pdl: True / False, or None where MINIINFER_PDL decides."""
+    if setting != "auto":
+        return setting == "on"
+    if os.environ.get("MINIINFER_PDL", "").strip():
+        return None
+    return hidden_size >= PDL_MIN_HIDDEN
 
 
 @dataclass(frozen=True)
@@ -59,9 +73,15 @@ class EngineConfig:
     spec_ngram_min: int = 1
     # decode steps launched one step ahead, fed the step before's tokens on the GPU,
     # so the host's work (results, scheduling, the next launch) overlaps the GPU's:
-    # auto (on CUDA) | on | off. Not with speculative decoding or MoE models. Off by
-    # default until a GPU run has measured it (docs/PERF.md, fourteenth session).
-    decode_run_ahead: str = "off"
+    # auto (on CUDA) | on | off. Not with speculative decoding or MoE models. On an H100
+    # the batch-1 engine loop took 5.7% less time a token on SmolLM2's shape, 1.1% less
+    # on the 8B shape (docs/PERF.md, fifteenth session).
+    decode_run_ahead: str = "auto"
+    # Triton kernels launched with programmatic dependent launch (Hopper+; kernels/_triton.py):
+    # on | off | auto. auto follows MINIINFER_PDL where it is set, else PDL for models of
+    # hidden size >= PDL_MIN_HIDDEN: on an H100 the 8B shape's batch-1 step took 1.7% less
+    # time with it and SmolLM2's (hidden 576) 1.4% more (docs/PERF.md, fifteenth session).
+    pdl: str = "auto"
 
     def __post_init__(self) -> None:
         from engine.spec.drafters import DRAFTERS
@@ -78,6 +98,8 @@ class EngineConfig:
             )
         if self.decode_run_ahead not in ("auto", "on", "off"):
             raise ValueError(f"decode_run_ahead must be auto, on or off, got {self.decode_run_ahead!r}")
+        if self.pdl not in ("auto", "on", "off"):
+            raise ValueError(f"pdl must be auto, on or off, got {self.pdl!r}")
         if self.attention_backend not in BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}"
@@ -130,7 +152,8 @@ class LLMEngine:
             eos,
             num_spec_tokens=0 if config.spec_drafter == "none" else config.spec_k,
         )
-        self.backend = select_backend(self.device, config.attention_backend, config.cpu_kernels)
+        self.backend = select_backend(self.device, config.attention_backend, config.cpu_kernels,
+                                      pdl=resolve_pdl(config.pdl, cfg.hidden_size))
         if self.device.type == "cpu" and config.cpu_transposed_weights:  # batch-1 decode is GEMVs:
             transpose_linears(loaded.model, pack=config.cpu_packed_weights)  # faster layouts (in place)
         self.runner = ModelRunner(loaded.model, self.cache, self.device, self.backend)

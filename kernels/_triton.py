@@ -7,6 +7,7 @@ before they launch.
 """
 
 import contextlib
+import contextvars
 import inspect
 import os
 import types
@@ -58,9 +59,13 @@ if not HAS_TRITON:
     tl = types.SimpleNamespace(constexpr=object)
 
 
-def _env_flag(name: str) -> bool:
-    """An on/off switch from the environment: 1, true, on or yes (any case) mean on."""
-    return os.environ.get(name, "0").strip().lower() in ("1", "true", "on", "yes")
+def _env_flag(name: str, default: bool = False) -> bool:
+    """An on/off switch from the environment: 1, true, on or yes (any case) mean on; 0,
+    false, off or no mean off; unset (or anything else) means `default`."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "on", "yes"):
+        return True
+    return False if value in ("0", "false", "off", "no") else default
 
 
 def interpreting() -> bool:
@@ -86,20 +91,39 @@ def _triton_has_pdl() -> bool:
 
 
 PDL_ENABLED = _env_flag("MINIINFER_PDL")
-if PDL_ENABLED and not (HAS_TRITON and _triton_has_pdl()):
+_HAS_PDL = HAS_TRITON and _triton_has_pdl()
+if PDL_ENABLED and not _HAS_PDL:
     warnings.warn("MINIINFER_PDL=1 ignored: this Triton has no programmatic dependent launch "
                   "(tl.extra.cuda.gdc_wait)", stacklevel=1)
     PDL_ENABLED = False
+# an engine's own choice for the kernels it launches (pdl_scope); None defers to PDL_ENABLED
+_PDL_SCOPE: contextvars.ContextVar[bool | None] = contextvars.ContextVar("miniinfer_pdl", default=None)
 _INTERPRETER = interpreting()  # as Triton, which reads TRITON_INTERPRET when kernels are defined
 _NO_PDL = {"PDL": False}
 _WITH_PDL = {"PDL": True, "launch_pdl": True}
 _capability: dict[int, tuple[int, int]] = {}
 
 
+@contextlib.contextmanager
+def pdl_scope(enabled: bool | None):
+    """Kernels launched inside (and captured into CUDA graphs inside) take programmatic
+    dependent launch if `enabled`, not if False; None leaves it to PDL_ENABLED. Where PDL
+    cannot run (no Triton support, CPU, the interpreter, pre-Hopper GPUs) nothing changes."""
+    token = _PDL_SCOPE.set(enabled)
+    try:
+        yield
+    finally:
+        _PDL_SCOPE.reset(token)
+
+
 def pdl_args(t: torch.Tensor) -> dict:
     """Launch keywords for a kernel taking `PDL: tl.constexpr`: PDL on CUDA devices of
-    compute capability 9.0+ while PDL_ENABLED, never in the interpreter or on CPU."""
-    if not PDL_ENABLED or t.device.type != "cuda" or _INTERPRETER:
+    compute capability 9.0+ while enabled (the pdl_scope around the launch, else
+    PDL_ENABLED), never in the interpreter or on CPU."""
+    enabled = _PDL_SCOPE.get()
+    if enabled is None:
+        enabled = PDL_ENABLED
+    if not enabled or not _HAS_PDL or t.device.type != "cuda" or _INTERPRETER:
         return _NO_PDL
     index = t.device.index if t.device.index is not None else torch.cuda.current_device()
     cap = _capability.get(index)
@@ -232,6 +256,7 @@ __all__ = [
     "interpreting",
     "kernel_op",
     "pdl_args",
+    "pdl_scope",
     "pdl_wait",
     "tl",
     "triton",

@@ -604,9 +604,11 @@ def _decode_reduce_kernel(
 TUNING: dict | None = None
 
 # rotary_store_decode_attention in one launch where the tiles run in halves (a decode step's
-# rotary + K/V store kernel folded into the partition kernel). Off until a GPU measures it;
-# MINIINFER_FUSE_ROTARY_STORE=1 turns it on, as may code that sets this.
-FUSE_ROTARY_STORE = _env_flag("MINIINFER_FUSE_ROTARY_STORE")
+# rotary + K/V store kernel folded into the partition kernel). On an H100 (same-run A/B,
+# graphs, batch 1 x ctx 512) the step took 4.4% less time on SmolLM2's shape and 1.2% less
+# on the 8B shape (docs/PERF.md, fifteenth session). MINIINFER_FUSE_ROTARY_STORE=0 turns it
+# off (the two launches), as may code that sets this.
+FUSE_ROTARY_STORE = _env_flag("MINIINFER_FUSE_ROTARY_STORE", default=True)
 
 
 def halves_allowed(head_dim: int) -> bool:

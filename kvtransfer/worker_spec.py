@@ -24,7 +24,7 @@ class WorkerSpec:
     transport: str = "gloo"  # gloo | nccl | grpc
     torch_threads: int = 0  # 0 = all cores
     cuda_graphs: bool = True  # GPU: decode (decode workers) and short prefill steps from CUDA graphs
-    run_ahead: str = "off"  # EngineConfig.decode_run_ahead: auto (on CUDA) | on | off
+    run_ahead: str = "auto"  # EngineConfig.decode_run_ahead: auto (on CUDA) | on | off
     cluster_token: str = ""
     transfer_timeout_s: float = 30.0
     max_pairs: int = 16

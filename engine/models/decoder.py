@@ -94,11 +94,12 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids, positions, meta: AttentionMetadata, cache: KVCache,
                 backend: Backend = TORCH_BACKEND):
         """input_ids, positions [T] -> final hidden states [T, hidden]."""
-        x, residual = self.embed(input_ids), None  # [T, hidden]
-        for i, layer in enumerate(self.layers):
-            with backend.range(f"layer {i}"):
-                x, residual = layer(x, residual, positions, self.rope, meta, cache, backend)
-        return backend.ops.add_rmsnorm(x, residual, self.norm.weight, self.norm.eps)[0]
+        with backend.launches():
+            x, residual = self.embed(input_ids), None  # [T, hidden]
+            for i, layer in enumerate(self.layers):
+                with backend.range(f"layer {i}"):
+                    x, residual = layer(x, residual, positions, self.rope, meta, cache, backend)
+            return backend.ops.add_rmsnorm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32."""

@@ -246,8 +246,8 @@ def test_int8_kv_runs_on_gpu_and_matches_cpu_int8(cpu_model):
     assert got == want
 
 
-def test_pdl_launches_give_the_ordinary_launches_results(cpu_model, monkeypatch):
-    """Programmatic dependent launch (MINIINFER_PDL=1) changes when kernels start, never
+def test_pdl_launches_give_the_ordinary_launches_results(cpu_model):
+    """Programmatic dependent launch (EngineConfig.pdl) changes when kernels start, never
     what they compute: with PDL on and off, bf16 + int8 KV, the graph-replayed prefill and
     decode steps give the same tokens and logits, bit for bit."""
     import kernels._triton as kt
@@ -257,10 +257,11 @@ def test_pdl_launches_give_the_ordinary_launches_results(cpu_model, monkeypatch)
     prompts = _prompts((5, 40, 130), seed=3)
     runs = {}
     for pdl in (True, False):
-        monkeypatch.setattr(kt, "PDL_ENABLED", pdl)
-        assert kt.pdl_args(torch.empty(1, device="cuda")).get("launch_pdl", False) == pdl
+        with kt.pdl_scope(pdl):
+            assert kt.pdl_args(torch.empty(1, device="cuda")).get("launch_pdl", False) == pdl
         engine = _engine(_on_gpu(cpu_model, torch.bfloat16), "cuda", max_num_seqs=8,
-                         kv_dtype="int8")
+                         kv_dtype="int8", pdl="on" if pdl else "off")
+        assert engine.backend.pdl is pdl
         tokens = _greedy(engine, prompts)
         logits = _prefill_then_decode_logits(engine, prompts[1], 42)
         assert engine.runner.graph_steps() > 0

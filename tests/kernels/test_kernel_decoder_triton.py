@@ -109,7 +109,9 @@ def test_triton_decoder_folds_the_decode_store_into_attention(name, kv_dtype, de
 
     model = _model(name, device, head_dim=32)
     backend = select_backend(device, "triton")
-    unfused = _logits(model, backend, kv_dtype, device)
+    with monkeypatch.context() as m:  # the two launches, for comparison
+        m.setattr(da, "FUSE_ROTARY_STORE", False)
+        unfused = _logits(model, backend, kv_dtype, device)
     calls = {"store": 0, "fused": 0}
 
     def spy(key, fn):
@@ -129,3 +131,26 @@ def test_triton_decoder_folds_the_decode_store_into_attention(name, kv_dtype, de
     reference = _logits(model, TORCH_BACKEND, kv_dtype, device)
     for got, want in zip(fused, reference):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_the_backends_pdl_choice_wraps_every_forward(device, monkeypatch):
+    """Backend.pdl reaches the kernels through kernels._triton.pdl_scope around each
+    forward pass (prefill and decode); the torch backend opens no scope."""
+    import kernels._triton as kt
+
+    seen = []
+    real = kt.pdl_scope
+
+    def spy(enabled):
+        seen.append(enabled)
+        return real(enabled)
+
+    monkeypatch.setattr(kt, "pdl_scope", spy)
+    model = _model("llama", device)
+    for pdl in (True, False, None):
+        seen.clear()
+        _logits(model, select_backend(device, "triton", pdl=pdl), torch.float32, device)
+        assert seen == [pdl] * (1 + len(DECODE_TOKENS))
+    seen.clear()
+    _logits(model, TORCH_BACKEND, torch.float32, device)
+    assert seen == []

@@ -281,6 +281,35 @@ def test_pdl_only_on_hopper_cuda_and_only_while_enabled(monkeypatch):
     assert kt.pdl_args(gpu) == off
 
 
+def test_pdl_scope_overrides_the_switch(monkeypatch):
+    """pdl_scope(True / False) decides for the launches inside it, whatever PDL_ENABLED
+    says; None, and leaving the scope, give PDL_ENABLED back."""
+    import types
+
+    import kernels._triton as kt
+
+    on, off = {"PDL": True, "launch_pdl": True}, {"PDL": False}
+    gpu = types.SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.setattr(kt, "_INTERPRETER", False)
+    monkeypatch.setattr(kt, "_HAS_PDL", True)
+    monkeypatch.setattr(kt, "_capability", {0: (9, 0)})
+    for enabled in (False, True):
+        monkeypatch.setattr(kt, "PDL_ENABLED", enabled)
+        with kt.pdl_scope(True):
+            assert kt.pdl_args(gpu) == on
+            with kt.pdl_scope(False):
+                assert kt.pdl_args(gpu) == off
+            with kt.pdl_scope(None):
+                assert kt.pdl_args(gpu) == (on if enabled else off)
+            assert kt.pdl_args(gpu) == on
+        assert kt.pdl_args(gpu) == (on if enabled else off)
+        with kt.pdl_scope(True):
+            assert kt.pdl_args(torch.empty(1)) == off  # never on CPU
+    monkeypatch.setattr(kt, "_HAS_PDL", False)  # a Triton without gdc_wait: never
+    with kt.pdl_scope(True):
+        assert kt.pdl_args(gpu) == off
+
+
 @pytest.mark.parametrize("value, want", [("0", False), ("", False), ("1", True), ("on", True)])
 def test_pdl_switch_from_the_environment(value, want):
     import kernels._triton as kt
@@ -290,6 +319,19 @@ def test_pdl_switch_from_the_environment(value, want):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=120, check=True).stdout.strip()
     assert out == str(want and kt._triton_has_pdl())
+
+
+@pytest.mark.parametrize("value, want", [(None, True), ("", True), ("0", False), ("off", False),
+                                         ("1", True)])
+def test_fused_decode_store_switch_from_the_environment(value, want):
+    """On unless MINIINFER_FUSE_ROTARY_STORE says 0 / false / off / no."""
+    code = "import kernels.decode_attention as da; print(da.FUSE_ROTARY_STORE)"
+    env = {k: v for k, v in os.environ.items() if k != "MINIINFER_FUSE_ROTARY_STORE"}
+    if value is not None:
+        env["MINIINFER_FUSE_ROTARY_STORE"] = value
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.strip()
+    assert out == str(want)
 
 
 def test_pdl_switch_ignored_with_a_warning_on_a_triton_without_it():
