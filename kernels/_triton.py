@@ -73,14 +73,17 @@ def interpreting() -> bool:
     return _env_flag("TRITON_INTERPRET")
 
 
-# Programmatic dependent launch (PDL, Hopper and later), off unless MINIINFER_PDL=1 is in the
-# environment (or PDL_ENABLED is set True). A kernel launched with it may be scheduled while
+# Programmatic dependent launch (PDL, Hopper and later). Launches inside `pdl_scope(True /
+# False)` follow the scope: an engine's forward opens one (engine.llm.EngineConfig.pdl,
+# which by default takes PDL for wide models only). Outside any scope, or in a None scope
+# (EngineConfig.pdl = auto while MINIINFER_PDL is set), PDL is off unless MINIINFER_PDL=1
+# is in the environment (or PDL_ENABLED is set True). A kernel launched with it may be scheduled while
 # the kernel before it on the stream still runs; it waits for that kernel's completion (and
 # its writes) in `pdl_wait`, which every PDL kernel calls before it touches memory. A chain
 # of short Triton kernels in a CUDA graph ran 0.71 us a kernel instead of 1.14 on an H200,
 # but whole decode steps gained on the 8B shape (replay 1.4-2.7% faster) and mostly not on
 # SmolLM2 (up to 9% slower at batch 32), where cuBLAS kernels sit between most of ours
-# (docs/PERF.md, tenth session). Hence opt-in. It needs a Triton with the device-side calls
+# (docs/PERF.md, tenth and fifteenth sessions). It needs a Triton with the device-side calls
 # (`tl.extra.cuda.gdc_wait`; 3.6 and 3.9 have them); with an older one the switch is ignored.
 def _triton_has_pdl() -> bool:
     try:

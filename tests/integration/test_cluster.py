@@ -104,13 +104,14 @@ def test_decode_workers_speculate_only_when_configured(cluster):
         assert drafted > 0 and sum(s["spec_accepted_tokens"] for s in stats) > 0, stats
 
 
-def test_decode_steps_run_ahead_only_when_configured(cluster):
+def test_decode_steps_run_ahead_as_configured(cluster):
     import ray
 
     stream(cluster.stub, "The capital of France is", max_tokens=12)
     stats = [ray.get(w.handle.status.remote(), timeout=30) for w in cluster.cluster.table.pool("decode")]
     ahead = sum(s["ahead_steps"] for s in stats)
-    on = cluster.cluster.config.decode.run_ahead == "on"
+    cfg = cluster.cluster.config  # auto (the default) runs ahead on CUDA only
+    on = cfg.decode.run_ahead == "on" or (cfg.decode.run_ahead == "auto" and cfg.device == "cuda")
     assert ahead > 0 if on else ahead == 0, stats
 
 

@@ -125,7 +125,11 @@ def test_triton_decoder_folds_the_decode_store_into_attention(name, kv_dtype, de
     monkeypatch.setattr(kernels.ops, "rotary_store_decode_attention",
                         spy("fused", kernels.ops.rotary_store_decode_attention))
     fused = _logits(model, backend, kv_dtype, device)
-    assert calls == {"store": LAYERS, "fused": LAYERS * len(DECODE_TOKENS)}
+    # the interpreter runs int8 in halves; a GPU runs int8 at 64-token partitions whole
+    decode_store = "fused" if device == "cpu" or kv_dtype != torch.int8 else "store"
+    want = {"store": LAYERS, "fused": 0}
+    want[decode_store] += LAYERS * len(DECODE_TOKENS)
+    assert calls == want
     for got, want in zip(fused, unfused):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     reference = _logits(model, TORCH_BACKEND, kv_dtype, device)

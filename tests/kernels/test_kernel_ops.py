@@ -29,11 +29,10 @@ def _paged_args(device, kv_dtype=torch.int8):
 
 
 def _fused_decode_args(device):
-    """rotary_store_decode_attention's op arguments: D32 (its tiles run in halves), tokens
-    at positions 19 and 8, their slots from the tables [[2, 0], [1, 0]]."""
-    data = torch.randn(2, 3, 16, 2, 32, device=device)
-    scales = data.abs().amax(-1) / 127.0
-    data = torch.round(data / scales.unsqueeze(-1)).to(torch.int8)
+    """rotary_store_decode_attention's op arguments: D32 over fp32 pages (tiles in halves
+    on every device), tokens at positions 19 and 8, their slots from the tables
+    [[2, 0], [1, 0]]."""
+    data, scales = torch.randn(2, 3, 16, 2, 32, device=device), None
     tables = torch.tensor([[2, 0], [1, 0]], dtype=torch.int32, device=device)
     kv = torch.randn(2, 2, 2, 32, device=device)
     return (torch.tensor([19, 8], device=device), torch.randn(2, 4, 32, device=device), kv[0],

@@ -23,6 +23,10 @@ CASES = [
     (8, 1, 64, [2, 47]),
 ]
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (5e-3, 5e-3)}
+# the interpreter's own launch (16-token tiles in halves, one warp), made explicit so that
+# these tests take the fused path on a GPU too (whose rules give int8 whole tiles at small
+# partitions); the GPU test at the end runs the engine's rules
+HALVES = {"block_n": 16, "num_warps": 1, "split_d": True}
 
 
 def _rope(max_pos, d, device, dtype):
@@ -88,6 +92,7 @@ def test_fused_store_equals_the_two_launches_and_the_reference(
     h, hkv, d, ctx_lens, kv_dtype, q_dtype, device, make_layer, monkeypatch
 ):
     monkeypatch.setattr(da, "FUSE_ROTARY_STORE", True)
+    monkeypatch.setattr(da, "TUNING", HALVES)
     s = _step(h, hkv, d, ctx_lens, kv_dtype, q_dtype, device, make_layer)
     assert da.fuses_rotary_store(s["q"], s["data"], 32)
     out, data, scales, q_after = _fused(s, 32)
@@ -116,7 +121,9 @@ def test_fused_store_equals_the_two_launches_and_the_reference(
 def test_fused_store_skips_padding_rows(device, make_layer, monkeypatch):
     """Graph padding (ctx 0, slot -1) gets a zero output and writes no page."""
     monkeypatch.setattr(da, "FUSE_ROTARY_STORE", True)
+    monkeypatch.setattr(da, "TUNING", HALVES)
     s = _step(8, 2, 32, [40], torch.int8, torch.float32, device, make_layer, pad=2)
+    assert da.fuses_rotary_store(s["q"], s["data"], 32)
     out, data, scales, _ = _fused(s, 32)
     out2, data2, scales2 = _two_launches(s, 32)
     assert torch.equal(out[1:], torch.zeros_like(out[1:]))
@@ -131,6 +138,7 @@ def test_fused_store_only_on_tiles_in_halves(device, make_layer, monkeypatch):
     """Whole tiles (or the switch off) take the two launches, which rotate q in place."""
     s = _step(8, 2, 24, [30], torch.float32, torch.float32, device, make_layer)
     monkeypatch.setattr(da, "FUSE_ROTARY_STORE", True)
+    monkeypatch.setattr(da, "TUNING", HALVES)
     assert not da.fuses_rotary_store(s["q"], s["data"], 32)  # D24: no halves
     out, data, _, q_after = _fused(s, 32)
     out2, data2, _ = _two_launches(s, 32)
@@ -169,7 +177,7 @@ def test_fused_store_checks_its_arguments(device, make_layer, monkeypatch):
     [
         (32, 8, 128, [512], 64),  # 8B, batch 1
         (9, 3, 64, [300, 1, 64, 65], 64),  # SmolLM2
-        (32, 8, 128, [1000, 4097, 8192] + [700] * 5, 512),  # the int8 tiles' partitions
+        (32, 8, 128, [1000, 4097, 8192, 1, 513] + [700] * 3, 512),  # the int8 tiles' rule
     ],
 )
 def test_fused_store_on_gpu_in_a_cuda_graph(h, hkv, d, ctx_lens, psize, kv_dtype, make_layer,
@@ -181,9 +189,14 @@ def test_fused_store_on_gpu_in_a_cuda_graph(h, hkv, d, ctx_lens, psize, kv_dtype
     num_pages = sum(-(-n // 16) for n in ctx_lens) + 8
 
     def step(seed):
+        """Each new key is its group's mean query (rotated alike, so their dot stays): a
+        score ~sqrt(D) above the random keys', so the new token carries most of the
+        softmax and a tile that read the row before it was stored would be far off."""
         torch.manual_seed(seed)
-        return _step(h, hkv, d, ctx_lens, kv_dtype, torch.bfloat16, "cuda", make_layer,
-                     num_pages=num_pages)
+        s = _step(h, hkv, d, ctx_lens, kv_dtype, torch.bfloat16, "cuda", make_layer,
+                  num_pages=num_pages)
+        s["k"] = s["q"].view(len(ctx_lens), hkv, h // hkv, d).float().mean(2).to(s["k"].dtype)
+        return s
 
     s = step(0)
     # int8 pages take tiles in halves only at D128 on 128+ token partitions (_launch)
