@@ -34,7 +34,7 @@ from kernels._triton import (
     tl,
     triton,
 )
-from kernels.kv_store import INV_127, _check, _store_row_halves
+from kernels.kv_store import INV_127, _check, _rotary_store_kv_op, _store_row_halves
 from kernels.rotary import _load_cos_sin, _rotate_half, check_rotary_args
 
 LOG2E = 1.4426950408889634
@@ -984,14 +984,12 @@ def rotary_store_decode_attention(
     name = "rotary_store_decode_attention"
     check_rotary_args(positions, q, k, cos, sin, name=name)
     _check(k, v, data_layer, scales_layer, slots, name=name)
-    if not fuses_rotary_store(q, data_layer, partition_size):
-        from kernels.kv_store import rotary_store_kv
-
-        rotary_store_kv(positions, q, k, v, cos, sin, data_layer, scales_layer, slots)
-        return decode_attention(q, data_layer, scales_layer, block_tables, ctx_lens, sm_scale,
-                                partition_size)
     _check_decode(name, q, data_layer, scales_layer, block_tables, ctx_lens, partition_size)
     scale = softmax_scale(name, q.shape[-1], sm_scale)
+    if not fuses_rotary_store(q, data_layer, partition_size):  # the two launches, checked above
+        _rotary_store_kv_op(positions, q, k, v, cos, sin, data_layer, scales_layer, slots)
+        return _decode_attention_op(q, data_layer, scales_layer, block_tables, ctx_lens, scale,
+                                    int(partition_size))
     return _rotary_store_decode_attention_op(
         positions, q, k, v, cos, sin, data_layer, scales_layer, slots, block_tables, ctx_lens,
         scale, int(partition_size),
