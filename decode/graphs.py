@@ -29,8 +29,10 @@ Design notes (what a graph bakes in, and how this file lives with it):
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,6 +41,9 @@ from engine.attention import AttentionMetadata
 from engine.backend import Backend
 from engine.kv_cache import KVCache
 from engine.runner import HostStep
+
+if TYPE_CHECKING:
+    from decode.prefetch import WeightPrefetcher
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +197,12 @@ class CudaGraphRunner:
         backend: Backend,
         max_batch_size: int,
         max_model_len: int,
+        prefetch: WeightPrefetcher | None = None,
     ) -> None:
+        """prefetch: captured steps prefetch each GEMV's weight into L2 (decode/prefetch.py)."""
         check_capturable(model, backend)
         self.model, self.cache, self.backend = model, cache, backend
+        self.prefetch = prefetch
         self.buckets = batch_buckets(max_batch_size)
         self.max_pages = -(-max_model_len // cache.page_size)
         dev = cache.data.device
@@ -226,8 +234,9 @@ class CudaGraphRunner:
         """The captured region: one decode step of the first bs rows -> logits [bs, V]."""
         ids, pos, slots, ctx = self.inputs[:, :bs]  # four [bs] views
         meta = AttentionMetadata([1] * bs, [0] * bs, self.block_tables[:bs], slots, ctx)
-        hidden = self.model(ids, pos, meta, self.cache, self.backend)  # [bs, hidden]
-        return self.model.compute_logits(hidden)
+        with self.prefetch.active() if self.prefetch else contextlib.nullcontext():
+            hidden = self.model(ids, pos, meta, self.cache, self.backend)  # [bs, hidden]
+            return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def capture(self) -> float:

@@ -82,6 +82,11 @@ class EngineConfig:
     # hidden size >= PDL_MIN_HIDDEN: on an H100 the 8B shape's batch-1 step took 1.7% less
     # time with it and SmolLM2's (hidden 576) 1.4% more (docs/PERF.md, fifteenth session).
     pdl: str = "auto"
+    # captured decode steps prefetch each GEMV's weight into L2 on a side stream while the
+    # kernels before it run (decode/prefetch.py): off | auto | bulk:CAP | loads:CAP, CAP
+    # the MiB asked for of each weight (or all). auto follows MINIINFER_WEIGHT_PREFETCH
+    # where set, else prefetches for models with small layers on Hopper (decode.prefetch.resolve).
+    weight_prefetch: str = "auto"
 
     def __post_init__(self) -> None:
         from engine.spec.drafters import DRAFTERS
@@ -100,6 +105,10 @@ class EngineConfig:
             raise ValueError(f"decode_run_ahead must be auto, on or off, got {self.decode_run_ahead!r}")
         if self.pdl not in ("auto", "on", "off"):
             raise ValueError(f"pdl must be auto, on or off, got {self.pdl!r}")
+        if self.weight_prefetch != "auto":
+            from decode.prefetch import parse_setting
+
+            parse_setting(self.weight_prefetch)  # ValueError with the accepted forms
         if self.attention_backend not in BACKENDS:
             raise ValueError(
                 f"attention_backend must be one of {BACKENDS}, got {self.attention_backend!r}"
@@ -170,6 +179,18 @@ class LLMEngine:
         self.on_executed = None
         self.warmup_seconds = self._warm_up() if self.device.type == "cuda" else 0.0
 
+    def _weight_prefetcher(self):
+        """EngineConfig.weight_prefetch -> a decode.prefetch.WeightPrefetcher, or None."""
+        from decode import prefetch
+
+        chosen = prefetch.resolve(self.config.weight_prefetch, self.runner.model)
+        if chosen is None:
+            return None
+        mode, cap = chosen
+        log.info("decode graphs prefetch up to %.0f MiB of each weight into L2 (%s)",
+                 min(cap, 1 << 40) / prefetch.MIB, mode)
+        return prefetch.WeightPrefetcher(self.runner.model, cap, mode)
+
     @classmethod
     def from_name(cls, name: str, config: EngineConfig = EngineConfig(), dtype=torch.float32,
                   device="cpu", quiet: bool = False) -> LLMEngine:
@@ -187,7 +208,8 @@ class LLMEngine:
 
                 max_bs = min(self.config.max_graph_batch_size, self.config.max_num_seqs)
                 graphs = CudaGraphRunner(
-                    self.runner.model, self.cache, self.backend, max_bs, self.max_model_len
+                    self.runner.model, self.cache, self.backend, max_bs, self.max_model_len,
+                    prefetch=self._weight_prefetcher(),
                 )
                 graphs.capture()
                 self.runner.graphs = graphs

@@ -1,0 +1,151 @@
+"""L2 prefetch: start moving (a prefix of) a tensor from HBM into the GPU's L2 cache.
+
+A batch-1 decode step alternates GEMVs, which stream their weights from HBM, with short
+kernels (attention, norms, activation) during which HBM sits nearly idle. Issued on a side
+stream once a GEMV has finished (decode/prefetch.py), a prefetch of the next GEMV's weight
+moves those bytes while the short kernels run; the GEMV then finds them in L2.
+
+Two ways to ask:
+- "bulk" (compute capability 9.0+): `cp.async.bulk.prefetch.L2.global`, one instruction a
+  chunk. Nothing waits for the data: the kernel is done once its requests are issued, so it
+  holds its SMs for microseconds whatever the size.
+- "loads" (any GPU, and the interpreter): every 32-bit word loaded with the L2 policy
+  evict_last and summed, one int32 sum a program written to `out` (so the compiler keeps
+  the loads, and a test can check every word was read once). Its programs stay until the
+  loads return.
+
+A prefetch changes no value anywhere (but `out`); it is only a hint to the memory system.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels._triton import check_launchable, device_guard, interpreting, kernel_op, tl, triton
+
+MODES = ("bulk", "loads")
+_LANES = 32  # bulk: one chunk a thread, one warp a program
+_BLOCK = 1024  # loads: words a program reads per iteration
+
+
+@triton.jit
+def _bulk_prefetch_kernel(base, nbytes, chunk, LANES: tl.constexpr):
+    """Thread i of program p asks for bytes [c, c + chunk) of [base, base + nbytes), with
+    c = (p * LANES + i) * chunk, cut at the end and to a multiple of 16 (the instruction's
+    unit). Threads past the end re-ask for the first 16 bytes: harmless, and no branch."""
+    lane = tl.program_id(0) * LANES + tl.arange(0, LANES)  # [LANES]
+    off = lane.to(tl.int64) * chunk
+    size = tl.minimum(nbytes - off, chunk)
+    size = size - size % 16
+    keep = size >= 16
+    addr = tl.where(keep, base + off, base)  # int64 global addresses
+    size = tl.where(keep, size, 16).to(tl.int32)
+    tl.inline_asm_elementwise(
+        "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
+        "=r,l,r",
+        [addr, size],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
+def _loads_prefetch_kernel(words_ptr, n_words, out_ptr, BLOCK: tl.constexpr):
+    """Program p reads words p*BLOCK.., striding by the grid; writes their int32 sum
+    (wrapping) to out[p]."""
+    pid = tl.program_id(0)
+    step = tl.num_programs(0) * BLOCK
+    acc = tl.zeros([BLOCK], tl.int32)
+    for start in range(pid * BLOCK, n_words, step):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(words_ptr + offs, mask=offs < n_words, other=0, eviction_policy="evict_last")
+    tl.store(out_ptr + pid, tl.sum(acc, axis=0))
+
+
+def bulk_supported(device: torch.device) -> bool:
+    """The bulk prefetch instruction exists here: a CUDA GPU of compute capability 9.0+
+    (Hopper), not the interpreter (which runs no inline assembly)."""
+    if device.type != "cuda" or interpreting():
+        return False
+    return torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def _prefix_bytes(name: str, t: torch.Tensor, nbytes: int | None) -> int:
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: the tensor must be contiguous, got strides {tuple(t.stride())}")
+    total = t.numel() * t.element_size()
+    n = total if nbytes is None else int(nbytes)
+    if not 0 <= n <= total:
+        raise ValueError(f"{name}: nbytes must be in [0, {total}] for this tensor, got {nbytes}")
+    return n
+
+
+@kernel_op("l2_prefetch_loads", ("out",))
+def _loads_op(words: torch.Tensor, n_words: int, out: torch.Tensor) -> None:
+    with device_guard(words):
+        _loads_prefetch_kernel[(out.numel(),)](words, n_words, out, BLOCK=_BLOCK)
+
+
+@kernel_op("l2_prefetch_bulk")
+def _bulk_op(t: torch.Tensor, nbytes: int, programs: int) -> None:
+    chunk = -(-nbytes // (programs * _LANES))
+    chunk = -(-chunk // 16) * 16  # whole 16-byte units
+    grid = -(-nbytes // (chunk * _LANES))
+    with device_guard(t):
+        _bulk_prefetch_kernel[(grid,)](t.data_ptr(), nbytes, chunk, LANES=_LANES, num_warps=1)
+
+
+def l2_prefetch(t: torch.Tensor, nbytes: int | None = None, mode: str = "bulk",
+                programs: int = 16, out: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Ask for t's first `nbytes` bytes (all of it when None) to be brought into L2.
+
+    mode: "bulk" (needs `bulk_supported`) or "loads". programs: how many programs share
+    the work (bulk: each issues up to 32 chunk requests). out: "loads" only, int32 [programs]
+    for the per-program sums (allocated when None; pass one in under CUDA-graph capture to
+    keep the allocation out of the graph) -> out; "bulk" -> None.
+    """
+    name = "l2_prefetch"
+    if mode not in MODES:
+        raise ValueError(f"{name}: mode must be one of {MODES}, got {mode!r}")
+    if programs < 1:
+        raise ValueError(f"{name}: programs must be >= 1, got {programs}")
+    n = _prefix_bytes(name, t, nbytes)
+    if mode == "bulk":
+        check_launchable(name, t)
+        if not bulk_supported(t.device):
+            raise ValueError(f"{name}: bulk prefetch needs a CUDA GPU of compute capability 9.0+ "
+                             f"(and no TRITON_INTERPRET), not {t.device}; use mode='loads'")
+        if t.data_ptr() % 16:
+            raise ValueError(f"{name}: bulk prefetch needs a 16-byte aligned tensor")
+        if n >= 16:
+            _bulk_op(t, n, programs)
+        return None
+    if out is None:
+        out = torch.empty(programs, dtype=torch.int32, device=t.device)
+    check_launchable(name, t, out)
+    if out.dtype != torch.int32 or out.dim() != 1 or out.numel() < 1 or not out.is_contiguous():
+        raise ValueError(f"{name}: out must be a contiguous 1-D int32 tensor, got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    if t.data_ptr() % 4 or n % 4:
+        raise ValueError(f"{name}: loads read 32-bit words: the tensor must be 4-byte aligned "
+                         f"and nbytes a multiple of 4, got {n}")
+    words = t.view(-1).view(torch.uint8)[:n].view(torch.int32)  # [n / 4]
+    if words.numel():
+        _loads_op(words, words.numel(), out)
+    else:
+        out.zero_()
+    return out
+
+
+def loads_reference(t: torch.Tensor, nbytes: int | None = None) -> int:
+    """What the "loads" mode's sums add up to: the int32 sum (wrapping) of t's first nbytes
+    bytes read as little-endian words, as a Python int in [-2^31, 2^31)."""
+    n = _prefix_bytes("loads_reference", t, nbytes)
+    words = t.detach().reshape(-1).view(torch.uint8)[:n].view(torch.int32).cpu().to(torch.int64)
+    return wrap_int32(int(words.sum()))
+
+
+def wrap_int32(x: int) -> int:
+    """x reduced to a signed 32-bit value, as int32 arithmetic wraps."""
+    return (x + 2**31) % 2**32 - 2**31
