@@ -9,7 +9,12 @@ import kernels.decode_attention as da  # noqa: E402
 from engine.attention import AttentionMetadata  # noqa: E402
 from engine.attention import decode_attention as engine_decode_attention  # noqa: E402
 from engine.kv_cache import KVCache, KVCacheSpec  # noqa: E402
-from kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
+from kernels.decode_attention import (  # noqa: E402
+    decode_attention,
+    decode_attention_reference,
+    rotary_store_decode_attention,
+)
+from kernels.kv_store import rotary_store_kv_reference  # noqa: E402
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 3e-2)}
@@ -519,3 +524,357 @@ def test_decode_gpu_int8_misaligned_view_takes_the_byte_loads(make_layer, make_b
     assert da.launch_config(q, data, 512, True)["fast_i8"]
     out = decode_attention(q, shifted, scales, tables, ctx, partition_size=512)
     assert _rel_err(out, decode_attention_reference(q.float(), data, scales, tables, ctx)) < 1e-2
+
+
+# FUSED_MERGE: the last partition program of each (sequence, kv head) merges, no reduce
+# kernel. (B, H, Hkv, D, ctx_lens, kv dtype, q dtype, partition_size): GQA 1, 3, 4 and 8;
+# empty sequences (CUDA-graph padding) first, middle and last; lengths off the partition
+# and page grids; D24 runs whole tiles, the rest halves; the last case's 38 partitions
+# take the merge past one BLOCK_P (32) chunk. 16-bit pages are fp16 here: the interpreter
+# computes bf16 dots wrongly (both paths alike); bf16 runs in the GPU tests.
+FUSED_MERGE_CASES = [
+    (3, 4, 4, 32, [0, 37, 128], torch.float32, torch.float32, 32),
+    (3, 12, 4, 64, [100, 0, 17], torch.int8, torch.float32, 32),
+    (3, 8, 2, 32, [45, 130, 0], torch.float16, torch.float16, 16),
+    (2, 8, 1, 24, [33, 90], torch.int8, torch.float16, 16),
+    (1, 4, 1, 32, [600], torch.float32, torch.float32, 16),
+]
+
+
+def _counters_at_rest(device) -> bool:
+    """Every merge counter buffer made for `device` is back to zero."""
+    return all(not t.any() for t in da._MERGE_COUNTERS.get(torch.device(device), []))
+
+
+def _assert_same(out, want):
+    """The fused merge runs the reduce kernel's own code (_merge_head) on the same partials:
+    the same bits in the interpreter; on a GPU within one rounding of the output dtype."""
+    if out.device.type == "cpu":
+        assert torch.equal(out, want)
+    else:
+        eps = torch.finfo(out.dtype).eps
+        torch.testing.assert_close(out, want, rtol=eps, atol=eps)
+
+
+def _fused_merge_case(b, h, hkv, d, ctx_lens, kv_dtype, q_dtype, device, make_layer,
+                      make_block_tables, num_pages=48):
+    """-> (q, data, scales, tables, ctx); tables three pages wider than the longest
+    context, so some partitions of every sequence exit early."""
+    data, scales = make_layer(num_pages, hkv, d, kv_dtype, device)
+    tables = make_block_tables(ctx_lens, num_pages, max(-(-n // 16) for n in ctx_lens) + 3,
+                               device)
+    q = torch.randn(b, h, d, device=device).to(q_dtype)
+    return q, data, scales, tables, torch.tensor(ctx_lens, device=device)
+
+
+@pytest.mark.parametrize("b,h,hkv,d,ctx_lens,kv_dtype,q_dtype,psize", FUSED_MERGE_CASES)
+def test_decode_fused_merge_equals_the_two_launches_and_the_reference(
+    b, h, hkv, d, ctx_lens, kv_dtype, q_dtype, psize, device, make_layer, make_block_tables,
+    monkeypatch,
+):
+    """FUSED_MERGE gives the two launches' output and the reference's, zero rows for empty
+    sequences, and leaves every counter at zero: a second call, which would start from a
+    stale count otherwise, gives the same output again."""
+    q, data, scales, tables, ctx = _fused_merge_case(b, h, hkv, d, ctx_lens, kv_dtype, q_dtype,
+                                                     device, make_layer, make_block_tables)
+    monkeypatch.setattr(da, "FUSED_MERGE", False)
+    two = decode_attention(q, data, scales, tables, ctx, partition_size=psize)
+    monkeypatch.setattr(da, "FUSED_MERGE", True)
+    fused = decode_attention(q, data, scales, tables, ctx, partition_size=psize)
+    assert fused.dtype == q_dtype and _counters_at_rest(q.device)
+    _assert_same(fused, two)
+    ref = decode_attention_reference(q, data, scales, tables, ctx)
+    rtol, atol = TOL[q_dtype]
+    torch.testing.assert_close(fused, ref, rtol=rtol, atol=atol)
+    for i, n in enumerate(ctx_lens):
+        if n == 0:
+            assert torch.equal(fused[i], torch.zeros_like(fused[i]))
+    again = decode_attention(q, data, scales, tables, ctx, partition_size=psize)
+    assert torch.equal(again, fused) and _counters_at_rest(q.device)
+
+
+def test_decode_fused_merge_over_a_table_far_wider_than_the_contexts(
+    device, make_layer, make_block_tables, monkeypatch
+):
+    """As test_decode_table_far_wider_than_the_contexts, fused: partials start as NaN, so a
+    merge that read a partition past a context (or counted one that never ran) shows."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_filled(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_filled(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_filled(empty_like(*a, **k)))
+    monkeypatch.setattr(da, "FUSED_MERGE", True)
+    out = _check(
+        5, 8, 2, 32, [1, 20, 0, 32, 47], torch.int8, torch.float32, device, make_layer,
+        make_block_tables, max_pages=40, num_pages=48, partition_size=16,
+    )  # fmt: skip
+    assert torch.equal(out[2], torch.zeros_like(out[2])) and _counters_at_rest(out.device)
+
+
+def _rope(max_pos, d, device, dtype):
+    inv = 1.0 / (10000 ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(device=device, dtype=dtype), emb.sin().to(device=device, dtype=dtype)
+
+
+def _rotary_step(h, hkv, d, ctx_lens, kv_dtype, q_dtype, device, make_layer, num_pages=48,
+                 width=None, max_pos=None):
+    """rotary_store_decode_attention's arguments for a decode step: each sequence's new token
+    at position ctx - 1, in the slot its table gives it (no page in two sequences); a
+    context of 0 is CUDA-graph padding (slot -1). width / max_pos: the table's pages and the
+    rotary tables' rows (default: as the contexts need, plus a little)."""
+    data, scales = make_layer(num_pages, hkv, d, kv_dtype, device)
+    width = width or max(-(-n // 16) for n in ctx_lens) + 2
+    tables = torch.zeros(len(ctx_lens), width, dtype=torch.int32)
+    pages = torch.randperm(num_pages).tolist()
+    slots = []
+    for i, n in enumerate(ctx_lens):
+        for j in range(-(-n // 16)):
+            tables[i, j] = pages.pop()
+        slots.append(int(tables[i, (n - 1) // 16]) * 16 + (n - 1) % 16 if n else -1)
+    b = len(ctx_lens)
+    cos, sin = _rope(max_pos or max(ctx_lens) + 1, d, device, q_dtype)
+    return dict(
+        positions=torch.tensor([max(n - 1, 0) for n in ctx_lens], device=device),
+        q=torch.randn(b, h, d, device=device).to(q_dtype),
+        k=torch.randn(b, hkv, d, device=device).to(q_dtype),
+        v=torch.randn(b, hkv, d, device=device).to(q_dtype),
+        cos=cos, sin=sin, data_layer=data, scales_layer=scales,
+        slots=torch.tensor(slots, device=device), block_tables=tables.to(device),
+        ctx_lens=torch.tensor(ctx_lens, device=device),
+    )  # fmt: skip
+
+
+def _rotary_run(step, psize):
+    """rotary_store_decode_attention on copies of the step's cache and q -> (out, data, scales)."""
+    s = dict(step)
+    s["data_layer"] = s["data_layer"].clone()
+    s["scales_layer"] = None if s["scales_layer"] is None else s["scales_layer"].clone()
+    s["q"] = s["q"].clone()
+    out = rotary_store_decode_attention(**s, partition_size=psize)
+    return out, s["data_layer"], s["scales_layer"]
+
+
+@pytest.mark.parametrize(
+    "h,hkv,d,ctx_lens,kv_dtype,q_dtype",
+    [
+        (4, 4, 32, [1, 33, 0, 64], torch.float32, torch.float32),
+        (8, 2, 64, [0, 47, 100], torch.int8, torch.float32),
+        (8, 1, 32, [65, 96], torch.float16, torch.float16),
+    ],
+)
+def test_decode_fused_merge_with_the_rotary_store(
+    h, hkv, d, ctx_lens, kv_dtype, q_dtype, device, make_layer, monkeypatch
+):
+    """rotary_store_decode_attention's one launch (FUSE_ROTARY_STORE, tiles in halves) with
+    the merge fused too: the same output and cache as with the reduce kernel, the
+    references' output, counters back at zero."""
+    monkeypatch.setattr(da, "FUSE_ROTARY_STORE", True)
+    monkeypatch.setattr(da, "TUNING", {"block_n": 16, "num_warps": 1, "split_d": True})
+    step = _rotary_step(h, hkv, d, ctx_lens, kv_dtype, q_dtype, device, make_layer)
+    assert da.fuses_rotary_store(step["q"], step["data_layer"], 32)
+    monkeypatch.setattr(da, "FUSED_MERGE", False)
+    two, data2, scales2 = _rotary_run(step, 32)
+    monkeypatch.setattr(da, "FUSED_MERGE", True)
+    fused, data, scales = _rotary_run(step, 32)
+    assert _counters_at_rest(fused.device)
+    _assert_same(fused, two)
+    assert torch.equal(data, data2) and (scales is None or torch.equal(scales, scales2))
+    # the references: rotary_store_kv's, then decode attention's over the cache it wrote
+    q3, data3 = step["q"].clone(), step["data_layer"].clone()
+    scales3 = None if step["scales_layer"] is None else step["scales_layer"].clone()
+    rotary_store_kv_reference(step["positions"], q3, step["k"], step["v"], step["cos"],
+                              step["sin"], data3, scales3, step["slots"])
+    ref = decode_attention_reference(q3, data3, scales3, step["block_tables"], step["ctx_lens"])
+    rtol, atol = TOL[q_dtype]
+    torch.testing.assert_close(fused, ref, rtol=max(rtol, 3e-3), atol=max(atol, 3e-3))
+    again, _, _ = _rotary_run(step, 32)
+    assert torch.equal(again, fused) and _counters_at_rest(fused.device)
+
+
+class _Refused:
+    """Stands in for _decode_reduce_kernel where it must not be launched."""
+
+    def __getitem__(self, grid):
+        raise AssertionError(f"the reduce kernel was launched, grid {grid}")
+
+
+class _Launches:
+    """Stands in for a kernel: records each launch's grid and runs it."""
+
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def test_decode_fused_merge_launches_no_reduce_kernel(device, make_layer, make_block_tables,
+                                                      monkeypatch):
+    """With FUSED_MERGE decode_attention and rotary_store_decode_attention launch the
+    partition kernel only; without it the reduce kernel runs once a call, grid (B, H)."""
+    q, data, scales, tables, ctx = _fused_merge_case(3, 8, 2, 32, [0, 50, 20], torch.int8,
+                                                     torch.float32, device, make_layer,
+                                                     make_block_tables)
+    step = _rotary_step(8, 2, 32, [40, 0], torch.float32, torch.float32, device, make_layer)
+    monkeypatch.setattr(da, "FUSE_ROTARY_STORE", True)
+    monkeypatch.setattr(da, "TUNING", {"block_n": 16, "num_warps": 1, "split_d": True})
+    reduce = _Launches(da._decode_reduce_kernel)
+    monkeypatch.setattr(da, "FUSED_MERGE", True)
+    monkeypatch.setattr(da, "_decode_reduce_kernel", _Refused())
+    fused = decode_attention(q, data, scales, tables, ctx, partition_size=16)
+    fused_rotary, _, _ = _rotary_run(step, 16)
+    monkeypatch.setattr(da, "FUSED_MERGE", False)
+    monkeypatch.setattr(da, "_decode_reduce_kernel", reduce)
+    two = decode_attention(q, data, scales, tables, ctx, partition_size=16)
+    two_rotary, _, _ = _rotary_run(step, 16)
+    assert reduce.grids == [(3, 8), (2, 8)]
+    _assert_same(fused, two)
+    _assert_same(fused_rotary, two_rotary)
+
+
+def test_decode_fused_merge_counters_made_eagerly_and_kept(monkeypatch):
+    """merge_counters: zeros, at least 1024, the same buffer while it is large enough, a new
+    one (the old kept alive: a graph may hold its address) when not; inside a CUDA-graph
+    capture it returns a large enough buffer and raises rather than allocate one. Plain
+    Python: a CPU tensor stands in for the GPU's buffer."""
+    monkeypatch.setattr(da, "_MERGE_COUNTERS", {})
+    cpu = torch.device("cpu")
+    first = da.merge_counters(cpu, 10)
+    assert first.dtype == torch.int32 and first.numel() == 1024 and not first.any()
+    assert da.merge_counters(cpu, 1024) is first
+    bigger = da.merge_counters(cpu, 5000)
+    assert bigger.numel() == 5000 and da._MERGE_COUNTERS[cpu] == [first, bigger]
+    assert da.merge_counters(cpu, 10) is bigger
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="allocated by an eager call"):
+        da.merge_counters(gpu, 8)
+    da._MERGE_COUNTERS[gpu] = [torch.zeros(2048, dtype=torch.int32)]
+    assert da.merge_counters(gpu, 2048) is da._MERGE_COUNTERS[gpu][0]
+    with pytest.raises(RuntimeError, match="allocated by an eager call"):
+        da.merge_counters(gpu, 2049)
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize(
+    "b,h,hkv,d,ctx_lens",
+    [
+        (1, 32, 8, 128, [4099]),
+        (16, 32, 8, 128, [0, 1, 15, 16, 17, 100, 511, 512, 513, 1000, 2047, 3000, 4096, 7, 0, 333]),
+        (8, 9, 3, 64, [777, 0, 64, 65, 1, 2000, 300, 129]),
+        (4, 64, 8, 128, [2500, 1, 64, 1800]),
+        (3, 16, 16, 80, [300, 0, 900]),
+    ],
+)
+@pytest.mark.parametrize(
+    "kv_dtype,q_dtype",
+    [(torch.bfloat16, torch.bfloat16), (torch.int8, torch.bfloat16), (torch.float32, torch.float32)],
+)
+@pytest.mark.parametrize("partition_size", [512, 128, 64])
+def test_decode_gpu_fused_merge(b, h, hkv, d, ctx_lens, kv_dtype, q_dtype, partition_size,
+                                make_layer, make_block_tables, monkeypatch):
+    """The programs of a sequence run concurrently on a GPU, so only the last to arrive may
+    merge: FUSED_MERGE against the two launches and the reference on the engine's launch
+    rules (every tile path), and again, the counters back at zero in between."""
+    q, data, scales, tables, ctx = _fused_merge_case(b, h, hkv, d, ctx_lens, kv_dtype, q_dtype,
+                                                     "cuda", make_layer, make_block_tables,
+                                                     num_pages=1024)
+    monkeypatch.setattr(da, "FUSED_MERGE", False)
+    two = decode_attention(q, data, scales, tables, ctx, partition_size=partition_size)
+    monkeypatch.setattr(da, "FUSED_MERGE", True)
+    monkeypatch.setattr(da, "_decode_reduce_kernel", _Refused())
+    fused = decode_attention(q, data, scales, tables, ctx, partition_size=partition_size)
+    _assert_same(fused, two)
+    rtol, atol = TOL[q_dtype]
+    ref = decode_attention_reference(q, data, scales, tables, ctx)
+    torch.testing.assert_close(fused, ref, rtol=rtol, atol=atol)
+    for _ in range(3):
+        again = decode_attention(q, data, scales, tables, ctx, partition_size=partition_size)
+        torch.cuda.synchronize()
+        assert torch.equal(again, fused) and _counters_at_rest(q.device)
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("kv_dtype", [torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("partition_size", [512, 64])
+@pytest.mark.parametrize("rotary", [False, True])
+def test_decode_gpu_fused_merge_in_a_cuda_graph(kv_dtype, partition_size, rotary, make_layer,
+                                                make_block_tables, monkeypatch):
+    """Captured once after an eager warm-up (which makes the counters: the graph keeps their
+    address), then replayed twice with other contexts (and queries, and for
+    rotary_store_decode_attention new tokens) copied into its inputs: each replay equals
+    the two launches run eagerly on the same inputs, and the counters are back at zero."""
+    h, hkv, d, width, num_pages = 32, 8, 128, 300, 1024
+    runs = [[4096, 1, 0, 700, 513, 64, 2000, 100], [1, 0, 4500, 33, 512, 4096, 0, 1000],
+            [64, 65, 4800, 0, 0, 1, 2, 3000]]
+    monkeypatch.setattr(da, "FUSE_ROTARY_STORE", True)
+    if rotary:
+        def inputs(ctx_lens):
+            return _rotary_step(h, hkv, d, ctx_lens, kv_dtype, torch.bfloat16, "cuda",
+                                make_layer, num_pages=num_pages, width=width, max_pos=4801)
+
+        def attend(s):
+            return rotary_store_decode_attention(**s, partition_size=partition_size)
+    else:
+        data, scales = make_layer(num_pages, hkv, d, kv_dtype, "cuda")
+        tables = make_block_tables([16 * width] * len(runs[0]), num_pages, width, "cuda")
+
+        def inputs(ctx_lens):
+            return dict(q=torch.randn(len(ctx_lens), h, d, device="cuda").to(torch.bfloat16),
+                        data_layer=data, scales_layer=scales, block_tables=tables,
+                        ctx_lens=torch.tensor(ctx_lens, device="cuda"))
+
+        def attend(s):
+            return decode_attention(**s, partition_size=partition_size)
+
+    def two_launches(s):
+        """The reduce kernel's output for the inputs s (their cache copied for rotary)."""
+        monkeypatch.setattr(da, "FUSED_MERGE", False)
+        monkeypatch.setattr(da, "_decode_reduce_kernel", reduce_kernel)
+        if rotary:
+            out, data, scales = _rotary_run(s, partition_size)
+        else:
+            out, data, scales = attend(s), s["data_layer"], s["scales_layer"]
+        monkeypatch.setattr(da, "FUSED_MERGE", True)
+        monkeypatch.setattr(da, "_decode_reduce_kernel", _Refused())
+        return out, data, scales
+
+    reduce_kernel = da._decode_reduce_kernel
+    monkeypatch.setattr(da, "FUSED_MERGE", True)
+    monkeypatch.setattr(da, "_decode_reduce_kernel", _Refused())
+    live = inputs(runs[0])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # eager: compiles, and makes the counters
+        warm = _rotary_run(live, partition_size)[0] if rotary else attend(live)
+    torch.cuda.current_stream().wait_stream(side)
+    _assert_same(warm, two_launches(live)[0])
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_out = attend(live)
+    for ctx_lens in runs[1:]:
+        t = inputs(ctx_lens)
+        for key, value in t.items():
+            if isinstance(value, torch.Tensor) and value is not live[key]:
+                live[key].copy_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert _counters_at_rest(graph_out.device)
+        want, want_data, want_scales = two_launches(t)
+        _assert_same(graph_out, want)
+        if rotary:
+            assert torch.equal(live["data_layer"], want_data)
+            assert want_scales is None or torch.equal(live["scales_layer"], want_scales)
+        else:
+            ref = decode_attention_reference(t["q"], data, scales, tables, t["ctx_lens"])
+            torch.testing.assert_close(graph_out, ref, rtol=3e-2, atol=3e-2)
+        for i, n in enumerate(ctx_lens):
+            if n == 0:
+                assert torch.equal(graph_out[i], torch.zeros_like(graph_out[i]))
