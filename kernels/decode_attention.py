@@ -397,7 +397,7 @@ def _store_new_kv(b, kvh, dh, cos1, cos2, sin1, sin2, k_ptr, v_ptr, slots_ptr, d
 @triton.jit
 def _merge_head(mid_out_ptr, mid_max_ptr, mid_sum_ptr, out_row_ptr, row, num_parts,
                 num_parts_used, head_dim, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-                CACHE: tl.constexpr = ""):
+                CACHE: tl.constexpr):
     """One head's output from its partials: row = b * H + h of the [B, H, NP] partials,
     partitions p < num_parts_used weighted by exp2(m_p - m_max) over the weighted sums;
     stored at out_row_ptr [D] in its dtype. No partitions (ctx_len == 0): zeros.
@@ -670,7 +670,7 @@ def _decode_reduce_kernel(
     num_parts_used = tl.minimum((ctx + PARTITION_SIZE - 1) // PARTITION_SIZE, num_parts)
     out_row = out_ptr + b * out_b_stride + h * out_h_stride
     _merge_head(mid_out_ptr, mid_max_ptr, mid_sum_ptr, out_row, b * num_heads + h, num_parts,
-                num_parts_used, head_dim, BLOCK_P, BLOCK_D)
+                num_parts_used, head_dim, BLOCK_P, BLOCK_D, "")
 
 
 # Launch override {"block_n", "num_warps", "num_stages", "maxnreg", "split_d", "fast_i8",
