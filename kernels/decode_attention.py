@@ -4,8 +4,7 @@ Flash-decoding: the context of each sequence is cut into partitions of `partitio
 tokens; one program per (sequence, kv head, partition) runs an online softmax over its
 keys for all the query heads of that GQA group at once (each K/V row is read once per
 group), and writes its partial (max, sum, unnormalized output). A second kernel merges
-the partials of each (sequence, head); with FUSED_MERGE the last partition program of a
-(sequence, kv head) to finish merges them instead (_fused_merge), one launch fewer.
+the partials of each (sequence, head).
 
 The number of partitions comes from block_tables.shape[1] (the largest context the table
 can describe), never from ctx_lens' values: no host sync, and the launch is the same on
@@ -395,96 +394,6 @@ def _store_new_kv(b, kvh, dh, cos1, cos2, sin1, sin2, k_ptr, v_ptr, slots_ptr, d
 
 
 @triton.jit
-def _merge_head(mid_out_ptr, mid_max_ptr, mid_sum_ptr, out_row_ptr, row, num_parts,
-                num_parts_used, head_dim, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
-                CACHE: tl.constexpr):
-    """One head's output from its partials: row = b * H + h of the [B, H, NP] partials,
-    partitions p < num_parts_used weighted by exp2(m_p - m_max) over the weighted sums;
-    stored at out_row_ptr [D] in its dtype. No partitions (ctx_len == 0): zeros.
-    CACHE: the partials' loads' cache modifier (".cg": through L2 only, not this SM's L1,
-    for partials other programs of the same launch wrote)."""
-    base = row * num_parts
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < head_dim
-    m_run = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    for p0 in range(0, num_parts_used, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        m = tl.load(mid_max_ptr + base + p, mask=p < num_parts_used, other=float("-inf"),
-                    cache_modifier=CACHE)
-        m_run = tl.maximum(m_run, m)
-    # all partitions empty (ctx_len == 0): a finite stand-in keeps exp2(-inf - m_max) at 0
-    m_max = tl.max(m_run, axis=0)
-    m_max = tl.where(m_max > float("-inf"), m_max, 0.0)
-
-    denom = tl.zeros([BLOCK_P], tl.float32)
-    acc = tl.zeros([BLOCK_D], tl.float32)
-    for p0 in range(0, num_parts_used, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        p_mask = p < num_parts_used
-        m = tl.load(mid_max_ptr + base + p, mask=p_mask, other=float("-inf"), cache_modifier=CACHE)
-        l_p = tl.load(mid_sum_ptr + base + p, mask=p_mask, other=0.0, cache_modifier=CACHE)
-        w = tl.exp2(m - m_max)  # [BLOCK_P]; empty partitions carry m = -inf: weight 0
-        o = tl.load(
-            mid_out_ptr + (base + p)[:, None] * head_dim + d[None, :],
-            mask=p_mask[:, None] & d_mask[None, :],
-            other=0.0,
-            cache_modifier=CACHE,
-        )  # [BLOCK_P, BLOCK_D]
-        denom += l_p * w
-        acc += tl.sum(o * w[:, None], axis=0)
-    total = tl.sum(denom, axis=0)
-    out = acc / tl.where(total > 0.0, total, 1.0)
-    tl.store(out_row_ptr + d, out.to(out_row_ptr.dtype.element_ty), mask=d_mask)
-
-
-@triton.jit
-def _merge_group(mid_out_ptr, mid_max_ptr, mid_sum_ptr, out_ptr, b, kvh, num_parts_used,
-                 num_heads, num_parts, head_dim, GROUP: tl.constexpr, BLOCK_P: tl.constexpr,
-                 BLOCK_D: tl.constexpr):
-    """_merge_head for the GROUP query heads of kv head kvh of sequence b, into out [B, H, D]
-    (contiguous). One head at a time: the [BLOCK_P, BLOCK_D] tiles of the reduce kernel,
-    not a GROUP times larger one, on the partition kernel's (often one) warps."""
-    for g in range(GROUP):
-        row = b * num_heads + kvh * GROUP + g
-        _merge_head(mid_out_ptr, mid_max_ptr, mid_sum_ptr, out_ptr + row * head_dim, row,
-                    num_parts, num_parts_used, head_dim, BLOCK_P, BLOCK_D, ".cg")
-
-
-# FUSED_MERGE: the last partition program of a (sequence, kv head) to finish merges the
-# partials of its GROUP heads, so a decode step needs no reduce kernel: one launch fewer a
-# layer, an estimated 1-3 us of launch latency each in a CUDA-graph-replayed batch-1 step
-# of a small model (not yet measured). The protocol, on a counter per (b, kvh) that is zero between launches:
-#  - every program that works (start < ctx) stores its partials, then all its threads meet
-#    at a barrier (their stores issued before the release below), then the program adds 1
-#    to its counter once (a scalar atomic: one thread, the old value broadcast to all), with
-#    acq_rel semantics at GPU scope: the release publishes its partials, the acquire makes
-#    those of the programs counted before it visible;
-#  - the working programs are the first min(cdiv(ctx, PARTITION_SIZE), NP) partitions (the
-#    reduce kernel's num_parts_used); the one that sees old == that count - 1 is the last:
-#    each other has stored and released its partials before incrementing. It passes a
-#    barrier (every thread's loads after the acquire), merges the group's heads as the
-#    reduce kernel does (_merge_head) and stores 0 back into the counter;
-#  - ctx == 0 has no working program: partition 0 writes the zero rows and counts nothing.
-# Kernel boundaries order one launch's reset before the next launch's adds (with PDL too:
-# pdl_wait waits for the previous grid to complete and its writes to be visible).
-@triton.jit
-def _fused_merge(mid_out_ptr, mid_max_ptr, mid_sum_ptr, out_ptr, counters_ptr, b, kvh, ctx,
-                 num_heads, num_parts, head_dim, GROUP: tl.constexpr,
-                 PARTITION_SIZE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    """After this program's partials are stored: count it in; the last of its (b, kvh)
-    merges the group's heads and resets the counter. See the note above."""
-    num_parts_used = tl.minimum((ctx + PARTITION_SIZE - 1) // PARTITION_SIZE, num_parts)
-    counter = counters_ptr + b * tl.num_programs(1) + kvh
-    tl.debug_barrier()  # all threads' partial stores issued before the release
-    arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")  # scalar: once a program
-    if arrived == num_parts_used - 1:
-        tl.debug_barrier()  # every thread's loads of the partials after the acquire
-        _merge_group(mid_out_ptr, mid_max_ptr, mid_sum_ptr, out_ptr, b, kvh, num_parts_used,
-                     num_heads, num_parts, head_dim, GROUP, BLOCK_P, BLOCK_D)
-        tl.store(counter, 0)  # zero at rest: the next launch (or graph replay) counts anew
-
-
-@triton.jit
 def _decode_partition_kernel(
     q_ptr,
     data_ptr,
@@ -538,12 +447,6 @@ def _decode_partition_kernel(
     inv_qmax,
     SCALE_BY_RECIPROCAL: tl.constexpr,
     ROTARY: tl.constexpr,
-    # FUSED_MERGE (_fused_merge): the output [B, H, D] (contiguous) and the arrival counters
-    # [>= B * Hkv] int32, zero at rest; read only then
-    out_ptr,
-    counters_ptr,
-    FUSED_MERGE: tl.constexpr,
-    BLOCK_P: tl.constexpr,
 ):
     pdl_wait(PDL)
     b = tl.program_id(0).to(tl.int64)
@@ -552,13 +455,7 @@ def _decode_partition_kernel(
     num_parts = tl.num_programs(2)
     ctx = tl.load(ctx_lens_ptr + b).to(tl.int32)
     start = part * PARTITION_SIZE
-    if start >= ctx:  # past this sequence's context: no merge reads this partition
-        if FUSED_MERGE:
-            if (ctx == 0) & (part == 0):
-                # an empty sequence (CUDA-graph padding) has no working program to count or
-                # merge: this one writes its heads' rows, zeros, as the reduce kernel does
-                _merge_group(mid_out_ptr, mid_max_ptr, mid_sum_ptr, out_ptr, b, kvh, 0,
-                             num_heads, num_parts, head_dim, GROUP, BLOCK_P, BLOCK_D)
+    if start >= ctx:  # past this sequence's context: the reduce never reads this partition
         return
     end = tl.minimum(start + PARTITION_SIZE, ctx)
 
@@ -639,9 +536,6 @@ def _decode_partition_kernel(
         tl.store(out_ptrs + d[None, :], acc, mask=g_mask[:, None] & d_mask[None, :])
     tl.store(mid_max_ptr + mid, m_i, mask=g_mask)
     tl.store(mid_sum_ptr + mid, l_i, mask=g_mask)
-    if FUSED_MERGE:
-        _fused_merge(mid_out_ptr, mid_max_ptr, mid_sum_ptr, out_ptr, counters_ptr, b, kvh, ctx,
-                     num_heads, num_parts, head_dim, GROUP, PARTITION_SIZE, BLOCK_P, BLOCK_D)
 
 
 @triton.jit
@@ -664,13 +558,42 @@ def _decode_reduce_kernel(
     pdl_wait(PDL)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    base = (b * num_heads + h) * num_parts
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < head_dim
     # only the partitions this sequence's context reaches: the table (and so num_parts) is
     # sized for the longest context a graph serves, often many times the real one
     ctx = tl.load(ctx_lens_ptr + b).to(tl.int32)
     num_parts_used = tl.minimum((ctx + PARTITION_SIZE - 1) // PARTITION_SIZE, num_parts)
-    out_row = out_ptr + b * out_b_stride + h * out_h_stride
-    _merge_head(mid_out_ptr, mid_max_ptr, mid_sum_ptr, out_row, b * num_heads + h, num_parts,
-                num_parts_used, head_dim, BLOCK_P, BLOCK_D, "")
+
+    m_run = tl.full([BLOCK_P], float("-inf"), tl.float32)
+    for p0 in range(0, num_parts_used, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        m = tl.load(mid_max_ptr + base + p, mask=p < num_parts_used, other=float("-inf"))
+        m_run = tl.maximum(m_run, m)
+    # all partitions empty (ctx_len == 0): a finite stand-in keeps exp2(-inf - m_max) at 0
+    m_max = tl.max(m_run, axis=0)
+    m_max = tl.where(m_max > float("-inf"), m_max, 0.0)
+
+    denom = tl.zeros([BLOCK_P], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for p0 in range(0, num_parts_used, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_mask = p < num_parts_used
+        m = tl.load(mid_max_ptr + base + p, mask=p_mask, other=float("-inf"))
+        l_p = tl.load(mid_sum_ptr + base + p, mask=p_mask, other=0.0)
+        w = tl.exp2(m - m_max)  # [BLOCK_P]; empty partitions carry m = -inf: weight 0
+        o = tl.load(
+            mid_out_ptr + (base + p)[:, None] * head_dim + d[None, :],
+            mask=p_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # [BLOCK_P, BLOCK_D]
+        denom += l_p * w
+        acc += tl.sum(o * w[:, None], axis=0)
+    total = tl.sum(denom, axis=0)
+    out = acc / tl.where(total > 0.0, total, 1.0)
+    out_ptrs = out_ptr + b * out_b_stride + h * out_h_stride + d
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
 # Launch override {"block_n", "num_warps", "num_stages", "maxnreg", "split_d", "fast_i8",
@@ -686,42 +609,6 @@ TUNING: dict | None = None
 # on the 8B shape (docs/PERF.md, fifteenth session). MINIINFER_FUSE_ROTARY_STORE=0 turns it
 # off (the two launches), as may code that sets this.
 FUSE_ROTARY_STORE = _env_flag("MINIINFER_FUSE_ROTARY_STORE", default=True)
-
-# The partials merged inside the partition kernel by the last program of each (sequence, kv
-# head) to finish (_fused_merge): no reduce kernel, one launch fewer a layer. Off unless
-# MINIINFER_FUSED_MERGE=1 (not yet timed on a GPU); _run reads it at each call, so code
-# (and tests) may set it.
-FUSED_MERGE = _env_flag("MINIINFER_FUSED_MERGE", default=False)
-
-# FUSED_MERGE's arrival counters: device -> the int32 buffers made for it, the largest last.
-# None is ever freed or reallocated: a CUDA graph keeps the address it captured, so a
-# larger buffer is a new one and the old ones stay alive here. Keyed by device, not by
-# stream: torch.cuda.graph captures on a side stream of its own, not the one that ran the
-# eager warm-up step (decode/graphs.py capture_buckets), so a per-stream buffer would be
-# missing at every capture; and a replay runs on whatever stream calls it, so a stream key
-# would not keep replays apart anyway. Launches that share a buffer must not overlap in
-# time: one stream of decode attention a device, as the engine runs.
-_MERGE_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def merge_counters(device: torch.device, n: int) -> torch.Tensor:
-    """At least n int32 counters on `device`, zero at rest (every launch leaves them so).
-    Made eagerly, never inside a CUDA-graph capture: there torch.zeros would take memory
-    from the graph's pool and only record the fill, which runs at replays, not now, so
-    the launches outside the graph would find whatever that memory held."""
-    buffers = _MERGE_COUNTERS.setdefault(device, [])
-    if buffers and buffers[-1].numel() >= n:
-        return buffers[-1]
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        have = buffers[-1].numel() if buffers else 0
-        raise RuntimeError(
-            f"decode_attention: FUSED_MERGE needs {n} merge counters on {device} and has "
-            f"{have}; they must be allocated by an eager call (of at least this batch size) "
-            "before a CUDA graph is captured"
-        )
-    counters = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)  # 4 KiB at least
-    buffers.append(counters)
-    return counters
 
 
 def halves_allowed(head_dim: int) -> bool:
@@ -857,19 +744,13 @@ def _run(q, data_layer, scales_layer, block_tables, ctx_lens, sm_scale, partitio
     cfg = launch_config(q, data_layer, partition_size, quantized)
     options = {k: cfg[k] for k in ("num_stages", "maxnreg") if cfg[k]}
     block_d = max(16, triton.next_power_of_2(d))
-    block_p = min(32, triton.next_power_of_2(num_parts))
-    fused_merge = FUSED_MERGE
     if new_kv is None:
         pos, k, v, cos, sin, slots = ctx_lens, q, q, q, q, ctx_lens  # never read
     else:
         pos, k, v, cos, sin, slots = new_kv
         if not cfg["split_d"]:
             raise ValueError("decode_attention: the fused K/V store runs only on tiles in halves")
-    with device_guard(q):  # the counters too: is_current_stream_capturing asks the current device
-        if fused_merge:
-            merge = dict(counters_ptr=merge_counters(q.device, b * hkv), BLOCK_P=block_p)
-        else:  # never read; BLOCK_P fixed, so the table width adds no compiled variant
-            merge = dict(counters_ptr=ctx_lens, BLOCK_P=1)
+    with device_guard(q):
         _decode_partition_kernel[(b, hkv, num_parts)](
             q,
             data_layer,
@@ -918,12 +799,7 @@ def _run(q, data_layer, scales_layer, block_tables, ctx_lens, sm_scale, partitio
             inv_qmax=INV_127,
             SCALE_BY_RECIPROCAL=q.device.type == "cuda",
             ROTARY=new_kv is not None,
-            out_ptr=out,
-            FUSED_MERGE=fused_merge,
-            **merge,
         )
-        if fused_merge:  # the partition kernel merged
-            return out
         _decode_reduce_kernel[(b, h)](
             mid_out,
             mid_max,
@@ -936,7 +812,7 @@ def _run(q, data_layer, scales_layer, block_tables, ctx_lens, sm_scale, partitio
             num_parts,
             d,
             PARTITION_SIZE=partition_size,
-            BLOCK_P=block_p,
+            BLOCK_P=min(32, triton.next_power_of_2(num_parts)),
             BLOCK_D=block_d,
             num_warps=cfg["num_warps"],
             **pdl_args(q),
