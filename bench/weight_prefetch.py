@@ -2,15 +2,16 @@
 
 For each model shape (seeded random bf16 weights) one engine is built; its own decode
 graphs are the baseline ("off"). Every other variant captures its own graphs over the same
-model and cache, and is checked to give the baseline's logits bit for bit. Then each
-variant's batch-b graph is timed with CUDA events around `replay()`, the variants
-interleaved round by round; medians are printed against the weight-read floor.
+model and cache, and is checked to give the logits of the baseline (for lt+ variants, of
+the first lt+ variant) bit for bit. Then each variant's batch-b graph is timed with CUDA
+events around `replay()`, the variants interleaved round by round; medians are printed
+against the weight-read floor.
 
 Variants: off | bulk:CAP | loads:CAP, CAP in MiB or "all" (the whole weight), optionally
-":P" programs (default 16), optionally prefixed "merge+" to capture with
-kernels.decode_attention.FUSED_MERGE on, and "lt+" to capture with cuBLASLt as torch's
-preferred BLAS library. With --loop, the
-engine loop's per-token time (run-ahead on) is timed for each variant too.
+":P" programs (default 16), optionally prefixed "lt+" to capture with cuBLASLt as torch's
+preferred BLAS library. The baseline ("off") is the engine's own graphs, built with the
+weight prefetch off. With --loop, the engine loop's per-token time (run-ahead on) is
+timed for each variant too; --profile prints each variant's top kernels at batch 1.
 
     python bench/weight_prefetch.py [--models smollm2-135m,llama3-8b] [--ctx 512]
         [--batches 1,8] [--variants off,bulk:8,bulk:32,bulk:all,loads:32] [--loop]
@@ -52,48 +53,35 @@ class Variant:
     mode: str | None  # None: no prefetch
     cap_bytes: int
     programs: int
-    merge: bool  # kernels.decode_attention.FUSED_MERGE on while capturing
     lt: bool  # torch's preferred BLAS library cuBLASLt while capturing
 
     @property
     def baseline(self) -> bool:
-        return self.mode is None and not self.merge and not self.lt
-
-
-PREFIXES = ("merge+", "lt+")
+        return self.mode is None and not self.lt
 
 
 def parse_variant(text: str) -> Variant:
-    """[lt+][merge+](off|bulk:CAP[:P]|loads:CAP[:P]) -> Variant (ValueError when malformed)."""
-    body, flags = text, set()
-    while body.startswith(PREFIXES):
-        prefix, _, body = body.partition("+")
-        flags.add(prefix)
-    merge, lt = "merge" in flags, "lt" in flags
-    parts = body.split(":")
+    """[lt+](off|bulk:CAP[:P]|loads:CAP[:P]) -> Variant (ValueError when malformed)."""
+    lt = text.startswith("lt+")
+    parts = (text[3:] if lt else text).split(":")
     if parts[0] == "off" and len(parts) == 1:
-        return Variant(text, None, 0, 0, merge, lt)
+        return Variant(text, None, 0, 0, lt)
     if parts[0] not in ("bulk", "loads") or not 2 <= len(parts) <= 3:
-        raise ValueError(f"bad variant {text!r}: want [lt+][merge+] then off, bulk:CAP[:P] or "
-                         "loads:CAP[:P]")
+        raise ValueError(f"bad variant {text!r}: want [lt+] then off, bulk:CAP[:P] or loads:CAP[:P]")
     cap = 1 << 62 if parts[1] == "all" else int(float(parts[1]) * MIB)
     programs = int(parts[2]) if len(parts) == 3 else 16
-    return Variant(text, parts[0], cap, programs, merge, lt)
+    return Variant(text, parts[0], cap, programs, lt)
 
 
 def capture_variant(engine, v: Variant, max_bs: int):
     """Graphs for v over engine's model and cache (the baseline is the engine's own)."""
-    import kernels.decode_attention as da
     from decode.graphs import CudaGraphRunner
     from decode.prefetch import WeightPrefetcher
 
-    if v.merge and not hasattr(da, "FUSED_MERGE"):
-        raise ValueError("this tree has no kernels.decode_attention.FUSED_MERGE")
     pf = None
     if v.mode is not None:
         pf = WeightPrefetcher(engine.runner.model, v.cap_bytes, v.mode, v.programs)
-    saved = getattr(da, "FUSED_MERGE", False), torch.backends.cuda.preferred_blas_library()
-    da.FUSED_MERGE = v.merge
+    saved = torch.backends.cuda.preferred_blas_library()
     if v.lt:
         torch.backends.cuda.preferred_blas_library("cublaslt")
     try:
@@ -101,8 +89,7 @@ def capture_variant(engine, v: Variant, max_bs: int):
                             engine.max_model_len, prefetch=pf)
         g.capture()
     finally:
-        da.FUSED_MERGE = saved[0]
-        torch.backends.cuda.preferred_blas_library(saved[1])
+        torch.backends.cuda.preferred_blas_library(saved)
     return g
 
 
@@ -131,8 +118,16 @@ def run_model(name: str, a, variants: list[Variant], bw: float) -> list[list]:
     model = random_model(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
     max_bs = max(a.batches)
     pages = max_bs * (a.ctx + a.loop_steps + 64) // 16 + 64
-    engine = build_engine(cfg, model, argparse.Namespace(no_cuda_graph=False), num_pages=pages,
-                          max_seqs=max_bs)
+    saved = os.environ.get("MINIINFER_WEIGHT_PREFETCH")
+    os.environ["MINIINFER_WEIGHT_PREFETCH"] = "off"  # what EngineConfig's "auto" follows
+    try:
+        engine = build_engine(cfg, model, argparse.Namespace(no_cuda_graph=False), num_pages=pages,
+                              max_seqs=max_bs)
+    finally:
+        if saved is None:
+            del os.environ["MINIINFER_WEIGHT_PREFETCH"]
+        else:
+            os.environ["MINIINFER_WEIGHT_PREFETCH"] = saved
     fill_cache_random(engine)
     base = engine.runner.graphs
     runners = {}
@@ -142,20 +137,19 @@ def run_model(name: str, a, variants: list[Variant], bw: float) -> list[list]:
     for b in a.batches:
         sb = decode_batch(engine, b, a.ctx)
         bs = base.bucket_for(b)
-        refs = {}  # (merge, lt) -> the first such variant's logits: prefetch must not change them
+        refs = {}  # lt -> the first such variant's logits: prefetch must not change them
         for v in variants:  # fill each runner's static inputs; check its logits
             engine.runner.graphs = runners[v.label]
             engine.runner.execute(sb)
             logits = runners[v.label].logits[bs][:b].clone()
-            ref = refs.setdefault((v.merge, v.lt), logits)
+            ref = refs.setdefault(v.lt, logits)
             if not torch.equal(logits, ref):
                 diff = (logits - ref).abs().max().item()
                 raise AssertionError(f"{name} b{b} {v.label}: logits differ by up to {diff} from "
-                                     "the first variant with the same merge and lt settings")
-        for key, logits in refs.items():
-            diff = (logits - refs[(False, False)]).abs().max().item() if (False, False) in refs else 0
-            print(f"# {name} b{b}: (merge, lt) = {key}: logits differ from the baseline's by up to "
-                  f"{diff:.3g}")
+                                     "the first variant with the same BLAS library")
+        if len(refs) == 2:
+            diff = (refs[True] - refs[False]).abs().max().item()
+            print(f"# {name} b{b}: cuBLASLt vs cuBLAS, logits differ by up to {diff:.3g}")
         if a.profile and b == 1:
             for v in variants:
                 top_kernels(f"{name} b1 {v.label}", runners[v.label].graphs[bs].replay)
