@@ -52,6 +52,8 @@ def weight_bytes(module: nn.Module) -> torch.Tensor:
 
 
 class WeightPrefetcher:
+    """The prefetch of one model's GEMV weights, for forwards run inside `active()`."""
+
     def __init__(self, model: nn.Module, cap_bytes: int, mode: str = "bulk",
                  programs: int = 16) -> None:
         """cap_bytes: at most this much of each weight is prefetched (its first bytes)."""
@@ -117,8 +119,9 @@ MIB = 1 << 20
 # for models whose layers' weights are each at most AUTO_CAP (so a whole one sits in a
 # small part of L2). On an H100 (bench/weight_prefetch.py, docs/PERF.md, seventeenth
 # session) SmolLM2's shape (at most 3.4 MiB a weight) took 2% less time a replayed step
-# and 3% less in the engine loop; the 8B shape (32-224 MiB) gained nothing at 4-16 MiB and
-# lost 7% at 32 MiB, where the prefetch runs past the short kernels into the next GEMV.
+# and 3% less in the engine loop; the 8B shape (32-224 MiB) gained nothing at 4-16 MiB (2%
+# slower on a second machine) and lost 7% at 32 MiB, where the prefetch runs past the short
+# kernels into the next GEMV.
 AUTO_CAP = 16 * MIB
 
 
