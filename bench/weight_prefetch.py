@@ -41,6 +41,7 @@ from bench.gpu_decode import (  # noqa: E402
     step_bytes,
 )
 from bench.shapes import SHAPES, shape  # noqa: E402
+from decode.prefetch import parse_setting  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
 from engine.loader.registry import random_model  # noqa: E402
 
@@ -68,7 +69,7 @@ def parse_variant(text: str) -> Variant:
         return Variant(text, None, 0, 0, lt)
     if parts[0] not in ("bulk", "loads") or not 2 <= len(parts) <= 3:
         raise ValueError(f"bad variant {text!r}: want [lt+] then off, bulk:CAP[:P] or loads:CAP[:P]")
-    cap = 1 << 62 if parts[1] == "all" else int(float(parts[1]) * MIB)
+    cap = parse_setting(f"{parts[0]}:{parts[1]}")[1]
     programs = int(parts[2]) if len(parts) == 3 else 16
     return Variant(text, parts[0], cap, programs, lt)
 

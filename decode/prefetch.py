@@ -17,7 +17,9 @@ every other forward pay nothing.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -69,6 +71,11 @@ class WeightPrefetcher:
             raise ValueError(f"bulk weight prefetch needs a CUDA GPU of compute capability 9.0+, "
                              f"not {device}")
         self.order = gemv_order(model)
+        align = 16 if mode == "bulk" else 4  # the bulk unit; a 32-bit word
+        for m in self.order:  # refused here, not by a hook in the middle of a capture
+            if weight_bytes(m).data_ptr() % align:
+                raise ValueError(f"{mode} weight prefetch needs {align}-byte aligned weights; "
+                                 f"a {type(m).__name__} weight is not")
         self.cap_bytes, self.mode, self.programs = cap_bytes, mode, programs
         # module -> the weight prefetched once it has run; the first is asked for on entry
         self.next = {id(a): weight_bytes(b) for a, b in zip(self.order, self.order[1:])}
@@ -77,7 +84,9 @@ class WeightPrefetcher:
         self.issued = 0  # prefetches launched (tests)
 
     def nbytes(self, weight: torch.Tensor) -> int:
-        return min(self.cap_bytes, weight.numel() * weight.element_size())
+        """Bytes asked for of `weight`: the cap or all of it, in whole 16-byte units."""
+        n = min(self.cap_bytes, weight.numel() * weight.element_size())
+        return n - n % 16
 
     def _prefetch(self, weight: torch.Tensor) -> None:
         n = self.nbytes(weight)
@@ -86,7 +95,7 @@ class WeightPrefetcher:
         side = self.stream
         ctx = contextlib.nullcontext()
         if side is not None:
-            side.wait_stream(torch.cuda.current_stream())  # after the GEMV just launched
+            side.wait_stream(torch.cuda.current_stream(side.device))  # after the GEMV just launched
             ctx = torch.cuda.stream(side)
         with ctx:
             self._launch(weight, n, self.mode, self.programs,
@@ -99,7 +108,7 @@ class WeightPrefetcher:
             self._prefetch(weight)
 
     @contextlib.contextmanager
-    def active(self):
+    def active(self) -> Iterator[WeightPrefetcher]:
         """Forwards inside prefetch each next weight as described above; on leaving, the
         current stream waits for the side stream."""
         handles = [m.register_forward_hook(self._after) for m in self.order[:-1]]
@@ -110,7 +119,7 @@ class WeightPrefetcher:
             for h in handles:
                 h.remove()
             if self.stream is not None:
-                torch.cuda.current_stream().wait_stream(self.stream)
+                torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
 
 
 MIB = 1 << 20
@@ -140,7 +149,7 @@ def parse_setting(setting: str) -> tuple[str, int] | None:
             mib = float(cap)
         except ValueError:
             mib = -1.0
-        if mib > 0:
+        if mib > 0 and math.isfinite(mib):
             return mode, int(mib * MIB)
     raise ValueError(f"weight prefetch must be off, auto, bulk:CAP or loads:CAP (CAP in MiB or "
                      f"'all'), got {setting!r}")
@@ -148,14 +157,19 @@ def parse_setting(setting: str) -> tuple[str, int] | None:
 
 def resolve(setting: str, model: nn.Module) -> tuple[str, int] | None:
     """EngineConfig.weight_prefetch for `model` (on its device) -> (mode, cap bytes) or None.
-    auto: MINIINFER_WEIGHT_PREFETCH where set; else bulk:AUTO_CAP where the bulk prefetch
-    runs (`bulk_supported`) and no layer weight is larger than AUTO_CAP; else off."""
+    auto: MINIINFER_WEIGHT_PREFETCH where set (to anything but auto); else bulk:AUTO_CAP on
+    GPUs of compute capability 9.x (Hopper, where it was measured) for a dense model whose
+    every layer weight is at most AUTO_CAP (the LM head is not counted: it gets its first
+    AUTO_CAP like any weight); else off."""
     if setting == "auto":
         env = os.environ.get("MINIINFER_WEIGHT_PREFETCH", "").strip()
-        if env:
-            return parse_setting(env)
+        if env and env != "auto":
+            try:
+                return parse_setting(env)
+            except ValueError as e:
+                raise ValueError(f"MINIINFER_WEIGHT_PREFETCH: {e}") from None
         device = model.lm_head.weight.device
-        if device.type != "cuda":
+        if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] != 9:
             return None
         from kernels.prefetch import bulk_supported
 

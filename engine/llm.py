@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.spec import build_spec_decoder
 from engine.textstream import TextStream
+
+if TYPE_CHECKING:
+    from decode.prefetch import WeightPrefetcher
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +183,7 @@ class LLMEngine:
         self.on_executed = None
         self.warmup_seconds = self._warm_up() if self.device.type == "cuda" else 0.0
 
-    def _weight_prefetcher(self):
+    def _weight_prefetcher(self) -> WeightPrefetcher | None:
         """EngineConfig.weight_prefetch -> a decode.prefetch.WeightPrefetcher, or None."""
         from decode import prefetch
 

@@ -58,7 +58,7 @@ def _loads_prefetch_kernel(words_ptr, n_words, out_ptr, BLOCK: tl.constexpr):
     step = tl.num_programs(0) * BLOCK
     acc = tl.zeros([BLOCK], tl.int32)
     for start in range(pid * BLOCK, n_words, step):
-        offs = start + tl.arange(0, BLOCK)
+        offs = start + tl.arange(0, BLOCK)  # [BLOCK] word indices
         acc += tl.load(words_ptr + offs, mask=offs < n_words, other=0, eviction_policy="evict_last")
     tl.store(out_ptr + pid, tl.sum(acc, axis=0))
 
@@ -87,6 +87,8 @@ def _loads_op(words: torch.Tensor, n_words: int, out: torch.Tensor) -> None:
         _loads_prefetch_kernel[(out.numel(),)](words, n_words, out, BLOCK=_BLOCK)
 
 
+# No outputs and nothing mutated: torch.compile could drop a call to this op as dead code.
+# The engine calls it eagerly or under CUDA-graph capture, which record every launch.
 @kernel_op("l2_prefetch_bulk")
 def _bulk_op(t: torch.Tensor, nbytes: int, programs: int) -> None:
     chunk = -(-nbytes // (programs * _LANES))
@@ -124,9 +126,9 @@ def l2_prefetch(t: torch.Tensor, nbytes: int | None = None, mode: str = "bulk",
     if out is None:
         out = torch.empty(programs, dtype=torch.int32, device=t.device)
     check_launchable(name, t, out)
-    if out.dtype != torch.int32 or out.dim() != 1 or out.numel() < 1 or not out.is_contiguous():
-        raise ValueError(f"{name}: out must be a contiguous 1-D int32 tensor, got {out.dtype} "
-                         f"{tuple(out.shape)}")
+    if (out.dtype != torch.int32 or out.shape != (programs,) or not out.is_contiguous()):
+        raise ValueError(f"{name}: out must be a contiguous int32 tensor of [programs] = "
+                         f"[{programs}], got {out.dtype} {tuple(out.shape)}")
     if t.data_ptr() % 4 or n % 4:
         raise ValueError(f"{name}: loads read 32-bit words: the tensor must be 4-byte aligned "
                          f"and nbytes a multiple of 4, got {n}")

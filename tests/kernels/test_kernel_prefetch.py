@@ -3,8 +3,8 @@
 A prefetch has no visible result, so the "loads" mode sums what it read: on CPU (Triton's
 interpreter) and GPU the sums must equal the words of the asked-for prefix, which fails if
 a word is skipped, read twice or read past the prefix. The "bulk" mode (Hopper only) is
-checked on a GPU: it runs, changes nothing, and captured decode steps with it give the
-logits of steps without it, bit for bit.
+checked on a GPU: its PTX holds the instruction, it changes nothing, a replayed decode
+graph launches it, and engines with it give the greedy tokens of engines without it.
 """
 
 from __future__ import annotations
@@ -68,8 +68,10 @@ def test_bad_arguments_are_refused(device):
         l2_prefetch(t.view(16, 16).t(), mode="loads")
     with pytest.raises(ValueError, match="programs must be >= 1"):
         l2_prefetch(t, mode="loads", programs=0)
-    with pytest.raises(ValueError, match="out must be a contiguous 1-D int32"):
+    with pytest.raises(ValueError, match=r"out must be a contiguous int32 tensor of \[programs\]"):
         l2_prefetch(t, mode="loads", out=torch.zeros(4, device=device))
+    with pytest.raises(ValueError, match=r"\[programs\] = \[16\]"):
+        l2_prefetch(t, mode="loads", out=torch.zeros(4, dtype=torch.int32, device=device))
     if not bulk_supported(torch.device(device)):
         with pytest.raises(ValueError, match="compute capability 9.0"):
             l2_prefetch(t, mode="bulk")
@@ -80,7 +82,7 @@ def test_settings_parse_and_auto_follows_the_environment(monkeypatch):
     assert parse_setting("bulk:32") == ("bulk", 32 * MIB)
     assert parse_setting("loads:0.5") == ("loads", MIB // 2)
     assert parse_setting("bulk:all")[0] == "bulk"
-    for bad in ("on", "bulk", "bulk:", "bulk:-1", "bulk:x", "dma:8"):
+    for bad in ("on", "bulk", "bulk:", "bulk:-1", "bulk:x", "dma:8", "bulk:inf", "loads:nan"):
         with pytest.raises(ValueError, match="weight prefetch must be"):
             parse_setting(bad)
     with pytest.raises(ValueError, match="weight prefetch must be"):
@@ -89,6 +91,11 @@ def test_settings_parse_and_auto_follows_the_environment(monkeypatch):
     monkeypatch.setenv("MINIINFER_WEIGHT_PREFETCH", "loads:2")
     assert resolve("auto", model) == ("loads", 2 * MIB)
     assert resolve("off", model) is None and resolve("bulk:3", model) == ("bulk", 3 * MIB)
+    monkeypatch.setenv("MINIINFER_WEIGHT_PREFETCH", "auto")  # the rule below
+    assert resolve("auto", model) is None
+    monkeypatch.setenv("MINIINFER_WEIGHT_PREFETCH", "sometimes")
+    with pytest.raises(ValueError, match="MINIINFER_WEIGHT_PREFETCH: weight prefetch must be"):
+        resolve("auto", model)
     monkeypatch.delenv("MINIINFER_WEIGHT_PREFETCH")
     assert resolve("auto", model) is None  # on CPU: the bulk prefetch is GPU-only
 
@@ -117,12 +124,14 @@ def test_prefetcher_follows_the_forward_and_leaves_its_logits_alone(device):
                                     prefill_graphs=False, weight_prefetch="off"), device)
     batch = _prefill(engine, 5)
     plain = engine.runner.logits(batch)
-    cap = 1000
+    cap = parse_setting("loads:0.001")[1]  # 1048 bytes: asked for in whole 16-byte units
     pf = WeightPrefetcher(model, cap, mode="loads", programs=3)
+    head = weight_bytes(model.lm_head)
+    assert pf.nbytes(head) == 1040
     with pf.active():
         logits = engine.runner.logits(batch)
     assert pf.issued == len(pf.order)
-    assert _sum(pf._sums) == loads_reference(weight_bytes(model.lm_head), cap)
+    assert _sum(pf._sums) == loads_reference(head, 1040)
     assert torch.equal(logits, plain)
     engine.runner.logits(batch)
     assert pf.issued == len(pf.order)  # the hooks are gone
@@ -131,9 +140,13 @@ def test_prefetcher_follows_the_forward_and_leaves_its_logits_alone(device):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bulk_prefetch_runs_and_changes_nothing():
+    import kernels.prefetch as kp
+
     if not bulk_supported(torch.device("cuda")):
         pytest.skip("the bulk prefetch needs compute capability 9.0+")
     t = torch.randn(3 * MIB + 40, device="cuda")
+    compiled = kp._bulk_prefetch_kernel[(1,)](t.data_ptr(), 4096, 128, LANES=32, num_warps=1)
+    assert "cp.async.bulk.prefetch.L2.global" in compiled.asm["ptx"]
     before = t.clone()
     for nbytes in (None, 16, 4 * MIB + 4, 0):
         assert l2_prefetch(t, nbytes, mode="bulk", programs=5) is None
@@ -144,13 +157,17 @@ def test_bulk_prefetch_runs_and_changes_nothing():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("setting", ["auto", "bulk:4", "bulk:all", "loads:1"])
-def test_decode_graphs_with_prefetch_give_the_same_tokens(setting):
+def test_decode_graphs_with_prefetch_give_the_same_tokens(setting, monkeypatch):
     """A captured step prefetching weights (EngineConfig.weight_prefetch) against one not:
     the same greedy tokens. auto prefetches on Hopper for this shape (layers of <= 3.4 MiB)."""
+    from torch.profiler import ProfilerActivity, profile
+
     from bench.shapes import smollm2_135m
     from engine.config import ModelConfig
 
+    monkeypatch.delenv("MINIINFER_WEIGHT_PREFETCH", raising=False)
     bulk = bulk_supported(torch.device("cuda"))
+    auto_on = bulk and torch.cuda.get_device_capability()[0] == 9  # resolve's rule
     if setting.startswith("bulk") and not bulk:
         pytest.skip("the bulk prefetch needs compute capability 9.0+")
     cfg = ModelConfig.from_hf(smollm2_135m())
@@ -160,11 +177,16 @@ def test_decode_graphs_with_prefetch_give_the_same_tokens(setting):
         # each engine's warm-up captures its own graphs over the one model
         engine = LLMEngine(LoadedModel(model, None, cfg, "smollm2-shape", 0.0),
                            EngineConfig(num_pages=512, max_num_seqs=8, weight_prefetch=s), "cuda")
-        assert (engine.runner.graphs.prefetch is None) == (s == "off" or (s == "auto" and not bulk))
+        assert (engine.runner.graphs.prefetch is None) == (s == "off" or (s == "auto" and not auto_on))
         out = engine.generate([[5, 6, 7, 8], list(range(3, 40))],
                               SamplingParams(max_tokens=24, ignore_eos=True))
         assert engine.runner.graph_steps() > 0
         runs[s] = [c.token_ids for c in out]
-        if engine.runner.graphs.prefetch is not None:
-            assert engine.runner.graphs.prefetch.issued > 0
+        if engine.runner.graphs.prefetch is not None:  # a replay launches the prefetch kernel
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                engine.runner.graphs.graphs[1].replay()
+                torch.cuda.synchronize()
+            names = {e.name for e in prof.events()}
+            kernel = "_bulk_prefetch_kernel" if s.startswith(("bulk", "auto")) else "_loads_prefetch_kernel"
+            assert any(kernel in n for n in names), sorted(names)[:20]
     assert runs["off"] == runs[setting]
