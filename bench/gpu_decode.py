@@ -169,9 +169,11 @@ def kv_bytes_per_elem(kv_dtype: str, head_dim: int) -> float:
 
 
 def build_engine(
-    cfg: ModelConfig, model, args, kv_dtype="auto", num_pages=1024, max_seqs=8, graphs: bool = True
+    cfg: ModelConfig, model, args, kv_dtype="auto", num_pages=1024, max_seqs=8, graphs: bool = True,
+    weight_prefetch: str = "auto",
 ) -> LLMEngine:
     config = EngineConfig(
+        weight_prefetch=weight_prefetch,
         kv_dtype=kv_dtype,
         num_pages=num_pages,
         max_num_seqs=max_seqs,
@@ -292,14 +294,21 @@ def profile_steps(engine: LLMEngine, out_dir: str, steps: int, batch: int = 8, c
         sync()
     path = os.path.join(out_dir, f"decode_trace_{name}_b{batch}.json")
     prof.export_chrome_trace(path)
+    print_top_kernels(prof, steps, f"{name} b{batch} ctx{ctx}", top=14)
+    release(engine, sb)
+    return path
+
+
+def print_top_kernels(prof, steps: int, label: str, top: int = 12) -> None:
+    """The GPU kernels of a finished torch profile of `steps` steps, by time per step."""
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in kernels) / steps
-    print(f"# {name} b{batch} ctx{ctx}: GPU kernel time {total / 1e3:.3f} ms/step, top kernels:")
-    for e in kernels[:14]:
-        print(f"#   {e.device_time_total / steps / 1e3:8.4f} ms  {e.count // steps:5d}x  {e.key[:90]}")
-    release(engine, sb)
-    return path
+    count = sum(e.count for e in kernels) / steps
+    print(f"# {label}: GPU kernel time {total / 1e3:.4f} ms/step, {count:.0f} launches, top kernels:")
+    for e in kernels[:top]:
+        print(f"#   {e.device_time_total / steps / 1e3:8.4f} ms {e.count / steps:5.0f}x "
+              f"{e.device_time_total / e.count:7.2f} us  {e.key[:80]}")
 
 
 # ---- HF transformers on the same weights ----

@@ -37,6 +37,7 @@ from bench.gpu_decode import (  # noqa: E402
     event_ms,
     fill_cache_random,
     loop_step_ms,
+    print_top_kernels,
     release,
     step_bytes,
 )
@@ -44,8 +45,6 @@ from bench.shapes import SHAPES, shape  # noqa: E402
 from decode.prefetch import parse_setting  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
 from engine.loader.registry import random_model  # noqa: E402
-
-MIB = 1 << 20
 
 
 @dataclass
@@ -104,14 +103,7 @@ def top_kernels(label: str, replay, steps: int = 20, top: int = 12) -> None:
         for _ in range(steps):
             replay()
         torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    kernels.sort(key=lambda e: e.device_time_total, reverse=True)
-    total = sum(e.device_time_total for e in kernels) / steps
-    count = sum(e.count for e in kernels) / steps
-    print(f"# {label}: kernels {total / 1e3:.4f} ms a step, {count:.0f} launches")
-    for e in kernels[:top]:
-        print(f"#   {e.device_time_total / steps / 1e3:8.4f} ms {e.count / steps:5.0f}x "
-              f"{e.device_time_total / e.count:7.2f} us  {e.key[:80]}")
+    print_top_kernels(prof, steps, label, top)
 
 
 def run_model(name: str, a, variants: list[Variant], bw: float) -> list[list]:
@@ -119,16 +111,8 @@ def run_model(name: str, a, variants: list[Variant], bw: float) -> list[list]:
     model = random_model(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
     max_bs = max(a.batches)
     pages = max_bs * (a.ctx + a.loop_steps + 64) // 16 + 64
-    saved = os.environ.get("MINIINFER_WEIGHT_PREFETCH")
-    os.environ["MINIINFER_WEIGHT_PREFETCH"] = "off"  # what EngineConfig's "auto" follows
-    try:
-        engine = build_engine(cfg, model, argparse.Namespace(no_cuda_graph=False), num_pages=pages,
-                              max_seqs=max_bs)
-    finally:
-        if saved is None:
-            del os.environ["MINIINFER_WEIGHT_PREFETCH"]
-        else:
-            os.environ["MINIINFER_WEIGHT_PREFETCH"] = saved
+    engine = build_engine(cfg, model, argparse.Namespace(no_cuda_graph=False), num_pages=pages,
+                          max_seqs=max_bs, weight_prefetch="off")
     fill_cache_random(engine)
     base = engine.runner.graphs
     runners = {}

@@ -80,7 +80,8 @@ class WeightPrefetcher:
         # module -> the weight prefetched once it has run; the first is asked for on entry
         self.next = {id(a): weight_bytes(b) for a, b in zip(self.order, self.order[1:])}
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._sums = torch.zeros(programs, dtype=torch.int32, device=device)  # "loads" only
+        # "loads" writes its per-program sums here (allocated once, outside any capture)
+        self._sums = torch.zeros(programs, dtype=torch.int32, device=device) if mode == "loads" else None
         self.issued = 0  # prefetches launched (tests)
 
     def nbytes(self, weight: torch.Tensor) -> int:
@@ -98,8 +99,7 @@ class WeightPrefetcher:
             side.wait_stream(torch.cuda.current_stream(side.device))  # after the GEMV just launched
             ctx = torch.cuda.stream(side)
         with ctx:
-            self._launch(weight, n, self.mode, self.programs,
-                        out=self._sums if self.mode == "loads" else None)
+            self._launch(weight, n, self.mode, self.programs, out=self._sums)
         self.issued += 1
 
     def _after(self, module: nn.Module, _inputs, _output) -> None:
