@@ -170,10 +170,11 @@ def kv_bytes_per_elem(kv_dtype: str, head_dim: int) -> float:
 
 def build_engine(
     cfg: ModelConfig, model, args, kv_dtype="auto", num_pages=1024, max_seqs=8, graphs: bool = True,
-    weight_prefetch: str = "auto",
+    weight_prefetch: str = "auto", gemv: str = "auto",
 ) -> LLMEngine:
     config = EngineConfig(
         weight_prefetch=weight_prefetch,
+        gemv=gemv,
         kv_dtype=kv_dtype,
         num_pages=num_pages,
         max_num_seqs=max_seqs,

@@ -236,7 +236,7 @@ class CudaGraphRunner:
         meta = AttentionMetadata([1] * bs, [0] * bs, self.block_tables[:bs], slots, ctx)
         with self.prefetch.active() if self.prefetch else contextlib.nullcontext():
             hidden = self.model(ids, pos, meta, self.cache, self.backend)  # [bs, hidden]
-            return self.model.compute_logits(hidden)
+            return self.model.compute_logits(hidden, self.backend)
 
     @torch.inference_mode()
     def capture(self) -> float:
@@ -321,7 +321,7 @@ class VerifyGraphRunner(CudaGraphRunner):
             [q] * bs, [q] * bs, self.block_tables[:bs], slots, self.ctx[:bs], self.cu_q_lens[: bs + 1]
         )
         hidden = self.model(ids, pos, meta, self.cache, self.backend)  # [t, hidden]
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, self.backend)
 
     def run(self, step: HostStep, tokens: bool = False) -> torch.Tensor | None:
         """Replay -> logits [B * q_len, V] (a view of a static buffer); None when no graph

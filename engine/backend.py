@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.attention import AttentionBackend, CPUAttention, TorchAttention, TritonAttention
-from engine.layers import TORCH_OPS, CPUOps, LayerOps, TritonOps
+from engine.layers import TORCH_OPS, CPUOps, LayerOps, TritonOps, gemv_scope
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -28,6 +28,9 @@ class Backend:
     # Triton kernels with programmatic dependent launch (Hopper+): True / False, or None to
     # leave it to MINIINFER_PDL (kernels._triton.PDL_ENABLED). See engine.llm.EngineConfig.pdl
     pdl: bool | None = None
+    # Linear layers multiply inputs of at most this many rows with kernels/gemv.py (0: cuBLAS
+    # always); engine.llm.EngineConfig.gemv chooses it
+    gemv_rows: int = 0
 
     def range(self, label: str):
         """An NVTX range for Nsight / the torch profiler; a null context off CUDA."""
@@ -35,23 +38,29 @@ class Backend:
 
     def launches(self):
         """Around a forward pass: the kernels it launches (or a CUDA graph captures) take
-        this backend's launch options (PDL). A null context on the torch backend."""
+        this backend's launch options (PDL, the GEMV kernel for few rows). A null context on
+        the torch backend."""
         if self.name != "triton":
             return contextlib.nullcontext()
         from kernels._triton import pdl_scope  # lazy: triton is imported with kernels only
 
-        return pdl_scope(self.pdl)
+        return self._triton_scopes(pdl_scope)
+
+    @contextlib.contextmanager
+    def _triton_scopes(self, pdl_scope):
+        with pdl_scope(self.pdl), gemv_scope(self.gemv_rows):
+            yield
 
 
 TORCH_BACKEND = Backend("torch", TORCH_OPS, TorchAttention())
 
 
 def select_backend(device: torch.device | str, name: str = "auto", cpu_kernels: bool = False,
-                   pdl: bool | None = None) -> Backend:
+                   pdl: bool | None = None, gemv_rows: int = 0) -> Backend:
     """auto = triton on CUDA, torch elsewhere. triton on CPU needs TRITON_INTERPRET=1.
     cpu_kernels: on CPU, the torch backend's norms, rotary and activation
     (`engine.layers.CPUOps`) and decode attention (`CPUAttention`) go through the C kernels
-    when they build here. pdl: the triton backend's `Backend.pdl`."""
+    when they build here. pdl, gemv_rows: the triton backend's `Backend.pdl`, `.gemv_rows`."""
     if name not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
     device = torch.device(device)
@@ -64,4 +73,5 @@ def select_backend(device: torch.device | str, name: str = "auto", cpu_kernels: 
             if cpu.available():
                 return Backend("torch", CPUOps(), CPUAttention())
         return Backend("torch", TORCH_OPS, TorchAttention(), nvtx=device.type == "cuda")
-    return Backend("triton", TritonOps(), TritonAttention(), nvtx=device.type == "cuda", pdl=pdl)
+    return Backend("triton", TritonOps(), TritonAttention(), nvtx=device.type == "cuda", pdl=pdl,
+                   gemv_rows=gemv_rows)

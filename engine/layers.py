@@ -7,6 +7,8 @@ take the same arguments, so the model code has one path.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 import torch
@@ -62,18 +64,65 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return (xf * cos + rot * sin).to(x.dtype)
 
 
+# Inside gemv_scope(n) (engine.backend.Backend.launches on the Triton backend), `Linear`
+# layers multiply inputs of at most n rows with kernels/gemv.py instead of cuBLAS; 0 = never.
+_GEMV_ROWS: contextvars.ContextVar[int] = contextvars.ContextVar("miniinfer_gemv_rows", default=0)
+_gemv_kernel = None  # kernels.gemv.gemv, imported on first use (importing kernels fixes TRITON_INTERPRET)
+
+
+@contextlib.contextmanager
+def gemv_scope(max_rows: int):
+    """`Linear` layers called inside (and captured into CUDA graphs inside) send inputs of at
+    most max_rows rows (<= kernels.gemv.MAX_ROWS) through the Triton GEMV; 0 turns it off."""
+    token = _GEMV_ROWS.set(max_rows)
+    try:
+        yield
+    finally:
+        _GEMV_ROWS.reset(token)
+
+
+class Linear(nn.Linear):
+    """`nn.Linear` whose few-row products may go through kernels/gemv.py (see gemv_scope).
+
+    Batch-1 decode is a chain of matrix-vector products, each streaming one weight from
+    HBM, so what matters is how close to the memory bandwidth each one reads; the kernel is
+    the alternative to cuBLAS there (`EngineConfig.gemv`). `forward(x, gated=True)` is the
+    gated MLP's up projection with SiLU-and-mul fused, only where `takes_gemv(x)`.
+    """
+
+    def takes_gemv(self, x: torch.Tensor) -> bool:
+        """Inside a gemv_scope wide enough for x's rows, for inputs the kernel takes (else
+        forward falls back to F.linear)."""
+        w = self.weight
+        return (x.dim() == 2 and 0 < x.shape[0] <= _GEMV_ROWS.get() and x.dtype == w.dtype
+                and x.device == w.device and x.stride(1) == 1 and w.stride(1) == 1)
+
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        if self.takes_gemv(x):
+            global _gemv_kernel
+            if _gemv_kernel is None:
+                from kernels.gemv import gemv as _gemv_kernel
+            return _gemv_kernel(x, self.weight, self.bias, gated)
+        if gated:
+            raise ValueError("Linear(gated=True) needs the GEMV path: check takes_gemv(x) first")
+        return F.linear(x, self.weight, self.bias)
+
+
 class GatedMLP(nn.Module):
     """SiLU(x W_gate) * (x W_up) W_down with gate and up fused into one matmul."""
 
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
         self.intermediate = intermediate
-        self.gate_up = nn.Linear(hidden, 2 * intermediate, bias=False)
-        self.down = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_up = Linear(hidden, 2 * intermediate, bias=False)
+        self.down = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor, ops: LayerOps | None = None) -> torch.Tensor:
+        gate_up = self.gate_up
+        if isinstance(gate_up, Linear) and gate_up.takes_gemv(x):  # SiLU-and-mul in the GEMV
+            return self.down(gate_up(x, gated=True))
         ops = ops or TORCH_OPS
-        return self.down(ops.silu_and_mul(self.gate_up(x)))  # gate_up: [T, 2I]
+        return self.down(ops.silu_and_mul(gate_up(x)))  # gate_up: [T, 2I]
 
 
 class CPULinear(nn.Module):

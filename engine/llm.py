@@ -49,6 +49,33 @@ def resolve_pdl(setting: str, hidden_size: int) -> bool | None:
     return hidden_size >= PDL_MIN_HIDDEN
 
 
+# EngineConfig.gemv = "on": linear layers of at most this many rows take kernels/gemv.py
+GEMV_ON_ROWS = 8
+GEMV_MAX_ROWS = 16  # kernels.gemv.MAX_ROWS (not imported here: importing kernels imports triton)
+
+
+def resolve_gemv(setting: str, device: torch.device) -> int:
+    """EngineConfig.gemv -> Backend.gemv_rows (0: cuBLAS always). auto follows MINIINFER_GEMV
+    where it is set, else 0 (off) until a GPU run shows the kernel ahead of cuBLAS in a
+    whole step; on = GEMV_ON_ROWS; a number is the most rows sent to the kernel (1 to
+    GEMV_MAX_ROWS). `device` is where the engine runs (the kernel needs CUDA, or Triton's
+    interpreter on CPU)."""
+    if setting == "auto":
+        env = os.environ.get("MINIINFER_GEMV", "").strip().lower()
+        if env and env != "auto":
+            try:
+                return resolve_gemv(env, device)
+            except ValueError as e:
+                raise ValueError(f"MINIINFER_GEMV: {e}") from None
+        return 0
+    if setting in ("on", "off"):
+        return GEMV_ON_ROWS if setting == "on" else 0
+    if not setting.isdigit() or not 1 <= int(setting) <= GEMV_MAX_ROWS:
+        raise ValueError(f"gemv must be auto, on, off or a row count from 1 to {GEMV_MAX_ROWS}, "
+                         f"got {setting!r}")
+    return int(setting)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     kv_dtype: str = "auto"  # auto (= model dtype) | fp32 | bf16 | fp16 | int8
@@ -91,6 +118,10 @@ class EngineConfig:
     # the MiB asked for of each weight (or all). auto follows MINIINFER_WEIGHT_PREFETCH
     # where set, else prefetches for models with small layers on Hopper (decode.prefetch.resolve).
     weight_prefetch: str = "auto"
+    # linear layers of few rows (decode) through the Triton GEMV (kernels/gemv.py) instead of
+    # cuBLAS, with the gated MLP's SiLU-and-mul fused: auto | on | off | N (the most rows sent
+    # to it, 1-16). auto follows MINIINFER_GEMV where set, else off (resolve_gemv).
+    gemv: str = "auto"
 
     def __post_init__(self) -> None:
         from engine.spec.drafters import DRAFTERS
@@ -109,6 +140,8 @@ class EngineConfig:
             raise ValueError(f"decode_run_ahead must be auto, on or off, got {self.decode_run_ahead!r}")
         if self.pdl not in ("auto", "on", "off"):
             raise ValueError(f"pdl must be auto, on or off, got {self.pdl!r}")
+        if self.gemv != "auto":
+            resolve_gemv(self.gemv, torch.device("cpu"))  # ValueError with the accepted forms
         if self.weight_prefetch != "auto":
             from decode.prefetch import parse_setting
 
@@ -166,7 +199,8 @@ class LLMEngine:
             num_spec_tokens=0 if config.spec_drafter == "none" else config.spec_k,
         )
         self.backend = select_backend(self.device, config.attention_backend, config.cpu_kernels,
-                                      pdl=resolve_pdl(config.pdl, cfg.hidden_size))
+                                      pdl=resolve_pdl(config.pdl, cfg.hidden_size),
+                                      gemv_rows=resolve_gemv(config.gemv, self.device))
         if self.device.type == "cpu" and config.cpu_transposed_weights:  # batch-1 decode is GEMVs:
             transpose_linears(loaded.model, pack=config.cpu_packed_weights)  # faster layouts (in place)
         self.runner = ModelRunner(loaded.model, self.cache, self.device, self.backend)

@@ -233,7 +233,7 @@ class ModelRunner:
         inp = self.to_inputs(s)
         if ids is not None:
             inp.input_ids = ids
-        return self.model.compute_logits(self.forward(inp)[inp.logits_index])  # [N, V]
+        return self.model.compute_logits(self.forward(inp)[inp.logits_index], self.backend)  # [N, V]
 
     def _replay(self, s: HostStep, tokens: bool = False,
                 ids: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -294,7 +294,7 @@ class ModelRunner:
     def logits(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits of every token fed this step [T, V], eager (for tests against a reference)."""
         hidden = self.forward(self.to_inputs(self.collect(batch)))
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, self.backend)
 
     @torch.inference_mode()
     def warmup_prefill(self, num_tokens: int = 32) -> None:
@@ -307,4 +307,4 @@ class ModelRunner:
         pages = -(-n // self.page_size)
         s = HostStep([0] * n, list(range(n)), [-1] * n, [n], [n], [[0] * pages], [n - 1], [], [])
         inp = self.to_inputs(s)
-        self.model.compute_logits(self.forward(inp)[inp.logits_index])
+        self.model.compute_logits(self.forward(inp)[inp.logits_index], self.backend)

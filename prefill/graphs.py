@@ -105,7 +105,7 @@ class PrefillGraphRunner:
         meta = AttentionMetadata([t] + [0] * (s - 1), [t] + [0] * (s - 1), self.block_tables, slots,
                                  ctx, cu_q_lens=cu)
         hidden = self.model(ids, pos, meta, self.cache, self.backend)  # [t, hidden]
-        return self.model.compute_logits(hidden[rows])
+        return self.model.compute_logits(hidden[rows], self.backend)
 
     @torch.inference_mode()
     def capture(self) -> float:

@@ -98,8 +98,9 @@ class SpecDecoder:
         inp = runner.to_inputs(s)
         hidden = runner.forward(inp)  # [T, hidden]
         model = runner.model
-        verify = model.compute_logits(hidden[runner._tensor(rows.verify_rows)])
-        plain = model.compute_logits(hidden[runner._tensor(rows.plain_rows)]) if rows.plain else None
+        verify = model.compute_logits(hidden[runner._tensor(rows.verify_rows)], runner.backend)
+        plain = (model.compute_logits(hidden[runner._tensor(rows.plain_rows)], runner.backend)
+                 if rows.plain else None)
         return verify.view(-1, k1, verify.shape[-1]), plain
 
     def _randomness(self, runner, reqs, vocab: int):

@@ -139,7 +139,7 @@ def test_triton_decoder_folds_the_decode_store_into_attention(name, kv_dtype, de
 
 def test_the_backends_pdl_choice_wraps_every_forward(device, monkeypatch):
     """Backend.pdl reaches the kernels through kernels._triton.pdl_scope around each
-    forward pass (prefill and decode); the torch backend opens no scope."""
+    forward pass and each LM head (prefill and decode); the torch backend opens no scope."""
     import kernels._triton as kt
 
     seen = []
@@ -154,7 +154,31 @@ def test_the_backends_pdl_choice_wraps_every_forward(device, monkeypatch):
     for pdl in (True, False, None):
         seen.clear()
         _logits(model, select_backend(device, "triton", pdl=pdl), torch.float32, device)
-        assert seen == [pdl] * (1 + len(DECODE_TOKENS))
+        assert seen == [pdl] * 2 * (1 + len(DECODE_TOKENS))
     seen.clear()
     _logits(model, TORCH_BACKEND, torch.float32, device)
     assert seen == []
+
+
+@pytest.mark.parametrize("rows", [2, 1])
+def test_triton_decoder_sends_few_row_linears_to_the_gemv(rows, device, monkeypatch):
+    """Backend.gemv_rows: steps of at most that many rows take kernels/gemv.py for every
+    linear layer (the MLP's up projection with SiLU-and-mul fused) and the LM head; the
+    24-token prefill keeps F.linear. Logits as the torch backend's."""
+    import engine.layers
+    from kernels.gemv import gemv
+
+    calls = []
+
+    def spy(x, w, bias, gated):
+        calls.append((x.shape[0], gated))
+        return gemv(x, w, bias, gated)
+
+    monkeypatch.setattr(engine.layers, "_gemv_kernel", spy)
+    model = _model("llama", device)
+    got = _logits(model, select_backend(device, "triton", gemv_rows=rows), torch.float32, device)
+    per_step = [(2, False), (2, False), (2, True), (2, False)] * LAYERS + [(2, False)]
+    assert calls == (per_step * len(DECODE_TOKENS) if rows == 2 else [])  # 2-row decode steps
+    reference = _logits(model, TORCH_BACKEND, torch.float32, device)
+    for a, b in zip(got, reference):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

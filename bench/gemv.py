@@ -1,0 +1,238 @@
+"""Few-row linear layers: kernels/gemv.py against cuBLAS (`F.linear`), then whole decode steps.
+
+Part 1 (kernels): for every linear layer of the model shapes (qkv, o, gate_up, down, LM
+head), bf16, at each row count, the median time of one product inside a CUDA graph of
+back-to-back calls over weight copies that together exceed L2 several times over (so each
+call reads its weight from HBM, as in a decode step). Bandwidth = weight bytes / time,
+also as a fraction of the measured copy bandwidth (read + write bytes of a large copy_).
+gate_up is compared as the MLP needs it: cuBLAS + the SiLU-and-mul kernel against the
+GEMV with SiLU-and-mul fused. --sweep also times every (BLOCK_N, BLOCK_K, warps) at
+one row and prints the best.
+
+Part 2 (--engine): one engine per model shape with the GEMV off; a second set of decode
+graphs captured over the same model and cache with it on. Logits are compared (max abs
+difference, greedy agreement), then replays are timed interleaved, and the engine loop
+(run-ahead on, batch 1) per token with either set of graphs.
+
+    python bench/gemv.py [--models smollm2-135m,llama3-8b] [--rows 1,2,4,8,16] [--sweep]
+        [--engine] [--ctx 512] [--batches 1,8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import os
+import statistics
+import sys
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import format_table, ints, progress  # noqa: E402
+from bench.gpu_decode import (  # noqa: E402
+    build_engine,
+    copy_bandwidth,
+    decode_batch,
+    event_ms,
+    fill_cache_random,
+    loop_step_ms,
+    release,
+    step_bytes,
+)
+from bench.shapes import SHAPES, shape  # noqa: E402
+from engine.config import ModelConfig  # noqa: E402
+from engine.loader.registry import random_model  # noqa: E402
+
+L2_MULTIPLE = 256 << 20  # weight copies per shape add up to at least this (H100 L2: 50 MiB)
+
+
+def layer_shapes(cfg: ModelConfig) -> list[tuple[str, int, int, bool]]:
+    """(name, N, K, gated) of every linear layer a decode step runs."""
+    c = cfg
+    return [
+        ("qkv", c.q_size + 2 * c.kv_size, c.hidden_size, False),
+        ("o", c.hidden_size, c.q_size, False),
+        ("gate_up", 2 * c.intermediate_size, c.hidden_size, True),
+        ("down", c.hidden_size, c.intermediate_size, False),
+        ("lm_head", c.vocab_size, c.hidden_size, False),
+    ]
+
+
+def graph_us(fns, reps: int = 4, iters: int = 15) -> float:
+    """Median us of one call among the fns, replayed from one graph of reps passes over them."""
+    for f in fns[:2]:
+        f()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for f in fns:
+                f()
+    ms = event_ms(graph.replay, iters=iters)
+    del graph
+    return 1e3 * ms / (reps * len(fns))
+
+
+def _blas(x, w, gated: bool):
+    from kernels.activation import silu_and_mul
+
+    return silu_and_mul(F.linear(x, w)) if gated else F.linear(x, w)
+
+
+def _gb_per_s(nbytes: int, us: float) -> float:
+    return nbytes / (us * 1e-6) / 1e9
+
+
+def kernel_rows(cfg: ModelConfig, model: str, rows: list[int], sweep: bool, bw: float) -> list[list]:
+    from kernels.gemv import gemv, gemv_reference, gemv_with_config
+
+    out = []
+    for name, n, k, gated in layer_shapes(cfg):
+        nbytes = n * k * 2
+        copies = max(2, -(-L2_MULTIPLE // nbytes))
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5 for _ in range(copies)]
+        for m in rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = gemv_reference(x, ws[0], gated=gated).float()
+            got = gemv(x, ws[0], gated=gated).float()
+            err = ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
+            blas = [partial(_blas, x, w, gated) for w in ws]
+            ours = [partial(gemv, x, w, None, gated) for w in ws]
+            t_blas, t_ours = [], []
+            for _ in range(3):  # interleaved rounds
+                t_blas.append(graph_us(blas))
+                t_ours.append(graph_us(ours))
+            tb, to = statistics.median(t_blas), statistics.median(t_ours)
+            best = ""
+            if sweep and m == 1:
+                best_us, best_cfg = to, "default"
+                widths = (64, 128, 256, 512, 1024) if k < 2048 else (256, 512, 1024, 2048)
+                for cfg_ in itertools.product((1, 2, 4, 8), widths, (4, 8)):
+                    if cfg_[0] * cfg_[1] > 16384 or (gated and cfg_[0] > 8):
+                        continue
+                    fns = [partial(gemv_with_config, x, w, None, gated, cfg_) for w in ws]
+                    try:
+                        us = graph_us(fns, reps=2, iters=8)
+                    except Exception as e:  # noqa: BLE001 - a config that does not compile
+                        print(f"# {model} {name} {cfg_}: {type(e).__name__}", file=sys.stderr)
+                        continue
+                    if us < best_us:
+                        best_us, best_cfg = us, cfg_
+                best = f"{best_us:.2f} {best_cfg}"
+            gbs = partial(_gb_per_s, nbytes)
+            out.append([model, name + ("+silu" if gated else ""), f"{n}x{k}", m, f"{tb:.2f}", f"{to:.2f}",
+                        f"{tb / to:.3f}", f"{gbs(tb):.0f}", f"{gbs(to):.0f}",
+                        f"{gbs(to) / (bw / 1e9):.2f}", f"{err:.1e}", best])
+            progress(f"{model} {name} m{m}: cuBLAS {tb:.2f} us, gemv {to:.2f} us")
+        del ws
+        torch.cuda.empty_cache()
+    return out
+
+
+def engine_rows(name: str, a, bw: float) -> list[list]:
+    from decode.graphs import CudaGraphRunner
+
+    cfg = ModelConfig.from_hf(shape(name))
+    model = random_model(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
+    max_bs = max(a.batches)
+    pages = max_bs * (a.ctx + a.loop_steps + 64) // 16 + 64
+    engine = build_engine(cfg, model, argparse.Namespace(no_cuda_graph=False), num_pages=pages,
+                          max_seqs=max_bs, gemv="off")
+    fill_cache_random(engine)
+    base = engine.runner.graphs
+    on = CudaGraphRunner(model, engine.cache, dataclasses.replace(engine.backend, gemv_rows=a.gemv_rows),
+                         max_bs, engine.max_model_len, prefetch=base.prefetch)
+    on.capture()
+    variants = {"cuBLAS": base, f"gemv<={a.gemv_rows}": on}
+    out = []
+    for b in a.batches:
+        sb = decode_batch(engine, b, a.ctx)
+        bs = base.bucket_for(b)
+        logits = {}
+        for label, g in variants.items():
+            engine.runner.graphs = g
+            engine.runner.execute(sb)
+            logits[label] = g.logits[bs][:b].clone()
+        x, y = logits.values()
+        diff = (x - y).abs().max().item()
+        agree = (x.argmax(-1) == y.argmax(-1)).float().mean().item()
+        times = {label: [] for label in variants}
+        for _ in range(a.rounds):
+            for label, g in variants.items():
+                times[label].append(event_ms(g.graphs[bs].replay, iters=a.iters))
+        release(engine, sb)
+        floor = step_bytes(cfg, 2, b, a.ctx, 2.0) / bw * 1e3
+        first = statistics.median(times["cuBLAS"])
+        for label in variants:
+            ms = statistics.median(times[label])
+            out.append([name, f"replay b{b}", label, f"{ms:.4f}", f"{ms / floor:.3f}", f"{first / ms:.3f}",
+                        f"{diff:.3g} / {agree:.2f}"])
+        progress(f"{name} b{b} done")
+    loops = {label: [] for label in variants}
+    for _ in range(3):
+        for label, g in variants.items():
+            engine.runner.graphs = g
+            loops[label].append(loop_step_ms(engine, a.ctx, a.loop_steps, True))
+    floor = step_bytes(cfg, 2, 1, a.ctx, 2.0) / bw * 1e3
+    first = statistics.median(loops["cuBLAS"])
+    for label in variants:
+        ms = statistics.median(loops[label])
+        out.append([name, "loop b1", label, f"{ms:.4f}", f"{ms / floor:.3f}", f"{first / ms:.3f}", ""])
+    engine.runner.graphs = base
+    del engine, model, base, on, variants
+    torch.cuda.empty_cache()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default=",".join(SHAPES), help=f"comma-separated, of {sorted(SHAPES)}")
+    ap.add_argument("--rows", default="1,2,4,8,16", help="row counts for the kernel table")
+    ap.add_argument("--sweep", action="store_true", help="time every kernel config at one row")
+    ap.add_argument("--no-kernels", action="store_true", help="skip part 1")
+    ap.add_argument("--engine", action="store_true", help="part 2: whole decode steps")
+    ap.add_argument("--gemv-rows", type=int, default=8, help="part 2: the most rows sent to the GEMV")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=40)
+    ap.add_argument("--loop-steps", type=int, default=64)
+    a = ap.parse_args()
+    names = a.models.split(",")
+    unknown = [n for n in names if n not in SHAPES]
+    if unknown:
+        ap.error(f"unknown model shape(s) {unknown}; known: {sorted(SHAPES)}")
+    try:
+        rows, a.batches = ints(a.rows), ints(a.batches)
+    except ValueError as e:
+        ap.error(str(e))
+    if not 1 <= a.gemv_rows <= 16:
+        ap.error("--gemv-rows must be in 1..16")
+    if not torch.cuda.is_available():
+        print("gemv.py: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    bw = copy_bandwidth()
+    print(f"# {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    if not a.no_kernels:
+        table = []
+        for name in names:
+            table += kernel_rows(ModelConfig.from_hf(shape(name)), name, rows, a.sweep, bw)
+        print(format_table(["model", "layer", "N x K", "rows", "cuBLAS us", "gemv us", "speed-up",
+                            "cuBLAS GB/s", "gemv GB/s", "gemv / copy bw", "rel err", "best at 1 row"],
+                           table), flush=True)
+    if a.engine:
+        table = []
+        for name in names:
+            table += engine_rows(name, a, bw)
+            print(format_table(["model", "step", "linear layers", "ms", "x floor", "speed-up",
+                                "logit diff / greedy agree"], table), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

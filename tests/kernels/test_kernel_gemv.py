@@ -1,0 +1,122 @@
+"""kernels.gemv (few-row linear layers, plain and with the gated MLP's SiLU) against torch."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from kernels.gemv import MAX_ROWS, gemv, gemv_reference, gemv_with_config  # noqa: E402
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# fp32 sums in another order than the reference's, rounded once to the output dtype
+TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 2e-2)}
+
+
+def _inputs(m, n, k, dtype, device, bias=False):
+    x = torch.randn(m, k, device=device).to(dtype)
+    w = (torch.randn(n, k, device=device) / k ** 0.5).to(dtype)
+    b = torch.randn(n, device=device).to(dtype) if bias else None
+    return x, w, b
+
+
+def _check(m, n, k, dtype, device, bias=False, gated=False, config=None):
+    x, w, b = _inputs(m, n, k, dtype, device, bias)
+    out = gemv_with_config(x, w, b, gated, config) if config else gemv(x, w, b, gated)
+    ref = gemv_reference(x, w, b, gated)
+    assert out.shape == ref.shape == (m, n // 2 if gated else n) and out.dtype == dtype
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+    return out
+
+
+# k not a multiple of any BLOCK_K, n not a multiple of BLOCK_N, rows 1..MAX_ROWS (padded rows)
+@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (1, 130, 200), (3, 64, 96), (5, 33, 48), (16, 40, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_matches_reference(m, n, k, dtype, device):
+    _check(m, n, k, dtype, device)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 64, 64), (2, 50, 40)])
+def test_gemv_bias_and_gated(m, n, k, device):
+    _check(m, n, k, torch.float32, device, bias=True)
+    out = _check(m, n, k, torch.float32, device, gated=True)
+    _check(m, n, k, torch.float32, device, bias=True, gated=True)
+    # gated = the two-step silu(gate) * up of the plain product, not the product's first half
+    x, w, _ = _inputs(m, n, k, torch.float32, device)
+    plain = gemv(x, w)
+    assert not torch.allclose(out, plain[:, : n // 2], atol=1e-3)
+
+
+@pytest.mark.parametrize("config", [(1, 16, 1), (2, 32, 2), (8, 64, 4), (16, 16, 1)])
+def test_gemv_configs(config, device):
+    """Every (BLOCK_N, BLOCK_K, warps) a sweep may try gives the same product."""
+    _check(2, 72, 80, torch.float32, device, config=config)
+    _check(1, 72, 80, torch.float32, device, gated=True, config=config)
+
+
+def test_gemv_strided_rows(device):
+    x = torch.randn(3, 100, device=device)[:, :64]  # row stride 100
+    w = torch.randn(48, 80, device=device)[:, :64]  # row stride 80
+    torch.testing.assert_close(gemv(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)
+
+
+def test_gemv_gated_bias_strided_weight(device):
+    """The up rows sit n_out row strides past the gate rows, and their bias past the gate's."""
+    w = torch.randn(40, 96, device=device)[:, :64]  # [2I = 40, K = 64], row stride 96
+    x, b = torch.randn(3, 64, device=device), torch.randn(40, device=device)
+    torch.testing.assert_close(gemv(x, w, b, gated=True), gemv_reference(x, w, b, gated=True),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_engine_row_limit_is_the_kernels():
+    from engine.llm import GEMV_MAX_ROWS
+
+    assert GEMV_MAX_ROWS == MAX_ROWS
+
+
+def test_gemv_empty(device):
+    w = torch.randn(8, 16, device=device)
+    assert gemv(torch.randn(0, 16, device=device), w).shape == (0, 8)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda d: (torch.randn(2, 8, device=d), torch.randn(4, 9, device=d), None, False), "features"),
+    (lambda d: (torch.randn(MAX_ROWS + 1, 8, device=d), torch.randn(4, 8, device=d), None, False), "at most"),
+    (lambda d: (torch.randn(2, 8, device=d), torch.randn(4, 8, device=d).half(), None, False), "share a dtype"),
+    (lambda d: (torch.randn(2, 8, device=d), torch.randn(5, 8, device=d), None, True), "even number"),
+    (lambda d: (torch.randn(2, 8, device=d), torch.randn(4, 8, device=d), torch.randn(3, device=d), False),
+     "bias"),
+    (lambda d: (torch.randn(8, device=d), torch.randn(4, 8, device=d), None, False), r"\[M, K\]"),
+    (lambda d: (torch.randn(2, 8, device=d), torch.randn(8, 4, device=d).t(), None, False), "contiguous"),
+    (lambda d: (torch.randint(0, 3, (2, 8), device=d), torch.randn(4, 8, device=d), None, False), "float"),
+])
+def test_gemv_rejects_bad_input(bad, match, device):
+    with pytest.raises(ValueError, match=match):
+        gemv(*bad(device))
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("n,k,gated", [(6144, 4096, False), (4096, 14336, False), (28672, 4096, True),
+                                        (960, 576, False), (3072, 576, True), (49152, 576, False)])
+def test_gemv_gpu_shapes(m, n, k, gated):
+    """The 8B and SmolLM2 decode shapes at every row count the engine sends here, bf16."""
+    _check(m, n, k, torch.bfloat16, "cuda", gated=gated)
+
+
+@pytest.mark.gpu
+@CUDA
+def test_gemv_gpu_in_graph_and_compile():
+    x, w, b = _inputs(1, 4096, 4096, torch.bfloat16, "cuda", bias=True)
+    out = torch.empty(1, 4096, device="cuda", dtype=torch.bfloat16)
+    gemv(x, w, b)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(gemv(x, w, b))
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(out, gemv_reference(x, w, b), rtol=1.6e-2, atol=2e-2)
+    compiled = torch.compile(lambda a: gemv(a, w, b, False), fullgraph=True)
+    torch.testing.assert_close(compiled(x), gemv(x, w, b))
