@@ -6,8 +6,8 @@ back-to-back calls over weight copies that together exceed L2 several times over
 call reads its weight from HBM, as in a decode step). Bandwidth = weight bytes / time,
 also as a fraction of the measured copy bandwidth (read + write bytes of a large copy_).
 gate_up is compared as the MLP needs it: cuBLAS + the SiLU-and-mul kernel against the
-GEMV with SiLU-and-mul fused. --sweep also times every (BLOCK_N, BLOCK_K, warps) at
-one row and prints the best.
+GEMV with SiLU-and-mul fused. --sweep also times every (BLOCK_N, BLOCK_K, warps,
+REDUCE_EACH) of a grid at each row count and prints the best (keep --rows short).
 
 Part 2 (--engine): one engine per model shape with the GEMV off; a second set of decode
 graphs captured over the same model and cache with it on. Logits are compared (max abs
@@ -15,7 +15,7 @@ difference, greedy agreement), then replays are timed interleaved, and the engin
 (run-ahead on, batch 1) per token with either set of graphs.
 
     python bench/gemv.py [--models smollm2-135m,llama3-8b] [--rows 1,2,4,8,16] [--sweep]
-        [--engine] [--ctx 512] [--batches 1,8]
+        [--engine] [--gemv-rows 4] [--ctx 512] [--batches 1,4]
 """
 
 from __future__ import annotations
@@ -109,10 +109,11 @@ def kernel_rows(cfg: ModelConfig, model: str, rows: list[int], sweep: bool, bw: 
                 t_ours.append(graph_us(ours))
             tb, to = statistics.median(t_blas), statistics.median(t_ours)
             best = ""
-            if sweep and m == 1:
+            if sweep:
                 best_us, best_cfg = to, "default"
-                widths = (64, 128, 256, 512, 1024) if k < 2048 else (256, 512, 1024, 2048)
-                for cfg_ in itertools.product((1, 2, 4, 8), widths, (4, 8)):
+                widths = (256, 512, 1024, 2048) if k <= 2048 else (256, 512, 1024)
+                reduce = (False,) if m <= 2 else (True, False)
+                for cfg_ in itertools.product((1, 2, 4, 8), widths, (4, 8), reduce):
                     if cfg_[0] * cfg_[1] > 16384 or (gated and cfg_[0] > 8):
                         continue
                     fns = [partial(gemv_with_config, x, w, None, gated, cfg_) for w in ws]
@@ -193,12 +194,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(SHAPES), help=f"comma-separated, of {sorted(SHAPES)}")
     ap.add_argument("--rows", default="1,2,4,8,16", help="row counts for the kernel table")
-    ap.add_argument("--sweep", action="store_true", help="time every kernel config at one row")
+    ap.add_argument("--sweep", action="store_true", help="time a grid of kernel configs at each row count")
     ap.add_argument("--no-kernels", action="store_true", help="skip part 1")
     ap.add_argument("--engine", action="store_true", help="part 2: whole decode steps")
-    ap.add_argument("--gemv-rows", type=int, default=8, help="part 2: the most rows sent to the GEMV")
+    ap.add_argument("--gemv-rows", type=int, default=4, help="part 2: the most rows sent to the GEMV")
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--batches", default="1,4")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=40)
     ap.add_argument("--loop-steps", type=int, default=64)
@@ -223,7 +224,7 @@ def main() -> int:
         for name in names:
             table += kernel_rows(ModelConfig.from_hf(shape(name)), name, rows, a.sweep, bw)
         print(format_table(["model", "layer", "N x K", "rows", "cuBLAS us", "gemv us", "speed-up",
-                            "cuBLAS GB/s", "gemv GB/s", "gemv / copy bw", "rel err", "best at 1 row"],
+                            "cuBLAS GB/s", "gemv GB/s", "gemv / copy bw", "rel err", "best config (us)"],
                            table), flush=True)
     if a.engine:
         table = []

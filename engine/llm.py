@@ -50,7 +50,7 @@ def resolve_pdl(setting: str, hidden_size: int) -> bool | None:
 
 
 # EngineConfig.gemv = "on": linear layers of at most this many rows take kernels/gemv.py
-GEMV_ON_ROWS = 8
+GEMV_ON_ROWS = 4  # above, x is read from L2 more often than the weight (4 weight rows a program)
 GEMV_MAX_ROWS = 16  # kernels.gemv.MAX_ROWS (not imported here: importing kernels imports triton)
 
 

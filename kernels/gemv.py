@@ -51,6 +51,7 @@ def _gemv_kernel(
     EVEN_N: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     GATED: tl.constexpr,
+    REDUCE_EACH: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)
@@ -62,9 +63,16 @@ def _gemv_kernel(
     w_ptrs = w_ptr + n.to(tl.int64)[:, None] * w_stride + k[None, :]  # [BLOCK_N, BLOCK_K]
     x_ptrs = x_ptr + m[:, None] * x_stride + k[None, :]  # [ROWS, BLOCK_K]
     up_ptrs = w_ptrs + up_offset  # GATED: the up rows, up_offset elements past the gate rows
-    acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if GATED:
-        acc_up = tl.zeros([ROWS, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    # REDUCE_EACH: sum over each K slice as it comes ([ROWS, BLOCK_N] accumulators, for many
+    # rows); else keep every product lane apart and reduce once after the loop
+    if REDUCE_EACH:
+        acc = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+        if GATED:
+            acc_up = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        if GATED:
+            acc_up = tl.zeros([ROWS, BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             x_mask = m_ok[:, None]
@@ -84,17 +92,23 @@ def _gemv_kernel(
             if GATED:
                 u = tl.load(up_ptrs, mask=w_mask, other=0.0)
         x = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]  # [ROWS, 1, BLOCK_K]
-        acc += w.to(tl.float32)[None, :, :] * x
+        if REDUCE_EACH:
+            acc += tl.sum(w.to(tl.float32)[None, :, :] * x, axis=2)
+            if GATED:
+                acc_up += tl.sum(u.to(tl.float32)[None, :, :] * x, axis=2)
+        else:
+            acc += w.to(tl.float32)[None, :, :] * x
+            if GATED:
+                acc_up += u.to(tl.float32)[None, :, :] * x
         if GATED:
-            acc_up += u.to(tl.float32)[None, :, :] * x
             up_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-    y = tl.sum(acc, axis=2)  # [ROWS, BLOCK_N]
+    y = acc if REDUCE_EACH else tl.sum(acc, axis=2)  # [ROWS, BLOCK_N]
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if GATED:
-        up = tl.sum(acc_up, axis=2)
+        up = acc_up if REDUCE_EACH else tl.sum(acc_up, axis=2)
         if HAS_BIAS:
             up += tl.load(b_ptr + N + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         y = y * tl.sigmoid(y) * up
@@ -102,22 +116,30 @@ def _gemv_kernel(
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def default_config(m: int, n: int, k: int, gated: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for an [m, k] x [n, k]^T product (n: output columns)."""
+def default_config(m: int, n: int, k: int, gated: bool) -> tuple[int, int, int, bool]:
+    """(BLOCK_N, BLOCK_K, num_warps, REDUCE_EACH) for an [m, k] x [n, k]^T product (n: output
+    columns). Each K step a program loads 32 weight elements a thread (four 16-byte loads;
+    the loop is not pipelined, so this is what a thread has in flight; 16 above 8 rows,
+    where the products fill the registers: 255 a thread at 16 rows); a K of at most 2048
+    is one step (its tail masked). Rows of weight per program shrink until there are at
+    least 256 programs (two an SM on a 132-SM GPU). Up to 2 input rows keep every product
+    lane apart until after the loop; more rows sum each step instead, keeping registers."""
+    warps = 4
     rows = triton.next_power_of_2(max(m, 1))
-    block_k = 512 if rows <= 2 else 256 if rows <= 4 else 128
-    block_k = min(block_k, max(triton.next_power_of_2(k), 16))
-    # enough programs to fill the GPU several times over, never fewer rows than 1
-    block_n = 4 if n >= 4096 else 2 if n >= 1024 else 1
-    if gated:
+    tile = (32 if rows <= 8 else 16) * 32 * warps  # weight elements a program loads a K step
+    block_k = min(triton.next_power_of_2(k), 2048 if k <= 2048 else 1024)
+    block_n = max(tile // block_k, 1)
+    if gated:  # gate and up rows: twice the loads
         block_n = max(block_n // 2, 1)
-    return block_n, block_k, 4
+    while block_n > 1 and triton.cdiv(n, block_n) < 256:
+        block_n //= 2
+    return block_n, block_k, warps, m > 2
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, bias, out: torch.Tensor, gated: bool, config) -> None:
     m, k = x.shape
     n = out.shape[1]
-    block_n, block_k, warps = config or default_config(m, n, k, gated)
+    block_n, block_k, warps, reduce_each = config or default_config(m, n, k, gated)
     up_offset = n * w.stride(0) if gated else 0
     with device_guard(x):
         _gemv_kernel[(triton.cdiv(n, block_n),)](
@@ -125,7 +147,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, bias, out: torch.Tensor, gated: bo
             x.stride(0), w.stride(0), out.stride(0), up_offset,
             ROWS=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
             EVEN_K=k % block_k == 0, EVEN_N=n % block_n == 0, HAS_BIAS=bias is not None,
-            GATED=gated, num_warps=warps, **pdl_args(x),
+            GATED=gated, REDUCE_EACH=reduce_each, num_warps=warps, **pdl_args(x),
         )
 
 
@@ -178,7 +200,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
 
 
 def gemv_with_config(x, w, bias=None, gated=False, config=None) -> torch.Tensor:
-    """gemv with an explicit (BLOCK_N, BLOCK_K, num_warps), for tuning sweeps."""
+    """gemv with an explicit (BLOCK_N, BLOCK_K, num_warps, REDUCE_EACH), for tuning sweeps."""
     _check(x, w, bias, gated)
     out = x.new_empty((x.shape[0], _out_cols(w, gated)))
     if x.shape[0] and out.shape[1]:

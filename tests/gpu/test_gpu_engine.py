@@ -324,7 +324,8 @@ def test_gemv_kernel_engine_matches_cpu_and_cublas(cpu_model, monkeypatch):
     gpu = _engine(_on_gpu(cpu_model), "cuda", max_num_seqs=8, gemv="on")
     assert gpu.backend.gemv_rows > 0 and gpu.runner.graphs is not None
     assert isinstance(gpu.runner.model.layers[0].mlp.gate_up, engine.layers.Linear)
-    assert (1, True) in calls and (8, False) in calls, "the decode graphs did not take the GEMV"
+    assert (1, True) in calls and (4, False) in calls, "the decode graphs did not take the GEMV"
+    assert all(rows <= gpu.backend.gemv_rows for rows, _ in calls)
     assert _greedy(gpu, prompts) == want
     logits = {}
     for setting in ("on", "off"):

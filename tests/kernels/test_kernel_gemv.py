@@ -48,9 +48,9 @@ def test_gemv_bias_and_gated(m, n, k, device):
     assert not torch.allclose(out, plain[:, : n // 2], atol=1e-3)
 
 
-@pytest.mark.parametrize("config", [(1, 16, 1), (2, 32, 2), (8, 64, 4), (16, 16, 1)])
+@pytest.mark.parametrize("config", [(1, 16, 1, False), (2, 32, 2, True), (8, 64, 4, False), (16, 16, 1, True)])
 def test_gemv_configs(config, device):
-    """Every (BLOCK_N, BLOCK_K, warps) a sweep may try gives the same product."""
+    """Every (BLOCK_N, BLOCK_K, warps, REDUCE_EACH) a sweep may try gives the same product."""
     _check(2, 72, 80, torch.float32, device, config=config)
     _check(1, 72, 80, torch.float32, device, gated=True, config=config)
 
