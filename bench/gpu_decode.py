@@ -12,6 +12,9 @@ What each row measures (ms per decode step = wall time of one whole step, host i
   one greedy request decodes (prompt of ctx - 1 tokens), what a client sees per token.
   With run-ahead the next step is launched before this one's tokens are read, so the
   host's work overlaps the GPU's (engine/llm.py); off, every step waits for its tokens.
+- linears GEMV / cuBLAS (batch 1): the same engine's decode graphs captured again with
+  `EngineConfig.gemv` flipped (kernels/gemv.py for the linear layers, or cuBLAS), replay
+  and engine-loop times side by side (gemv_rows_ab).
 - HF eager / HF static / HF static+compile: `generate` with the dynamic cache, with
   `cache_implementation="static"` and `disable_compile=True`, and with the static cache
   and HF's automatic `torch.compile` (mode reduce-overhead); the step time is the median
@@ -514,6 +517,7 @@ def section_smollm2(args, bw: float, hf_jobs: list) -> None:
     row(f"SmolLM2 b1 ctx{ctx}: ours eager", e, "ms/step", "")
     row(f"SmolLM2 b1 ctx{ctx}: floor", 1e3 * floor, "ms/step", "bytes / copy bw")
     loop = engine_loop_rows("SmolLM2", engine, ctx, args.iters, 1e3 * floor)
+    guarded("SmolLM2 GEMV vs cuBLAS", gemv_rows_ab, "SmolLM2", engine, ctx, args.iters, 1e3 * floor)
     if args.profile_dir:
         path = guarded("profile", profile_steps, engine, args.profile_dir, args.profile_steps, 1, ctx)
         if path:
@@ -554,6 +558,52 @@ def engine_loop_rows(label: str, engine: LLMEngine, ctx: int, steps: int, floor_
     return on_ms
 
 
+def gemv_rows_ab(label: str, engine: LLMEngine, ctx: int, steps: int, floor_ms: float) -> None:
+    """Batch-1 rows for the linear layers through kernels/gemv.py against cuBLAS: a second
+    set of decode graphs (buckets up to 4) with the engine's GEMV setting flipped, over the
+    same model and cache; replays (CUDA events) and the engine loop, interleaved, medians
+    of 3 rounds. The engine's own setting is EngineConfig.gemv (auto: MINIINFER_GEMV)."""
+    import dataclasses
+
+    from decode.graphs import CudaGraphRunner
+    from engine.llm import GEMV_ON_ROWS
+
+    base = engine.runner.graphs
+    if base is None:
+        return
+    own = engine.backend.gemv_rows
+    other = CudaGraphRunner(engine.runner.model, engine.cache,
+                            dataclasses.replace(engine.backend, gemv_rows=0 if own else GEMV_ON_ROWS),
+                            4, engine.max_model_len, prefetch=base.prefetch)
+    other.capture()
+    names = {id(base): "GEMV" if own else "cuBLAS", id(other): "cuBLAS" if own else "GEMV"}
+    sb = decode_batch(engine, 1, ctx)
+    replay, loop = {}, {}
+    try:
+        for g in (base, other):  # fill each set's static inputs
+            engine.runner.graphs = g
+            engine.runner.execute(sb)
+        for _ in range(3):
+            for g in (base, other):
+                replay.setdefault(names[id(g)], []).append(event_ms(g.graphs[g.bucket_for(1)].replay, iters=steps))
+        release(engine, sb)
+        sb = None
+        for _ in range(3):
+            for g in (base, other):
+                engine.runner.graphs = g
+                loop.setdefault(names[id(g)], []).append(loop_step_ms(engine, ctx, steps, True))
+    finally:
+        engine.runner.graphs = base
+        if sb is not None:
+            release(engine, sb)
+    med = {k: (statistics.median(replay[k]), statistics.median(loop[k])) for k in replay}
+    emit(f"{label.lower()}_b1", "gemv_ab", ctx=ctx, floor_ms=floor_ms, engine_gemv_rows=own,
+         **{f"{k.lower()}_{what}_ms": v[i] for k, v in med.items() for i, what in enumerate(("replay", "loop"))})
+    for k, (r, lp) in med.items():
+        row(f"{label} b1 ctx{ctx}: replay / engine loop, linears {k}", r, "ms/step",
+            f"loop {lp:.3f} ms = {lp / floor_ms:.2f}x floor")
+
+
 def section_8b(args, bw: float, hf_jobs: list) -> None:
     shape = llama3_8b()
     cfg = ModelConfig.from_hf(shape)
@@ -577,6 +627,7 @@ def section_8b(args, bw: float, hf_jobs: list) -> None:
     row(f"8B b1 ctx{ctx}: ours eager", e, "ms/step", "")
     row(f"8B b1 ctx{ctx}: floor", floor, "ms/step", "bytes / copy bw")
     loop = engine_loop_rows("8B", engine, ctx, args.iters, floor)
+    guarded("8B GEMV vs cuBLAS", gemv_rows_ab, "8B", engine, ctx, args.iters, floor)
     if args.profile_dir:
         path = guarded("profile 8B", profile_steps, engine, args.profile_dir, args.profile_steps, 1, ctx, "8b")
         if path:
