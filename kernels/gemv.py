@@ -2,9 +2,11 @@
 
 At batch 1 a decode step is a chain of matrix-vector products that each stream one weight
 from HBM, so their speed is the fraction of the memory bandwidth they reach. Each program
-here owns BLOCK_N rows of the weight and walks K in BLOCK_K-wide slices, keeping the
-products in a [ROWS, BLOCK_N, BLOCK_K] fp32 accumulator that is reduced once, after the
-loop. The weight is read once whatever M is; x (a few KiB) comes from L1/L2.
+here owns BLOCK_N rows of the weight and walks K in BLOCK_K-wide slices. For one or two
+rows the products stay in a [ROWS, BLOCK_N, BLOCK_K] fp32 accumulator that is reduced
+once, after the loop; for more rows each slice is summed as it comes (REDUCE_EACH), to
+keep registers. The weight is read once whatever M is; x (a few KiB) is re-read from
+L1/L2 by every program.
 
 `gated=True` is the gated MLP's up projection with its activation fused: w is [2I, K]
 (gate rows, then up rows), and each program multiplies its gate rows and the matching up
