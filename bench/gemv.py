@@ -35,18 +35,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import format_table, ints, progress  # noqa: E402
 from bench.gpu_decode import (  # noqa: E402
-    build_engine,
+    ab_engine,
     copy_bandwidth,
     decode_batch,
     event_ms,
-    fill_cache_random,
     loop_step_ms,
     release,
     step_bytes,
 )
 from bench.shapes import SHAPES, shape  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
-from engine.loader.registry import random_model  # noqa: E402
 
 L2_MULTIPLE = 256 << 20  # weight copies per shape add up to at least this (H100 L2: 50 MiB)
 
@@ -138,13 +136,8 @@ def kernel_rows(cfg: ModelConfig, model: str, rows: list[int], sweep: bool, bw: 
 def engine_rows(name: str, a, bw: float) -> list[list]:
     from decode.graphs import CudaGraphRunner
 
-    cfg = ModelConfig.from_hf(shape(name))
-    model = random_model(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
+    cfg, model, engine = ab_engine(name, a.batches, a.ctx, a.loop_steps, gemv="off")
     max_bs = max(a.batches)
-    pages = max_bs * (a.ctx + a.loop_steps + 64) // 16 + 64
-    engine = build_engine(cfg, model, argparse.Namespace(no_cuda_graph=False), num_pages=pages,
-                          max_seqs=max_bs, gemv="off")
-    fill_cache_random(engine)
     base = engine.runner.graphs
     on = CudaGraphRunner(model, engine.cache, dataclasses.replace(engine.backend, gemv_rows=a.gemv_rows),
                          max_bs, engine.max_model_len, prefetch=base.prefetch)

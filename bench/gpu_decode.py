@@ -189,6 +189,23 @@ def build_engine(
     return LLMEngine(LoadedModel(model, None, cfg, "random", 0.0), config, "cuda")
 
 
+def ab_engine(shape_name: str, batches, ctx: int, loop_steps: int, **config):
+    """For side-by-side benches: a bf16 model of a bench.shapes shape (seeded random weights)
+    and a graph engine over it whose pool fits max(batches) sequences of ctx + loop_steps
+    tokens, its cache filled with random KV. config: build_engine's keywords.
+    -> (ModelConfig, model, engine)."""
+    from bench.shapes import shape
+
+    cfg = ModelConfig.from_hf(shape(shape_name))
+    model = random_model(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
+    max_bs = max(batches)
+    pages = max_bs * (ctx + loop_steps + 64) // 16 + 64
+    engine = build_engine(cfg, model, argparse.Namespace(no_cuda_graph=False), num_pages=pages,
+                          max_seqs=max_bs, **config)
+    fill_cache_random(engine)
+    return cfg, model, engine
+
+
 def mode(engine: LLMEngine) -> str:
     return "graph" if engine.runner.graphs is not None else "eager"
 

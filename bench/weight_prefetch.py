@@ -31,20 +31,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import format_table, progress  # noqa: E402
 from bench.gpu_decode import (  # noqa: E402
-    build_engine,
+    ab_engine,
     copy_bandwidth,
     decode_batch,
     event_ms,
-    fill_cache_random,
     loop_step_ms,
     print_top_kernels,
     release,
     step_bytes,
 )
-from bench.shapes import SHAPES, shape  # noqa: E402
+from bench.shapes import SHAPES  # noqa: E402
 from decode.prefetch import parse_setting  # noqa: E402
-from engine.config import ModelConfig  # noqa: E402
-from engine.loader.registry import random_model  # noqa: E402
 
 
 @dataclass
@@ -107,13 +104,8 @@ def top_kernels(label: str, replay, steps: int = 20, top: int = 12) -> None:
 
 
 def run_model(name: str, a, variants: list[Variant], bw: float) -> list[list]:
-    cfg = ModelConfig.from_hf(shape(name))
-    model = random_model(cfg, seed=0, dtype=torch.bfloat16, device="cuda")
+    cfg, model, engine = ab_engine(name, a.batches, a.ctx, a.loop_steps, weight_prefetch="off")
     max_bs = max(a.batches)
-    pages = max_bs * (a.ctx + a.loop_steps + 64) // 16 + 64
-    engine = build_engine(cfg, model, argparse.Namespace(no_cuda_graph=False), num_pages=pages,
-                          max_seqs=max_bs, weight_prefetch="off")
-    fill_cache_random(engine)
     base = engine.runner.graphs
     runners = {}
     for v in variants:
