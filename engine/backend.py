@@ -36,18 +36,16 @@ class Backend:
         """An NVTX range for Nsight / the torch profiler; a null context off CUDA."""
         return torch.cuda.nvtx.range(label) if self.nvtx else contextlib.nullcontext()
 
+    @contextlib.contextmanager
     def launches(self):
         """Around a forward pass: the kernels it launches (or a CUDA graph captures) take
-        this backend's launch options (PDL, the GEMV kernel for few rows). A null context on
-        the torch backend."""
+        this backend's launch options (PDL, the GEMV kernel for few rows). Nothing on the
+        torch backend."""
         if self.name != "triton":
-            return contextlib.nullcontext()
+            yield
+            return
         from kernels._triton import pdl_scope  # lazy: triton is imported with kernels only
 
-        return self._triton_scopes(pdl_scope)
-
-    @contextlib.contextmanager
-    def _triton_scopes(self, pdl_scope):
         with pdl_scope(self.pdl), gemv_scope(self.gemv_rows):
             yield
 

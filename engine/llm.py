@@ -54,17 +54,17 @@ GEMV_ON_ROWS = 4  # above, x is read from L2 more often than the weight (4 weigh
 GEMV_MAX_ROWS = 16  # kernels.gemv.MAX_ROWS (not imported here: importing kernels imports triton)
 
 
-def resolve_gemv(setting: str, device: torch.device) -> int:
+def resolve_gemv(setting: str) -> int:
     """EngineConfig.gemv -> Backend.gemv_rows (0: cuBLAS always). auto follows MINIINFER_GEMV
     where it is set, else 0 (off) until a GPU run shows the kernel ahead of cuBLAS in a
     whole step; on = GEMV_ON_ROWS; a number is the most rows sent to the kernel (1 to
-    GEMV_MAX_ROWS). `device` is where the engine runs (the kernel needs CUDA, or Triton's
-    interpreter on CPU)."""
+    GEMV_MAX_ROWS). Only the Triton backend uses it (on CUDA, or on CPU through Triton's
+    interpreter)."""
     if setting == "auto":
         env = os.environ.get("MINIINFER_GEMV", "").strip().lower()
         if env and env != "auto":
             try:
-                return resolve_gemv(env, device)
+                return resolve_gemv(env)
             except ValueError as e:
                 raise ValueError(f"MINIINFER_GEMV: {e}") from None
         return 0
@@ -141,7 +141,7 @@ class EngineConfig:
         if self.pdl not in ("auto", "on", "off"):
             raise ValueError(f"pdl must be auto, on or off, got {self.pdl!r}")
         if self.gemv != "auto":
-            resolve_gemv(self.gemv, torch.device("cpu"))  # ValueError with the accepted forms
+            resolve_gemv(self.gemv)  # ValueError with the accepted forms
         if self.weight_prefetch != "auto":
             from decode.prefetch import parse_setting
 
@@ -200,7 +200,7 @@ class LLMEngine:
         )
         self.backend = select_backend(self.device, config.attention_backend, config.cpu_kernels,
                                       pdl=resolve_pdl(config.pdl, cfg.hidden_size),
-                                      gemv_rows=resolve_gemv(config.gemv, self.device))
+                                      gemv_rows=resolve_gemv(config.gemv))
         if self.device.type == "cpu" and config.cpu_transposed_weights:  # batch-1 decode is GEMVs:
             transpose_linears(loaded.model, pack=config.cpu_packed_weights)  # faster layouts (in place)
         self.runner = ModelRunner(loaded.model, self.cache, self.device, self.backend)

@@ -157,12 +157,16 @@ def _out_cols(w: torch.Tensor, gated: bool) -> int:
     return w.shape[0] // 2 if gated else w.shape[0]
 
 
-@kernel_op("gemv")
-def _gemv_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> torch.Tensor:
+def _product(x, w, bias, gated: bool, config) -> torch.Tensor:
     out = x.new_empty((x.shape[0], _out_cols(w, gated)))
     if x.shape[0] and out.shape[1]:
-        _launch(x, w, bias, out, gated, None)
+        _launch(x, w, bias, out, gated, config)
     return out
+
+
+@kernel_op("gemv")
+def _gemv_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> torch.Tensor:
+    return _product(x, w, bias, gated, None)
 
 
 @_gemv_op.register_fake
@@ -204,10 +208,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
 def gemv_with_config(x, w, bias=None, gated=False, config=None) -> torch.Tensor:
     """gemv with an explicit (BLOCK_N, BLOCK_K, num_warps, REDUCE_EACH), for tuning sweeps."""
     _check(x, w, bias, gated)
-    out = x.new_empty((x.shape[0], _out_cols(w, gated)))
-    if x.shape[0] and out.shape[1]:
-        _launch(x, w, bias, out, gated, config)
-    return out
+    return _product(x, w, bias, gated, config)
 
 
 def gemv_reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,

@@ -5,28 +5,25 @@ tests/kernels/test_kernel_decoder_triton.py, and on a GPU in tests/gpu/test_gpu_
 from __future__ import annotations
 
 import pytest
-import torch
 
 from engine.backend import select_backend
 from engine.llm import GEMV_ON_ROWS, EngineConfig, LLMEngine, resolve_gemv
 from engine.loader.registry import LoadedModel, dummy_model
 from tests.unit.test_run_ahead import TINY
 
-CPU, CUDA = torch.device("cpu"), torch.device("cuda")
-
 
 def test_auto_follows_the_environment_else_off(monkeypatch):
     monkeypatch.delenv("MINIINFER_GEMV", raising=False)
-    assert resolve_gemv("auto", CUDA) == 0 and resolve_gemv("auto", CPU) == 0
-    assert resolve_gemv("on", CPU) == GEMV_ON_ROWS and resolve_gemv("off", CUDA) == 0
-    assert resolve_gemv("3", CPU) == 3 and resolve_gemv("16", CUDA) == 16
+    assert resolve_gemv("auto") == 0
+    assert resolve_gemv("on") == GEMV_ON_ROWS and resolve_gemv("off") == 0
+    assert resolve_gemv("3") == 3 and resolve_gemv("16") == 16
     monkeypatch.setenv("MINIINFER_GEMV", "off")
-    assert resolve_gemv("auto", CUDA) == 0 and resolve_gemv("4", CUDA) == 4  # explicit wins
+    assert resolve_gemv("auto") == 0 and resolve_gemv("4") == 4  # explicit wins
     monkeypatch.setenv("MINIINFER_GEMV", "2")
-    assert resolve_gemv("auto", CPU) == 2
+    assert resolve_gemv("auto") == 2
     monkeypatch.setenv("MINIINFER_GEMV", "lots")
     with pytest.raises(ValueError, match="MINIINFER_GEMV: gemv must be"):
-        resolve_gemv("auto", CUDA)
+        resolve_gemv("auto")
 
 
 @pytest.mark.parametrize("bad", ["sometimes", "0", "17", "-1", "2.5"])
