@@ -38,9 +38,11 @@ from bench.gpu_decode import (  # noqa: E402
     ab_engine,
     copy_bandwidth,
     decode_batch,
-    event_ms,
-    loop_step_ms,
+    graph_ms,
+    logits_of_each,
+    loop_rounds,
     release,
+    replay_rounds,
     step_bytes,
 )
 from bench.shapes import SHAPES, shape  # noqa: E402
@@ -62,18 +64,10 @@ def layer_shapes(cfg: ModelConfig) -> list[tuple[str, int, int, bool]]:
 
 
 def graph_us(fns, reps: int = 4, iters: int = 15) -> float:
-    """Median us of one call among the fns, replayed from one graph of reps passes over them."""
-    for f in fns[:2]:
-        f()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            for f in fns:
-                f()
-    ms = event_ms(graph.replay, iters=iters)
-    del graph
-    return 1e3 * ms / (reps * len(fns))
+    """Median us of one call among the fns (each over its own weight copy), called in turn
+    reps times over from one CUDA graph (bench.gpu_decode.graph_ms)."""
+    turn = itertools.cycle(fns)
+    return 1e3 * graph_ms(lambda: next(turn)(), calls=reps * len(fns), iters=iters)
 
 
 def _blas(x, w, gated: bool):
@@ -112,8 +106,6 @@ def kernel_rows(cfg: ModelConfig, model: str, rows: list[int], sweep: bool, bw: 
                 widths = (256, 512, 1024, 2048) if k <= 2048 else (256, 512, 1024)
                 reduce = (False,) if m <= 2 else (True, False)
                 for cfg_ in itertools.product((1, 2, 4, 8), widths, (4, 8), reduce):
-                    if cfg_[0] * cfg_[1] > 16384 or (gated and cfg_[0] > 8):
-                        continue
                     fns = [partial(gemv_with_config, x, w, None, gated, cfg_) for w in ws]
                     try:
                         us = graph_us(fns, reps=2, iters=8)
@@ -146,19 +138,10 @@ def engine_rows(name: str, a, bw: float) -> list[list]:
     out = []
     for b in a.batches:
         sb = decode_batch(engine, b, a.ctx)
-        bs = base.bucket_for(b)
-        logits = {}
-        for label, g in variants.items():
-            engine.runner.graphs = g
-            engine.runner.execute(sb)
-            logits[label] = g.logits[bs][:b].clone()
-        x, y = logits.values()
+        x, y = logits_of_each(engine, variants, sb).values()
         diff = (x - y).abs().max().item()
         agree = (x.argmax(-1) == y.argmax(-1)).float().mean().item()
-        times = {label: [] for label in variants}
-        for _ in range(a.rounds):
-            for label, g in variants.items():
-                times[label].append(event_ms(g.graphs[bs].replay, iters=a.iters))
+        times = replay_rounds(variants, b, a.rounds, a.iters)
         release(engine, sb)
         floor = step_bytes(cfg, 2, b, a.ctx, 2.0) / bw * 1e3
         first = statistics.median(times["cuBLAS"])
@@ -167,17 +150,12 @@ def engine_rows(name: str, a, bw: float) -> list[list]:
             out.append([name, f"replay b{b}", label, f"{ms:.4f}", f"{ms / floor:.3f}", f"{first / ms:.3f}",
                         f"{diff:.3g} / {agree:.2f}"])
         progress(f"{name} b{b} done")
-    loops = {label: [] for label in variants}
-    for _ in range(3):
-        for label, g in variants.items():
-            engine.runner.graphs = g
-            loops[label].append(loop_step_ms(engine, a.ctx, a.loop_steps, True))
+    loops = loop_rounds(engine, variants, a.ctx, a.loop_steps)
     floor = step_bytes(cfg, 2, 1, a.ctx, 2.0) / bw * 1e3
     first = statistics.median(loops["cuBLAS"])
     for label in variants:
         ms = statistics.median(loops[label])
         out.append([name, "loop b1", label, f"{ms:.4f}", f"{ms / floor:.3f}", f"{first / ms:.3f}", ""])
-    engine.runner.graphs = base
     del engine, model, base, on, variants
     torch.cuda.empty_cache()
     return out

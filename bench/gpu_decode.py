@@ -206,6 +206,46 @@ def ab_engine(shape_name: str, batches, ctx: int, loop_steps: int, **config):
     return cfg, model, engine
 
 
+def logits_of_each(engine: LLMEngine, sets: dict, sb: ScheduledBatch) -> dict[str, torch.Tensor]:
+    """Run sb through each set of decode graphs (`decode.graphs.CudaGraphRunner`s over the
+    engine's model and cache), which also fills its static inputs. -> label: logits [b, V]."""
+    base, b = engine.runner.graphs, len(sb.seqs)
+    out = {}
+    try:
+        for label, g in sets.items():
+            engine.runner.graphs = g
+            engine.runner.execute(sb)
+            out[label] = g.logits[g.bucket_for(b)][:b].clone()
+    finally:
+        engine.runner.graphs = base
+    return out
+
+
+def replay_rounds(sets: dict, batch: int, rounds: int, iters: int) -> dict[str, list[float]]:
+    """CUDA-event ms of each set's graph for `batch` (inputs as logits_of_each left them),
+    the sets interleaved round by round. -> label: one median of iters replays a round."""
+    times = {label: [] for label in sets}
+    for _ in range(rounds):
+        for label, g in sets.items():
+            times[label].append(event_ms(g.graphs[g.bucket_for(batch)].replay, iters=iters))
+    return times
+
+
+def loop_rounds(engine: LLMEngine, sets: dict, ctx: int, steps: int, rounds: int = 3) -> dict[str, list[float]]:
+    """loop_step_ms (run-ahead on) with each set as the engine's decode graphs, the sets
+    interleaved round by round. -> label: one figure a round."""
+    base = engine.runner.graphs
+    times = {label: [] for label in sets}
+    try:
+        for _ in range(rounds):
+            for label, g in sets.items():
+                engine.runner.graphs = g
+                times[label].append(loop_step_ms(engine, ctx, steps, True))
+    finally:
+        engine.runner.graphs = base
+    return times
+
+
 def mode(engine: LLMEngine) -> str:
     return "graph" if engine.runner.graphs is not None else "eager"
 
@@ -593,27 +633,15 @@ def gemv_rows_ab(label: str, engine: LLMEngine, ctx: int, steps: int, floor_ms: 
                             dataclasses.replace(engine.backend, gemv_rows=0 if own else GEMV_ON_ROWS),
                             4, engine.max_model_len, prefetch=base.prefetch)
     other.capture()
-    names = {id(base): "GEMV" if own else "cuBLAS", id(other): "cuBLAS" if own else "GEMV"}
+    sets = {"GEMV" if own else "cuBLAS": base, "cuBLAS" if own else "GEMV": other}
     sb = decode_batch(engine, 1, ctx)
-    replay, loop = {}, {}
     try:
-        for g in (base, other):  # fill each set's static inputs
-            engine.runner.graphs = g
-            engine.runner.execute(sb)
-        for _ in range(3):
-            for g in (base, other):
-                replay.setdefault(names[id(g)], []).append(event_ms(g.graphs[g.bucket_for(1)].replay, iters=steps))
-        release(engine, sb)
-        sb = None
-        for _ in range(3):
-            for g in (base, other):
-                engine.runner.graphs = g
-                loop.setdefault(names[id(g)], []).append(loop_step_ms(engine, ctx, steps, True))
+        logits_of_each(engine, sets, sb)
+        replay = replay_rounds(sets, 1, 3, steps)
     finally:
-        engine.runner.graphs = base
-        if sb is not None:
-            release(engine, sb)
-    med = {k: (statistics.median(replay[k]), statistics.median(loop[k])) for k in replay}
+        release(engine, sb)
+    loop = loop_rounds(engine, sets, ctx, steps)
+    med = {k: (statistics.median(replay[k]), statistics.median(loop[k])) for k in sets}
     emit(f"{label.lower()}_b1", "gemv_ab", ctx=ctx, floor_ms=floor_ms, engine_gemv_rows=own,
          **{f"{k.lower()}_{what}_ms": v[i] for k, v in med.items() for i, what in enumerate(("replay", "loop"))})
     for k, (r, lp) in med.items():

@@ -34,10 +34,11 @@ from bench.gpu_decode import (  # noqa: E402
     ab_engine,
     copy_bandwidth,
     decode_batch,
-    event_ms,
-    loop_step_ms,
+    logits_of_each,
+    loop_rounds,
     print_top_kernels,
     release,
+    replay_rounds,
     step_bytes,
 )
 from bench.shapes import SHAPES  # noqa: E402
@@ -115,10 +116,7 @@ def run_model(name: str, a, variants: list[Variant], bw: float) -> list[list]:
         sb = decode_batch(engine, b, a.ctx)
         bs = base.bucket_for(b)
         refs = {}  # lt -> the first such variant's logits: prefetch must not change them
-        for v in variants:  # fill each runner's static inputs; check its logits
-            engine.runner.graphs = runners[v.label]
-            engine.runner.execute(sb)
-            logits = runners[v.label].logits[bs][:b].clone()
+        for v, logits in zip(variants, logits_of_each(engine, runners, sb).values()):
             ref = refs.setdefault(v.lt, logits)
             if not torch.equal(logits, ref):
                 diff = (logits - ref).abs().max().item()
@@ -130,10 +128,7 @@ def run_model(name: str, a, variants: list[Variant], bw: float) -> list[list]:
         if a.profile and b == 1:
             for v in variants:
                 top_kernels(f"{name} b1 {v.label}", runners[v.label].graphs[bs].replay)
-        times = {v.label: [] for v in variants}
-        for _ in range(a.rounds):
-            for v in variants:
-                times[v.label].append(event_ms(runners[v.label].graphs[bs].replay, iters=a.iters))
+        times = replay_rounds(runners, b, a.rounds, a.iters)
         release(engine, sb)
         floor = step_bytes(cfg, 2, b, a.ctx, 2.0) / bw * 1e3
         first = statistics.median(times[variants[0].label])
@@ -143,17 +138,12 @@ def run_model(name: str, a, variants: list[Variant], bw: float) -> list[list]:
                          f"{ms / floor:.3f}", f"{first / ms:.3f}"])
         progress(f"{name} b{b} done")
     if a.loop:
-        loops = {v.label: [] for v in variants}
-        for _ in range(3):
-            for v in variants:
-                engine.runner.graphs = runners[v.label]
-                loops[v.label].append(loop_step_ms(engine, a.ctx, a.loop_steps, True))
+        loops = loop_rounds(engine, runners, a.ctx, a.loop_steps)
         floor = step_bytes(cfg, 2, 1, a.ctx, 2.0) / bw * 1e3
         for v in variants:
             ms = statistics.median(loops[v.label])
             rows.append([name, "loop b1", v.label, f"{ms:.4f}", f"{min(loops[v.label]):.4f}",
                          f"{ms / floor:.3f}", ""])
-    engine.runner.graphs = base
     del engine, model, runners, base
     torch.cuda.empty_cache()
     return rows
