@@ -103,6 +103,9 @@ if PDL_ENABLED and not _HAS_PDL:
 _PDL_SCOPE: contextvars.ContextVar[bool | None] = contextvars.ContextVar("miniinfer_pdl", default=None)
 _INTERPRETER = interpreting()  # as Triton, which reads TRITON_INTERPRET when kernels are defined
 _NO_PDL = {"PDL": False}
+# compile-only runs (kernels/aot.py): CPU tensors stand for GPU ones of this capability, so
+# the wrappers pick the GPU's launch configs and Triton builds for that GPU, launching nothing
+_AOT_CAPABILITY: tuple[int, int] | None = None
 _WITH_PDL = {"PDL": True, "launch_pdl": True}
 _capability: dict[int, tuple[int, int]] = {}
 
@@ -119,6 +122,22 @@ def pdl_scope(enabled: bool | None):
         _PDL_SCOPE.reset(token)
 
 
+def gpu_capability(device: torch.device) -> tuple[int, int] | None:
+    """The compute capability launches on `device` are built for: the CUDA device's, the
+    compile-only target's for CPU tensors inside kernels.aot.compile_only, else None (CPU
+    and the interpreter, which take the small tiles). Every launch-config choice that
+    differs between GPU and CPU asks this."""
+    if device.type == "cuda" and not _INTERPRETER:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cap = _capability.get(index)
+        if cap is None:
+            cap = _capability[index] = torch.cuda.get_device_capability(index)
+        return cap
+    if device.type == "cpu" and _AOT_CAPABILITY is not None:
+        return _AOT_CAPABILITY
+    return None
+
+
 def pdl_args(t: torch.Tensor) -> dict:
     """Launch keywords for a kernel taking `PDL: tl.constexpr`: PDL on CUDA devices of
     compute capability 9.0+ while enabled (the pdl_scope around the launch, else
@@ -126,13 +145,10 @@ def pdl_args(t: torch.Tensor) -> dict:
     enabled = _PDL_SCOPE.get()
     if enabled is None:
         enabled = PDL_ENABLED
-    if not enabled or not _HAS_PDL or t.device.type != "cuda" or _INTERPRETER:
+    if not enabled or not _HAS_PDL:
         return _NO_PDL
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    cap = _capability.get(index)
-    if cap is None:
-        cap = _capability[index] = torch.cuda.get_device_capability(index)
-    return _WITH_PDL if cap >= (9, 0) else _NO_PDL
+    cap = gpu_capability(t.device)
+    return _WITH_PDL if cap is not None and cap >= (9, 0) else _NO_PDL
 
 
 @triton.jit
@@ -155,7 +171,7 @@ def check_launchable(name: str, *tensors: torch.Tensor) -> None:
             raise ValueError(
                 f"{name}: all tensors must be on one device, got {device} and {t.device}"
             )
-    if device.type == "cpu" and not interpreting():
+    if device.type == "cpu" and not interpreting() and _AOT_CAPABILITY is None:
         raise ValueError(
             f"{name}: Triton kernels need CUDA tensors; to run them on CPU set TRITON_INTERPRET=1 "
             "in the environment before triton is first imported"
@@ -256,6 +272,7 @@ __all__ = [
     "check_last_dim_contiguous",
     "check_launchable",
     "device_guard",
+    "gpu_capability",
     "interpreting",
     "kernel_op",
     "pdl_args",

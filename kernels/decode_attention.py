@@ -27,7 +27,7 @@ from kernels._triton import (
     check_last_dim_contiguous,
     check_launchable,
     device_guard,
-    interpreting,
+    gpu_capability,
     kernel_op,
     pdl_args,
     pdl_wait,
@@ -629,7 +629,7 @@ def fast_i8_allowed(device: torch.device, quantized: bool, q_dtype: torch.dtype,
     assembly) may take the FAST_I8 tiles: fp16 dots, K and V converted by _i8_to_f16 and
     _i8x4_to_f16, V read in whole words (so a power-of-two head dim: no column mask).
     fp32 queries keep exact fp32 dots over the dequantized pages."""
-    return (quantized and device.type == "cuda" and not interpreting()
+    return (quantized and gpu_capability(device) is not None
             and q_dtype in (torch.float16, torch.bfloat16)
             and head_dim >= 16 and head_dim == triton.next_power_of_2(head_dim))
 
@@ -670,7 +670,7 @@ def _launch(device: torch.device, partition_size: int, quantized: bool, head_dim
                fast_i8=False, i8_qk=False, lazy=False)
     if TUNING is not None:
         cfg = {"num_stages": None, "maxnreg": None, "split_d": False, **TUNING}
-    elif device.type == "cuda":
+    elif gpu_capability(device) is not None:
         # 16-bit pages in halves, H200 (graph-timed, same-run A/B): 12% faster at b32 x
         # ctx 1024 on SmolLM2's shape (D64), 1.6% at b8 on the 8B shape (D128), within 1%
         # at b32 x ctx 8192, 0.2 us (4%) slower at b1
@@ -797,7 +797,7 @@ def _run(q, data_layer, scales_layer, block_tables, ctx_lens, sm_scale, partitio
             cos_row_stride=cos.stride(0),
             sin_row_stride=sin.stride(0),
             inv_qmax=INV_127,
-            SCALE_BY_RECIPROCAL=q.device.type == "cuda",
+            SCALE_BY_RECIPROCAL=gpu_capability(q.device) is not None,
             ROTARY=new_kv is not None,
         )
         _decode_reduce_kernel[(b, h)](

@@ -21,7 +21,14 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import check_launchable, device_guard, interpreting, kernel_op, tl, triton
+from kernels._triton import (
+    check_launchable,
+    device_guard,
+    gpu_capability,
+    kernel_op,
+    tl,
+    triton,
+)
 
 MODES = ("bulk", "loads")
 _LANES = 32  # bulk: one chunk a thread, one warp a program
@@ -66,9 +73,8 @@ def _loads_prefetch_kernel(words_ptr, n_words, out_ptr, BLOCK: tl.constexpr):
 def bulk_supported(device: torch.device) -> bool:
     """The bulk prefetch instruction exists here: a CUDA GPU of compute capability 9.0+
     (Hopper), not the interpreter (which runs no inline assembly)."""
-    if device.type != "cuda" or interpreting():
-        return False
-    return torch.cuda.get_device_capability(device) >= (9, 0)
+    cap = gpu_capability(device)
+    return cap is not None and cap >= (9, 0)
 
 
 def _prefix_bytes(name: str, t: torch.Tensor, nbytes: int | None) -> int:

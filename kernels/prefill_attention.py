@@ -18,6 +18,7 @@ from kernels._triton import (
     check_index,
     check_launchable,
     device_guard,
+    gpu_capability,
     kernel_op,
     pdl_args,
     pdl_wait,
@@ -142,7 +143,7 @@ def _launch(device: torch.device, head_dim: int, dtype: torch.dtype, quantized: 
     cfg = dict(block_m=16, block_n=16, num_warps=1, num_stages=None, split=True, heavy_first=True)
     if TUNING is not None:
         cfg.update(TUNING)
-    elif device.type == "cuda":
+    elif gpu_capability(device) is not None:
         if head_dim > 128:
             cfg.update(block_m=64, block_n=32, num_warps=8)
         elif dtype in (torch.bfloat16, torch.float16) and not quantized and max_q_len >= 512:

@@ -174,10 +174,17 @@ def test_decode_rejects_bad_inputs(device, make_layer, make_block_tables):
             decode_attention(q, data, scales, tables, ctx, sm_scale=bad)
 
 
+def _as_hopper(monkeypatch):
+    """Launch rules in plain Python as on an H100 / H200: CUDA devices report compute
+    capability 9.0 (CI runs the interpreter, where gpu_capability reports none)."""
+    monkeypatch.setattr(da, "gpu_capability", lambda device: (9, 0) if device.type == "cuda" else None)
+
+
 def test_decode_launch_rules_pick_the_tile_path(monkeypatch):
     """Which head dims run in halves, per device and KV dtype (plain Python: no GPU needed).
     Halves need a power-of-two head dim of 32+; on a GPU, int8 takes them only at D128 on
     its one-warp tile (three stages; whole tiles two), 16-bit pages wherever allowed."""
+    _as_hopper(monkeypatch)
     assert [d for d in (16, 24, 32, 64, 80, 96, 128, 256) if da.halves_allowed(d)] == [32, 64, 128, 256]
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert da._launch(cpu, 32, True, 64)["split_d"] and not da._launch(cpu, 32, True, 24)["split_d"]
@@ -197,7 +204,7 @@ def test_decode_launch_rules_pick_fast_int8(monkeypatch):
     it on the one-warp tiles in halves (D128) over 512-token partitions, where it was
     faster, and TUNING may take it wherever it may run. Plain Python: no GPU needed."""
     cpu, gpu, bf16 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16
-    monkeypatch.setattr(da, "interpreting", lambda: False)
+    _as_hopper(monkeypatch)
     for partition in (512, 1024):
         assert da._launch(gpu, partition, True, 128, bf16)["fast_i8"]
         assert da._launch(gpu, partition, True, 128, torch.float16)["fast_i8"]
@@ -215,7 +222,7 @@ def test_decode_launch_rules_pick_fast_int8(monkeypatch):
     assert da._launch(gpu, 64, True, 64, bf16)["fast_i8"]
     assert not da._launch(gpu, 512, True, 80, bf16)["fast_i8"]
     monkeypatch.setattr(da, "TUNING", None)
-    monkeypatch.setattr(da, "interpreting", lambda: True)  # the interpreter runs no PTX
+    monkeypatch.setattr(da, "gpu_capability", lambda device: None)  # the interpreter: no PTX
     assert not da._launch(gpu, 512, True, 128, bf16)["fast_i8"]
 
 
@@ -289,7 +296,7 @@ def test_decode_launch_rules_for_int8_dots_and_lazy_max(monkeypatch):
     half on a GPU; the int32 sums are exact up to 256); LAZY not for int8 pages under
     fp16 queries without FAST_I8, whose p * v_scale could overflow fp16. Plain Python."""
     gpu, bf16, f16 = torch.device("cuda"), torch.bfloat16, torch.float16
-    monkeypatch.setattr(da, "interpreting", lambda: False)
+    _as_hopper(monkeypatch)
     for partition in (64, 128, 512):
         for quantized in (True, False):
             cfg = da._launch(gpu, partition, quantized, 128, bf16)
