@@ -1,0 +1,265 @@
+"""Compile-only runs: build the Triton kernels a GPU would run, on a machine without one.
+
+Inside `compile_only()`, CPU tensors stand for GPU tensors of the target's compute
+capability (sm_90, an H100 / H200, unless told otherwise): the wrappers choose the GPU's
+launch configurations (tiles, warps, stages, PDL, FAST_I8, the bulk L2 prefetch; they ask
+`kernels._triton.gpu_capability`), and every launch compiles its kernel for the target,
+through Triton's front end and ptxas, and returns without running it. Outputs are left
+as allocated (uninitialized), so only the launches matter, not the numbers.
+
+What it catches before any device time is spent: kernels that compile under the CPU
+interpreter but not for a GPU (a construct the code generator rejects, an inline-asm
+branch the interpreter never takes), launch configurations that need more shared memory
+than the GPU has, and register spills. `compile_only` records each distinct kernel built
+(`Built`: registers, shared memory, local memory from `cuobjdump -res-usage`, compile
+time); `bench/compile_check.py` drives the engine's steps through it and prints the table.
+
+It must run in a process where Triton was imported without TRITON_INTERPRET (the
+interpreter replaces the compiler). On leaving, the kernels' per-device caches are
+cleared, so a real GPU in the same process compiles for itself afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import kernels._triton as kt
+
+# the most dynamic shared memory one program may use, by compute capability (bytes)
+SHARED_LIMIT = {(8, 0): 166912, (8, 6): 101376, (8, 9): 101376, (9, 0): 232448,
+                (10, 0): 232448, (12, 0): 101376}
+_RES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+
+
+class CompileCheckError(RuntimeError):
+    """A kernel failed to build for the target, or built beyond what the target allows."""
+
+
+@dataclass
+class Built:
+    """One kernel specialization compiled for the target."""
+
+    kernel: str  # the @triton.jit function's name
+    constants: dict  # its constexpr arguments (and Triton's specializations, e.g. ints of 1)
+    num_warps: int
+    num_stages: int
+    shared: int  # dynamic shared memory a program needs, bytes
+    seconds: float  # compile time (0 where Triton's cache had it)
+    regs: int | None = None  # registers a thread (None: no cuobjdump to ask)
+    local: int | None = None  # local memory a thread: spills and stack arrays
+    stack: int | None = None
+    launches: int = 1  # launches in the run that asked for this specialization
+
+    def record(self) -> dict:
+        """For JSON: constexpr values as Python scalars or strings (dtypes by name)."""
+        consts = {k: v if isinstance(v, (bool, int, float, str)) or v is None else _short(v)
+                  for k, v in self.constants.items()}
+        return {"kernel": self.kernel, "constants": consts, "num_warps": self.num_warps,
+                "num_stages": self.num_stages, "shared": self.shared, "regs": self.regs,
+                "local": self.local, "stack": self.stack, "launches": self.launches,
+                "seconds": self.seconds}
+
+    def summary(self, width: int = 60) -> str:
+        """The constexprs that tell specializations apart, shortened to `width`."""
+        text = ",".join(f"{k}={_short(v)}" for k, v in self.constants.items())
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+
+@dataclass
+class CompileRun:
+    """What one `compile_only` block built, in launch order; `failures` holds the kernels
+    that did not build (name, constexprs, error) when `raise_errors` is off."""
+
+    capability: tuple[int, int]
+    built: list[Built] = field(default_factory=list)
+    failures: list[tuple[str, dict, str]] = field(default_factory=list)
+    _by_hash: dict = field(default_factory=dict, repr=False)
+
+    def kernels(self) -> set[str]:
+        return {b.kernel for b in self.built}
+
+    def problems(self) -> list[str]:
+        """Failures, programs over the target's shared memory, and spills, one line each."""
+        out = [f"{name} ({_constants_text(c)}): {err}" for name, c, err in self.failures]
+        limit = SHARED_LIMIT.get(self.capability)
+        for b in self.built:
+            if limit is not None and b.shared > limit:
+                out.append(f"{b.kernel} ({b.summary()}): {b.shared} bytes of shared memory, "
+                           f"more than sm_{self.capability[0]}{self.capability[1]}'s {limit}")
+            if b.local:
+                out.append(f"{b.kernel} ({b.summary()}): {b.local} bytes of local memory a "
+                           f"thread (register spills) at {b.regs} registers")
+        return out
+
+    def table(self) -> str:
+        rows = [("kernel", "constexprs", "warps", "stages", "regs", "smem KiB", "local", "launches",
+                 "compile s")]
+        for b in self.built:
+            rows.append((b.kernel, b.summary(), str(b.num_warps), str(b.num_stages),
+                         "?" if b.regs is None else str(b.regs), f"{b.shared / 1024:.1f}",
+                         "?" if b.local is None else str(b.local), str(b.launches),
+                         f"{b.seconds:.2f}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = [" | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
+                            enumerate(zip(r, widths))) for r in rows]
+        lines.insert(1, "-+-".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def _short(v) -> str:
+    name = getattr(v, "name", None)  # tl.dtype
+    if name is not None and not isinstance(v, (bool, int, float, str)):
+        return str(name)
+    return "T" if v is True else "F" if v is False else str(v)
+
+
+def _constants_text(constants: dict) -> str:
+    return ",".join(f"{k}={_short(v)}" for k, v in constants.items())
+
+
+def _constants(fn, src) -> dict:
+    """ASTSource constants keyed by argument path -> {argument name: value}."""
+    names = fn.arg_names
+    out = {}
+    for path, value in getattr(src, "constants", {}).items():
+        index = path[0] if isinstance(path, tuple) else path
+        if isinstance(index, int) and index < len(names):
+            out[names[index]] = value
+    return out
+
+
+def _error_text(err: Exception) -> str:
+    """One line for a build failure: ptxas's first error, or where the front end stopped
+    and why."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    ptxas = [line for line in lines if line.startswith("ptxas") and "error" in line]
+    if ptxas:
+        return f"{type(err).__name__}: {ptxas[0]}"
+    if len(lines) > 1 and lines[0].startswith("at "):  # CompilationError: "at L:C:", source, cause
+        return f"{type(err).__name__} {lines[0]} {lines[-1]}"
+    return f"{type(err).__name__}: {lines[-1] if lines else ''}"
+
+
+def _cuobjdump() -> str | None:
+    import triton
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return bundled if os.access(bundled, os.X_OK) else shutil.which("cuobjdump")
+
+
+def resource_usage(cubin: bytes, tool: str | None) -> tuple[int, int, int] | None:
+    """(registers, local bytes, stack bytes) a thread of the cubin's kernel, from
+    `cuobjdump -res-usage`; None without the tool."""
+    if tool is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
+                              timeout=60).stdout
+    found = _RES.search(text)
+    if found is None:
+        return None
+    regs, stack, _static_shared, local = (int(g) for g in found.groups())
+    return regs, local, stack
+
+
+class _TargetDriver:
+    """Stands in for Triton's CUDA driver: device 0, stream 0, the target to build for.
+    Compile-only launches never reach the parts that talk to a GPU."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def set_current_device(self, device: int) -> None:
+        pass
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def is_active(self) -> bool:
+        return True
+
+
+@contextlib.contextmanager
+def compile_only(capability: tuple[int, int] = (9, 0), raise_errors: bool = True):
+    """Launches inside compile their kernels for a CUDA GPU of `capability` instead of
+    running them (CPU tensors stand for that GPU's). -> CompileRun, filled as launches
+    happen. raise_errors: a kernel that fails to build raises CompileCheckError (naming
+    the kernel and its constexprs) at its launch; off, failures are collected and the
+    launch returns without building anything."""
+    if not kt.HAS_TRITON:
+        raise kt.TritonUnavailableError("compile_only needs the `triton` package")
+    if kt.interpreting():
+        raise CompileCheckError("compile_only needs a process started without TRITON_INTERPRET: "
+                                "the interpreter replaces Triton's compiler")
+    if kt._AOT_CAPABILITY is not None:
+        raise CompileCheckError("compile_only blocks do not nest")
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    run = CompileRun(tuple(capability))
+    tool = _cuobjdump()
+    target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
+    touched: set = set()
+    original = JITFunction.run
+
+    def compile_launch(fn, *args, grid, warmup, **kwargs):
+        touched.add(fn)
+        t0 = time.perf_counter()
+        try:
+            kernel = original(fn, *args, grid=grid, warmup=True, **kwargs)
+        except Exception as err:  # noqa: BLE001 - reported with the kernel's name
+            msg = _error_text(err)
+            consts = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+            if raise_errors:
+                raise CompileCheckError(f"{fn.fn.__name__} failed to build for sm_"
+                                        f"{target.arch}: {msg}") from err
+            run.failures.append((fn.fn.__name__, consts, msg))
+            return None
+        seconds = time.perf_counter() - t0
+        seen = run._by_hash.get(kernel.hash)
+        if seen is not None:
+            seen.launches += 1
+            return kernel
+        md = kernel.metadata
+        built = Built(fn.fn.__name__, _constants(fn, kernel.src), md.num_warps, md.num_stages,
+                      md.shared, seconds if seconds > 0.05 else 0.0)
+        usage = resource_usage(kernel.asm["cubin"], tool)
+        if usage is not None:
+            built.regs, built.local, built.stack = usage
+        run._by_hash[kernel.hash] = built
+        run.built.append(built)
+        return kernel
+
+    previous = driver._active  # None until Triton first needs a driver (none on a CPU machine)
+    driver.set_active(_TargetDriver(target))
+    JITFunction.run = compile_launch
+    kt._AOT_CAPABILITY = tuple(capability)
+    try:
+        yield run
+    finally:
+        kt._AOT_CAPABILITY = None
+        JITFunction.run = original
+        driver._active = previous
+        for fn in touched:  # binders made for the stand-in driver's target
+            fn.device_caches.clear()
