@@ -6,16 +6,18 @@ back-to-back calls over weight copies that together exceed L2 several times over
 call reads its weight from HBM, as in a decode step). Bandwidth = weight bytes / time,
 also as a fraction of the measured copy bandwidth (read + write bytes of a large copy_).
 gate_up is compared as the MLP needs it: cuBLAS + the SiLU-and-mul kernel against the
-GEMV with SiLU-and-mul fused. --sweep also times every (BLOCK_N, BLOCK_K, warps,
-REDUCE_EACH) of a grid at each row count and prints the best (keep --rows short).
+GEMV with SiLU-and-mul fused. --sweep also times (BLOCK_N, BLOCK_K, warps, REDUCE_EACH)
+configs of a grid (`sweep_grid`: shuffled, so a budget cut still samples all of it) at each
+row count for --sweep-budget-s seconds, and prints the best (keep --rows short).
 
 Part 2 (--engine): one engine per model shape with the GEMV off; a second set of decode
-graphs captured over the same model and cache with it on. Logits are compared (max abs
-difference, greedy agreement), then replays are timed interleaved, and the engine loop
-(run-ahead on, batch 1) per token with either set of graphs.
+graphs captured over the same model and cache with it on, and with --sweep a third, with
+each layer's best swept config (kernels.gemv.TUNED, filled for that capture only). Logits
+are compared with cuBLAS's (max abs difference, greedy agreement), then replays are timed
+interleaved, and the engine loop (run-ahead on, batch 1) per token with each set.
 
     python bench/gemv.py [--models smollm2-135m,llama3-8b] [--rows 1,2,4,8,16] [--sweep]
-        [--engine] [--gemv-rows 4] [--ctx 512] [--batches 1,4]
+        [--sweep-budget-s 30] [--engine] [--gemv-rows 4] [--ctx 512] [--batches 1,4]
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ import argparse
 import dataclasses
 import itertools
 import os
+import random
 import statistics
 import sys
+import time
 from functools import partial
 
 import torch
@@ -80,7 +84,50 @@ def _gb_per_s(nbytes: int, us: float) -> float:
     return nbytes / (us * 1e-6) / 1e9
 
 
-def kernel_rows(cfg: ModelConfig, model: str, rows: list[int], sweep: bool, bw: float) -> list[list]:
+SWEEP_BLOCK_N = (1, 2, 4, 8)
+SWEEP_BLOCK_K = (256, 512, 1024, 2048, 4096)
+SWEEP_WARPS = (4, 8)
+
+
+def sweep_grid(m: int, k: int, seed: int = 0) -> list[tuple[int, int, int, bool]]:
+    """The (BLOCK_N, BLOCK_K, warps, REDUCE_EACH) a sweep tries at m rows and this K, in a
+    seeded random order, so that a time budget that cuts it short still samples all of it.
+    BLOCK_K up to K's next power of two (one step: each program's whole row at once);
+    REDUCE_EACH both ways above 2 rows."""
+    widths = [w for w in SWEEP_BLOCK_K if w <= max(SWEEP_BLOCK_K[0], _next_pow2(k))]
+    reduce = (False,) if m <= 2 else (True, False)
+    grid = list(itertools.product(SWEEP_BLOCK_N, widths, SWEEP_WARPS, reduce))
+    random.Random(seed).shuffle(grid)
+    return grid
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(v - 1, 0).bit_length()
+
+
+def sweep_best(fns_for, default_us: float, grid, budget_s: float, label: str):
+    """Time configs of the grid (fns_for(cfg) -> the calls to time) until budget_s has passed.
+    -> (best us, best config or None where none beat the default, configs timed)."""
+    best_us, best_cfg, tried = default_us, None, 0
+    deadline = time.monotonic() + budget_s
+    for cfg_ in grid:
+        if time.monotonic() > deadline:
+            break
+        try:
+            us = graph_us(fns_for(cfg_), reps=2, iters=8)
+        except Exception as e:  # noqa: BLE001 - a config that does not compile or launch
+            print(f"# {label} {cfg_}: {type(e).__name__}: {str(e)[:120]}", file=sys.stderr)
+            continue
+        tried += 1
+        if us < best_us:
+            best_us, best_cfg = us, cfg_
+    return best_us, best_cfg, tried
+
+
+def kernel_rows(cfg: ModelConfig, model: str, rows: list[int], sweep: bool, bw: float,
+                budget_s: float = 30.0, tuned: dict | None = None) -> list[list]:
+    """The per-layer table. With sweep, each (layer, rows)'s best config that beat the
+    default goes into `tuned` under kernels.gemv.TUNED's key."""
     from kernels.gemv import gemv, gemv_reference, gemv_with_config
 
     out = []
@@ -102,19 +149,14 @@ def kernel_rows(cfg: ModelConfig, model: str, rows: list[int], sweep: bool, bw: 
             tb, to = statistics.median(t_blas), statistics.median(t_ours)
             best = ""
             if sweep:
-                best_us, best_cfg = to, "default"
-                widths = (256, 512, 1024, 2048) if k <= 2048 else (256, 512, 1024)
-                reduce = (False,) if m <= 2 else (True, False)
-                for cfg_ in itertools.product((1, 2, 4, 8), widths, (4, 8), reduce):
-                    fns = [partial(gemv_with_config, x, w, None, gated, cfg_) for w in ws]
-                    try:
-                        us = graph_us(fns, reps=2, iters=8)
-                    except Exception as e:  # noqa: BLE001 - a config that does not compile
-                        print(f"# {model} {name} {cfg_}: {type(e).__name__}", file=sys.stderr)
-                        continue
-                    if us < best_us:
-                        best_us, best_cfg = us, cfg_
-                best = f"{best_us:.2f} {best_cfg}"
+                grid = sweep_grid(m, k)
+                best_us, best_cfg, tried = sweep_best(
+                    lambda c, x=x, ws=ws, gated=gated: [partial(gemv_with_config, x, w, None, gated, c)
+                                                        for w in ws],
+                    to, grid, budget_s, f"{model} {name} m{m}")
+                best = f"{best_us:.2f} {best_cfg or 'default'} ({tried}/{len(grid)})"
+                if best_cfg is not None and tuned is not None:
+                    tuned[(_next_pow2(m), n // 2 if gated else n, k, gated)] = best_cfg
             gbs = partial(_gb_per_s, nbytes)
             out.append([model, name + ("+silu" if gated else ""), f"{n}x{k}", m, f"{tb:.2f}", f"{to:.2f}",
                         f"{tb / to:.3f}", f"{gbs(tb):.0f}", f"{gbs(to):.0f}",
@@ -125,28 +167,45 @@ def kernel_rows(cfg: ModelConfig, model: str, rows: list[int], sweep: bool, bw: 
     return out
 
 
-def engine_rows(name: str, a, bw: float) -> list[list]:
+def _graph_set(model, engine, backend, max_bs: int, prefetch):
+    """Decode graphs over the engine's model and cache, captured with `backend`."""
     from decode.graphs import CudaGraphRunner
+
+    g = CudaGraphRunner(model, engine.cache, backend, max_bs, engine.max_model_len, prefetch=prefetch)
+    g.capture()
+    return g
+
+
+def engine_rows(name: str, a, bw: float, tuned: dict | None = None) -> list[list]:
+    """Decode graphs with the linear layers on cuBLAS, on the GEMV with its default configs,
+    and (where `tuned` holds a sweep's best configs) on the GEMV with those, side by side."""
+    import kernels.gemv
 
     cfg, model, engine = ab_engine(name, a.batches, a.ctx, a.loop_steps, gemv="off")
     max_bs = max(a.batches)
     base = engine.runner.graphs
-    on = CudaGraphRunner(model, engine.cache, dataclasses.replace(engine.backend, gemv_rows=a.gemv_rows),
-                         max_bs, engine.max_model_len, prefetch=base.prefetch)
-    on.capture()
-    variants = {"cuBLAS": base, f"gemv<={a.gemv_rows}": on}
+    backend = dataclasses.replace(engine.backend, gemv_rows=a.gemv_rows)
+    captured = partial(_graph_set, model, engine, backend, max_bs, base.prefetch)
+    variants = {"cuBLAS": base, f"gemv<={a.gemv_rows}": captured()}
+    if tuned:
+        kernels.gemv.TUNED.update(tuned)  # read at capture only: the graphs keep the launches
+        try:
+            variants[f"gemv<={a.gemv_rows} swept"] = captured()
+        finally:
+            kernels.gemv.TUNED.clear()
     out = []
     for b in a.batches:
         sb = decode_batch(engine, b, a.ctx)
-        x, y = logits_of_each(engine, variants, sb).values()
-        diff = (x - y).abs().max().item()
-        agree = (x.argmax(-1) == y.argmax(-1)).float().mean().item()
+        logits = logits_of_each(engine, variants, sb)
+        ref = logits["cuBLAS"]
         times = replay_rounds(variants, b, a.rounds, a.iters)
         release(engine, sb)
         floor = step_bytes(cfg, 2, b, a.ctx, 2.0) / bw * 1e3
         first = statistics.median(times["cuBLAS"])
         for label in variants:
             ms = statistics.median(times[label])
+            diff = (logits[label] - ref).abs().max().item()
+            agree = (logits[label].argmax(-1) == ref.argmax(-1)).float().mean().item()
             out.append([name, f"replay b{b}", label, f"{ms:.4f}", f"{ms / floor:.3f}", f"{first / ms:.3f}",
                         f"{diff:.3g} / {agree:.2f}"])
         progress(f"{name} b{b} done")
@@ -156,7 +215,7 @@ def engine_rows(name: str, a, bw: float) -> list[list]:
     for label in variants:
         ms = statistics.median(loops[label])
         out.append([name, "loop b1", label, f"{ms:.4f}", f"{ms / floor:.3f}", f"{first / ms:.3f}", ""])
-    del engine, model, base, on, variants
+    del engine, model, base, variants, captured
     torch.cuda.empty_cache()
     return out
 
@@ -165,7 +224,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(SHAPES), help=f"comma-separated, of {sorted(SHAPES)}")
     ap.add_argument("--rows", default="1,2,4,8,16", help="row counts for the kernel table")
-    ap.add_argument("--sweep", action="store_true", help="time a grid of kernel configs at each row count")
+    ap.add_argument("--sweep", action="store_true",
+                    help="time a grid of kernel configs at each row count; with --engine, the best "
+                         "ones also get their own set of decode graphs")
+    ap.add_argument("--sweep-budget-s", type=float, default=30.0,
+                    help="seconds of sweeping per layer and row count (default %(default)s)")
     ap.add_argument("--no-kernels", action="store_true", help="skip part 1")
     ap.add_argument("--engine", action="store_true", help="part 2: whole decode steps")
     ap.add_argument("--gemv-rows", type=int, default=4, help="part 2: the most rows sent to the GEMV")
@@ -190,17 +253,21 @@ def main() -> int:
         return 2
     bw = copy_bandwidth()
     print(f"# {torch.cuda.get_device_name()}, copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    tuned: dict = {}
     if not a.no_kernels:
         table = []
         for name in names:
-            table += kernel_rows(ModelConfig.from_hf(shape(name)), name, rows, a.sweep, bw)
+            table += kernel_rows(ModelConfig.from_hf(shape(name)), name, rows, a.sweep, bw,
+                                 a.sweep_budget_s, tuned)
         print(format_table(["model", "layer", "N x K", "rows", "cuBLAS us", "gemv us", "speed-up",
                             "cuBLAS GB/s", "gemv GB/s", "gemv / copy bw", "rel err", "best config (us)"],
                            table), flush=True)
+        if a.sweep:  # for kernels.gemv.TUNED / default_config
+            print(f"# swept configs that beat the defaults: {tuned}", flush=True)
     if a.engine:
         table = []
         for name in names:
-            table += engine_rows(name, a, bw)
+            table += engine_rows(name, a, bw, tuned)
             print(format_table(["model", "step", "linear layers", "ms", "x floor", "speed-up",
                                 "logit diff / greedy agree"], table), flush=True)
     return 0

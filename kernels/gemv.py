@@ -31,6 +31,10 @@ from kernels._triton import (
 )
 
 MAX_ROWS = 16  # above this a GEMM (cuBLAS) is the right tool
+# (ROWS, output columns, K, gated) -> (BLOCK_N, BLOCK_K, num_warps, REDUCE_EACH), taken over
+# default_config where present (ROWS = next_power_of_2(M)). Empty unless a tuning run fills
+# it: bench/gemv.py --sweep --engine captures decode graphs with its sweep's best configs.
+TUNED: dict[tuple[int, int, int, bool], tuple[int, int, int, bool]] = {}
 
 
 @triton.jit
@@ -141,13 +145,15 @@ def default_config(m: int, n: int, k: int, gated: bool) -> tuple[int, int, int, 
 def _launch(x: torch.Tensor, w: torch.Tensor, bias, out: torch.Tensor, gated: bool, config) -> None:
     m, k = x.shape
     n = out.shape[1]
-    block_n, block_k, warps, reduce_each = config or default_config(m, n, k, gated)
+    rows = triton.next_power_of_2(m)
+    block_n, block_k, warps, reduce_each = (config or TUNED.get((rows, n, k, gated))
+                                            or default_config(m, n, k, gated))
     up_offset = n * w.stride(0) if gated else 0
     with device_guard(x):
         _gemv_kernel[(triton.cdiv(n, block_n),)](
             x, w, bias if bias is not None else w, out, m, n, k,
             x.stride(0), w.stride(0), out.stride(0), up_offset,
-            ROWS=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
+            ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
             EVEN_K=k % block_k == 0, EVEN_N=n % block_n == 0, HAS_BIAS=bias is not None,
             GATED=gated, REDUCE_EACH=reduce_each, num_warps=warps, **pdl_args(x),
         )

@@ -55,6 +55,32 @@ def test_gemv_configs(config, device):
     _check(1, 72, 80, torch.float32, device, gated=True, config=config)
 
 
+def test_gemv_tuned_configs_take_over_the_defaults(device, monkeypatch):
+    """A TUNED entry (what bench/gemv.py's sweep fills before capturing decode graphs) is the
+    launch config for its (rows, N, K, gated) only; the product stays the reference's."""
+    import kernels.gemv as g
+
+    launches = []
+    real = g._gemv_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append((grid, kwargs["BLOCK_N"], kwargs["BLOCK_K"], kwargs["REDUCE_EACH"]))
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(g, "_gemv_kernel", Recorder())
+    monkeypatch.setattr(g, "TUNED", {(4, 36, 80, True): (2, 32, 1, False)})
+    _check(3, 72, 80, torch.float32, device, gated=True)  # 3 rows pad to 4: tuned
+    _check(3, 72, 80, torch.float32, device)  # not gated: the defaults
+    _check(1, 72, 80, torch.float32, device, gated=True)  # 1 row: the defaults
+    assert launches[0] == ((18,), 2, 32, False)
+    defaults = [g.default_config(3, 72, 80, False), g.default_config(1, 36, 80, True)]
+    assert [(bn, bk, red) for _, bn, bk, red in launches[1:]] == [(c[0], c[1], c[3]) for c in defaults]
+    assert all(c != (2, 32, 1, False) for c in defaults)
+
+
 def test_gemv_strided_rows(device):
     x = torch.randn(3, 100, device=device)[:, :64]  # row stride 100
     w = torch.randn(48, 80, device=device)[:, :64]  # row stride 80
@@ -120,3 +146,33 @@ def test_gemv_gpu_in_graph_and_compile():
     torch.testing.assert_close(out, gemv_reference(x, w, b), rtol=1.6e-2, atol=2e-2)
     compiled = torch.compile(lambda a: gemv(a, w, b, False), fullgraph=True)
     torch.testing.assert_close(compiled(x), gemv(x, w, b))
+
+
+def test_sweep_grid_and_budget(monkeypatch):
+    """bench/gemv.py's sweep: every config once, BLOCK_K up to K's next power of two,
+    REDUCE_EACH both ways only above 2 rows, in one seeded shuffled order; sweep_best keeps
+    the fastest that beats the default, skips configs that fail, and stops at its budget."""
+    import bench.gemv as bg
+
+    g1, g4 = bg.sweep_grid(1, 4096), bg.sweep_grid(4, 576)
+    assert len(g1) == len(set(g1)) == 4 * 5 * 2 and {c[3] for c in g1} == {False}
+    assert {c[1] for c in g4} == {256, 512, 1024} and {c[3] for c in g4} == {True, False}
+    assert len(g4) == 4 * 3 * 2 * 2 and g1 == bg.sweep_grid(1, 4096) and g1 != sorted(g1)
+    assert {c[1] for c in bg.sweep_grid(1, 14336)} == set(bg.SWEEP_BLOCK_K)
+
+    times = {c: 10.0 + i for i, c in enumerate(g1)}
+    fastest = g1[5]
+    times[fastest] = 3.0
+    broken = g1[2]
+
+    def fake_graph_us(fns, reps, iters):
+        if fns == broken:
+            raise RuntimeError("out of resources")
+        return times[fns]
+
+    monkeypatch.setattr(bg, "graph_us", fake_graph_us)
+    assert bg.sweep_best(lambda c: c, 5.0, g1, 60.0, "t") == (3.0, fastest, len(g1) - 1)
+    assert bg.sweep_best(lambda c: c, 2.0, g1, 60.0, "t")[1] is None  # the default stays best
+    clock = iter(range(0, 1000, 10))
+    monkeypatch.setattr(bg.time, "monotonic", lambda: next(clock))
+    assert bg.sweep_best(lambda c: c, 50.0, g1, 25.0, "t") == (10.0, g1[0], 2)  # 0, 10, 20 s in
