@@ -10,7 +10,8 @@ prefills of a long prompt (the 128 x 128 prefill tiles) and of short ones, then 
 steps at 1, 3 and 32 sequences, with bf16 and int8 KV, the GEMV kernel on (gemv=16, so
 batch 3 takes it too) and PDL as the engine picks it for the shape. Then, at the kernel
 level, what those steps do not reach on a CPU: the speculative-decoding verify kernel,
-the MoE kernels, the L2 prefetch and rotary on its own.
+the MoE kernels, the L2 prefetch, rotary on its own, and decode attention's tile
+options that only TUNING takes (FAST_I8 x I8_QK x LAZY on every partition size).
 
 Prints one row per kernel specialization built (registers, shared memory, local memory
 from the bundled `cuobjdump`, compile seconds) and exits 1 when a kernel failed to build
@@ -23,6 +24,7 @@ Needs TRITON_INTERPRET unset. About a minute for both shapes on two cores, cache
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -111,6 +113,34 @@ def kernel_calls(log=print) -> None:
     log("  kernel-level calls: spec verify, MoE route / gather-sum / pack, L2 prefetch, rotary")
 
 
+def tuning_variants(log=print) -> None:
+    """Decode attention's GPU tile options that the launch rules leave off and TUNING (the
+    tile sweeps, the GPU tests) may take: FAST_I8, I8_QK and LAZY on every partition size,
+    int8 pages under bf16 and fp16 queries, the 8B shape's heads (GQA 4, D128)."""
+    import kernels.decode_attention as da
+
+    b, h, hkv, d, pages = 4, 32, 8, 128, 64
+    data = torch.zeros(2, pages, 16, hkv, d, dtype=torch.int8)
+    scales = torch.ones(2, pages, 16, hkv)
+    tables = torch.arange(pages, dtype=torch.int32).view(b, pages // b)
+    ctx = torch.full((b,), pages // b * 16 - 3, dtype=torch.int32)
+    cpu_gpu = torch.device("cpu")  # stands for the GPU inside compile_only
+    saved = da.TUNING
+    try:
+        for q_dtype in (torch.bfloat16, torch.float16):
+            q = torch.randn(b, h, d).to(q_dtype)
+            for partition in (64, 128, 512):
+                da.TUNING = None  # the rule itself, not the last variant's TUNING
+                rule = da._launch(cpu_gpu, partition, True, d, q_dtype)
+                for fast, i8_qk, lazy in itertools.product((True, False), repeat=3):
+                    da.TUNING = {**rule, "split_d": True, "fast_i8": fast, "i8_qk": i8_qk,
+                                 "lazy": lazy}
+                    da.decode_attention(q, data, scales, tables, ctx, partition_size=partition)
+    finally:
+        da.TUNING = saved
+    log("  decode attention tile options: FAST_I8 x I8_QK x LAZY, partitions 64-512, bf16 / fp16")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,7 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="90", help="compute capability to build for, e.g. 90 or 80")
     p.add_argument("--layers", type=int, default=1, help="decoder layers per model (kernels repeat)")
     p.add_argument("--vocab", type=int, default=0, help="override the vocabulary (0: the shape's)")
-    p.add_argument("--no-kernel-calls", action="store_true", help="only the engine steps")
+    p.add_argument("--no-kernel-calls", action="store_true",
+                   help="only the engine steps (no kernel-level calls or tile options)")
     p.add_argument("--wide", action="store_true", help="print every constexpr")
     p.add_argument("--strict", action="store_true", help="also fail on register spills")
     p.add_argument("--json", metavar="PATH", help="also write what was built, failed and flagged")
@@ -159,6 +190,7 @@ def main(argv=None) -> int:
             engine_steps(name, args.layers, args.vocab or None)
         if not args.no_kernel_calls:
             kernel_calls()
+            tuning_variants()
     elapsed = time.perf_counter() - t0
     if args.wide:
         for b in run.built:

@@ -47,7 +47,7 @@ def test_every_engine_kernel_builds_for_hopper(tmp_path):
     """bench/compile_check.py at both bench shapes (one layer, a small vocabulary): every
     kernel of kernels/ builds, within sm_90's shared memory, and the GPU's launch choices
     were the ones built (FAST_I8 int8 tiles, PDL on for the 8B shape only, 128-row prefill
-    tiles, the fused gated GEMV)."""
+    tiles, the fused gated GEMV), as were the decode tile options only TUNING takes."""
     out = tmp_path / "built.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "compile_check.py"), "--vocab", "8192",
@@ -70,8 +70,11 @@ def test_every_engine_kernel_builds_for_hopper(tmp_path):
 
     partitions = consts("_decode_partition_kernel")
     assert any(c["QUANTIZED"] and c["FAST_I8"] and c["PARTITION_SIZE"] == 512 for c in partitions)
-    assert any(c["ROTARY"] for c in partitions)  # the decode store fused into attention
-    assert {(c["GROUP"], c["PDL"]) for c in partitions} == {(3, False), (4, True)}  # SmolLM2, 8B
+    engine = [c for c in partitions if c["ROTARY"]]  # decode steps: the store fused in
+    assert {(c["GROUP"], c["PDL"]) for c in engine} == {(3, False), (4, True)}  # SmolLM2, 8B
+    tile_options = {(c["FAST_I8"], c["I8_QK"], c["LAZY"]) for c in partitions
+                    if c["QUANTIZED"] and c["PARTITION_SIZE"] == 512}
+    assert len(tile_options) == 8  # tuning_variants: every combination the GPU tests take
     assert any(c["BLOCK_M"] == 128 for c in consts("_prefill_kernel"))
     gemv = consts("_gemv_kernel")
     assert any(c["GATED"] for c in gemv) and any(c["REDUCE_EACH"] for c in gemv)
