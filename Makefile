@@ -20,18 +20,20 @@ $(STAMP): pyproject.toml Makefile
 
 # The GPU image's Triton, beside the venv's own: tests/kernels/test_kernel_compile_check.py
 # builds every kernel for sm_90 with it, since Triton versions differ in what they accept.
-# Where no wheel exists (not x86_64), that test builds with the venv's Triton instead.
+# Where it cannot be installed (no wheel for this machine, no index), that test builds with
+# the venv's Triton instead, and says which it used.
 GPU_TRITON_VERSION := 3.6.0
 GPU_TRITON := $(VENV)/gpu-triton
 GPU_STAMP := $(GPU_TRITON)/.installed-$(GPU_TRITON_VERSION)
 
-$(GPU_STAMP): $(STAMP)
+$(GPU_STAMP): | $(STAMP)
 	@rm -rf $(GPU_TRITON)
-	@if [ "$$(uname -m)" = x86_64 ]; then \
-		$(BIN)/pip install -q --no-deps --target $(GPU_TRITON) triton==$(GPU_TRITON_VERSION); \
-	else echo "no triton $(GPU_TRITON_VERSION) wheel for $$(uname -m): the compile check uses the venv's"; \
-		mkdir -p $(GPU_TRITON); fi
-	@touch $(GPU_STAMP)
+	@if [ "$$(uname -m)" != x86_64 ]; then \
+		echo "no triton $(GPU_TRITON_VERSION) wheel for $$(uname -m): the compile check uses the venv's Triton"; \
+	elif ! $(BIN)/pip install -q --no-deps --target $(GPU_TRITON) triton==$(GPU_TRITON_VERSION); then \
+		echo "triton $(GPU_TRITON_VERSION) did not install: the compile check uses the venv's Triton"; \
+		rm -rf $(GPU_TRITON); fi
+	@mkdir -p $(GPU_TRITON) && touch $(GPU_STAMP)
 
 install: $(STAMP)
 

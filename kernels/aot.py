@@ -11,12 +11,13 @@ What it catches before any device time is spent: kernels that compile under the 
 interpreter but not for a GPU (a construct the code generator rejects, an inline-asm
 branch the interpreter never takes), launch configurations that need more shared memory
 than the GPU has, and register spills. `compile_only` records each distinct kernel built
-(`Built`: registers, shared memory, local memory from `cuobjdump -res-usage`, compile
-time); `bench/compile_check.py` drives the engine's steps through it and prints the table.
+(`Built`: registers, shared memory, stack frame and spill stores from `cuobjdump`,
+compile time); `bench/compile_check.py` drives the engine's steps through it and prints the table.
 
 It must run in a process where Triton was imported without TRITON_INTERPRET (the
-interpreter replaces the compiler). On leaving, the kernels' per-device caches are
-cleared, so a real GPU in the same process compiles for itself afterwards.
+interpreter replaces the compiler). Kernels get fresh per-device caches inside (so what a
+GPU of this process compiled is neither reused for the target nor lost) and their own
+back on leaving.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections import defaultdict
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -38,6 +40,7 @@ import kernels._triton as kt
 SHARED_LIMIT = {(8, 0): 166912, (8, 6): 101376, (8, 9): 101376, (9, 0): 232448,
                 (10, 0): 232448, (12, 0): 101376}
 _RES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_SPILL_STORE = re.compile(r"\bSTL(\.[0-9A-Z]+)*\s")  # SASS stores to local memory: spills
 
 
 class CompileCheckError(RuntimeError):
@@ -55,18 +58,15 @@ class Built:
     shared: int  # dynamic shared memory a program needs, bytes
     seconds: float  # compile time (0 where Triton's cache had it)
     regs: int | None = None  # registers a thread (None: no cuobjdump to ask)
-    local: int | None = None  # local memory a thread: spills and stack arrays
-    stack: int | None = None
+    stack: int | None = None  # stack frame bytes a thread (spills live there)
+    spill_stores: int | None = None  # STL instructions in the SASS: registers spilled
     launches: int = 1  # launches in the run that asked for this specialization
 
     def record(self) -> dict:
         """For JSON: constexpr values as Python scalars or strings (dtypes by name)."""
         consts = {k: v if isinstance(v, (bool, int, float, str)) or v is None else _short(v)
                   for k, v in self.constants.items()}
-        return {"kernel": self.kernel, "constants": consts, "num_warps": self.num_warps,
-                "num_stages": self.num_stages, "shared": self.shared, "regs": self.regs,
-                "local": self.local, "stack": self.stack, "launches": self.launches,
-                "seconds": self.seconds}
+        return {**{f.name: getattr(self, f.name) for f in fields(self)}, "constants": consts}
 
     def summary(self, width: int = 60) -> str:
         """The constexprs that tell specializations apart, shortened to `width`."""
@@ -95,19 +95,22 @@ class CompileRun:
             if limit is not None and b.shared > limit:
                 out.append(f"{b.kernel} ({b.summary()}): {b.shared} bytes of shared memory, "
                            f"more than sm_{self.capability[0]}{self.capability[1]}'s {limit}")
-            if b.local:
-                out.append(f"{b.kernel} ({b.summary()}): {b.local} bytes of local memory a "
-                           f"thread (register spills) at {b.regs} registers")
+            if b.spill_stores:
+                out.append(f"{b.kernel} ({b.summary()}): {b.spill_stores} register spill stores "
+                           f"(a {b.stack}-byte stack frame) at {b.regs} registers")
         return out
 
     def table(self) -> str:
-        rows = [("kernel", "constexprs", "warps", "stages", "regs", "smem KiB", "local", "launches",
-                 "compile s")]
+        rows = [("kernel", "constexprs", "warps", "stages", "regs", "smem KiB", "stack B", "spills",
+                 "launches", "compile s")]
+
+        def known(v) -> str:
+            return "?" if v is None else str(v)
+
         for b in self.built:
-            rows.append((b.kernel, b.summary(), str(b.num_warps), str(b.num_stages),
-                         "?" if b.regs is None else str(b.regs), f"{b.shared / 1024:.1f}",
-                         "?" if b.local is None else str(b.local), str(b.launches),
-                         f"{b.seconds:.2f}"))
+            rows.append((b.kernel, b.summary(), str(b.num_warps), str(b.num_stages), known(b.regs),
+                         f"{b.shared / 1024:.1f}", known(b.stack), known(b.spill_stores),
+                         str(b.launches), f"{b.seconds:.2f}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = [" | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
                             enumerate(zip(r, widths))) for r in rows]
@@ -157,20 +160,21 @@ def _cuobjdump() -> str | None:
 
 
 def resource_usage(cubin: bytes, tool: str | None) -> tuple[int, int, int] | None:
-    """(registers, local bytes, stack bytes) a thread of the cubin's kernel, from
-    `cuobjdump -res-usage`; None without the tool."""
+    """(registers, stack bytes, spill stores) a thread of the cubin's kernel, from
+    `cuobjdump -res-usage` and the STL instructions of `cuobjdump -sass` (a stack frame
+    alone may hold call frames; stores to it are spills); None without the tool."""
     if tool is None:
         return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
-                              timeout=60).stdout
-    found = _RES.search(text)
+        usage, sass = (subprocess.run([tool, flag, f.name], capture_output=True, text=True,
+                                      timeout=60).stdout for flag in ("-res-usage", "-sass"))
+    found = _RES.search(usage)
     if found is None:
         return None
-    regs, stack, _static_shared, local = (int(g) for g in found.groups())
-    return regs, local, stack
+    regs, stack = int(found.group(1)), int(found.group(2))
+    return regs, stack, len(_SPILL_STORE.findall(sass))
 
 
 class _TargetDriver:
@@ -220,21 +224,27 @@ def compile_only(capability: tuple[int, int] = (9, 0), raise_errors: bool = True
     run = CompileRun(tuple(capability))
     tool = _cuobjdump()
     target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
-    touched: set = set()
+    saved_caches: dict = {}  # kernel -> its own per-device caches, put back on leaving
+    failed: set = set()
     original = JITFunction.run
 
     def compile_launch(fn, *args, grid, warmup, **kwargs):
-        touched.add(fn)
+        if fn not in saved_caches:  # binders for the target, not for a GPU this process has
+            saved_caches[fn] = fn.device_caches
+            fn.device_caches = defaultdict(fn.create_binder)
         t0 = time.perf_counter()
         try:
             kernel = original(fn, *args, grid=grid, warmup=True, **kwargs)
         except Exception as err:  # noqa: BLE001 - reported with the kernel's name
             msg = _error_text(err)
-            consts = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+            consts = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
             if raise_errors:
                 raise CompileCheckError(f"{fn.fn.__name__} failed to build for sm_"
                                         f"{target.arch}: {msg}") from err
-            run.failures.append((fn.fn.__name__, consts, msg))
+            key = (fn.fn.__name__, repr(sorted(consts.items())))
+            if key not in failed:  # each launch of it tries again: report it once
+                failed.add(key)
+                run.failures.append((fn.fn.__name__, consts, msg))
             return None
         seconds = time.perf_counter() - t0
         seen = run._by_hash.get(kernel.hash)
@@ -246,7 +256,7 @@ def compile_only(capability: tuple[int, int] = (9, 0), raise_errors: bool = True
                       md.shared, seconds if seconds > 0.05 else 0.0)
         usage = resource_usage(kernel.asm["cubin"], tool)
         if usage is not None:
-            built.regs, built.local, built.stack = usage
+            built.regs, built.stack, built.spill_stores = usage
         run._by_hash[kernel.hash] = built
         run.built.append(built)
         return kernel
@@ -261,5 +271,5 @@ def compile_only(capability: tuple[int, int] = (9, 0), raise_errors: bool = True
         kt._AOT_CAPABILITY = None
         JITFunction.run = original
         driver._active = previous
-        for fn in touched:  # binders made for the stand-in driver's target
-            fn.device_caches.clear()
+        for fn, caches in saved_caches.items():
+            fn.device_caches = caches

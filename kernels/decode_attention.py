@@ -797,7 +797,7 @@ def _run(q, data_layer, scales_layer, block_tables, ctx_lens, sm_scale, partitio
             cos_row_stride=cos.stride(0),
             sin_row_stride=sin.stride(0),
             inv_qmax=INV_127,
-            SCALE_BY_RECIPROCAL=gpu_capability(q.device) is not None,
+            SCALE_BY_RECIPROCAL=q.device.type == "cuda" or gpu_capability(q.device) is not None,
             ROTARY=new_kv is not None,
         )
         _decode_reduce_kernel[(b, h)](

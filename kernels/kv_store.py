@@ -296,7 +296,7 @@ def _launch(k, v, data_layer, scales_layer, slots, rotary=None) -> None:
             INV_127,
             PAGE_SIZE=data_layer.shape[2],
             QUANTIZE=quantize,
-            SCALE_BY_RECIPROCAL=gpu_capability(k.device) is not None,
+            SCALE_BY_RECIPROCAL=k.device.type == "cuda" or gpu_capability(k.device) is not None,
             ROTARY=rotary is not None,
             BLOCK_H=block_h,
             BLOCK_QH=block_qh,

@@ -72,7 +72,8 @@ def _loads_prefetch_kernel(words_ptr, n_words, out_ptr, BLOCK: tl.constexpr):
 
 def bulk_supported(device: torch.device) -> bool:
     """The bulk prefetch instruction exists here: a CUDA GPU of compute capability 9.0+
-    (Hopper), not the interpreter (which runs no inline assembly)."""
+    (Hopper), not the interpreter (which runs no inline assembly); inside
+    kernels.aot.compile_only, a target of 9.0+."""
     cap = gpu_capability(device)
     return cap is not None and cap >= (9, 0)
 
