@@ -67,7 +67,16 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 # Inside gemv_scope(n) (engine.backend.Backend.launches on the Triton backend), `Linear`
 # layers multiply inputs of at most n rows with kernels/gemv.py instead of cuBLAS; 0 = never.
 _GEMV_ROWS: contextvars.ContextVar[int] = contextvars.ContextVar("miniinfer_gemv_rows", default=0)
-_gemv_kernel = None  # kernels.gemv.gemv, imported on first use (importing kernels fixes TRITON_INTERPRET)
+_gemv = None  # kernels.gemv, imported on first use (importing kernels fixes TRITON_INTERPRET)
+
+
+def _gemv_module():
+    global _gemv
+    if _gemv is None:
+        import kernels.gemv as module
+
+        _gemv = module
+    return _gemv
 
 
 @contextlib.contextmanager
@@ -88,6 +97,9 @@ class Linear(nn.Linear):
     HBM, so what matters is how close to the memory bandwidth each one reads; the kernel is
     the alternative to cuBLAS there (`EngineConfig.gemv`). `forward(x, gated=True)` is the
     gated MLP's up projection with SiLU-and-mul fused, only where `takes_gemv(x)`.
+    `forward(x, norm=(residual, weight, eps))` multiplies rmsnorm(x + residual) * weight
+    instead of x, the residual add and norm before it inside the same launch, and returns
+    (product, x + residual); only where `takes_norm(x)`.
     """
 
     def takes_gemv(self, x: torch.Tensor) -> bool:
@@ -97,15 +109,34 @@ class Linear(nn.Linear):
         return (x.dim() == 2 and 0 < x.shape[0] <= _GEMV_ROWS.get() and x.dtype == w.dtype
                 and x.device == w.device and x.stride(1) == 1 and w.stride(1) == 1)
 
-    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    def takes_norm(self, x: torch.Tensor) -> bool:
+        """takes_gemv(x), for rows narrow enough for the kernel to normalize itself
+        (kernels.gemv.fuses_norm: SmolLM2's width, not the 8B shape's)."""
+        return self.takes_gemv(x) and _gemv_module().fuses_norm(x.shape[1])
+
+    def forward(self, x: torch.Tensor, gated: bool = False, norm=None):
+        if norm is not None:
+            if not self.takes_norm(x):
+                raise ValueError("Linear(norm=...) needs the GEMV path: check takes_norm(x) first")
+            residual, weight, eps = norm
+            return _gemv_module().gemv_add_rmsnorm(x, residual, weight, eps, self.weight, self.bias,
+                                                   gated)
         if self.takes_gemv(x):
-            global _gemv_kernel
-            if _gemv_kernel is None:
-                from kernels.gemv import gemv as _gemv_kernel
-            return _gemv_kernel(x, self.weight, self.bias, gated)
+            return _gemv_module().gemv(x, self.weight, self.bias, gated)
         if gated:
             raise ValueError("Linear(gated=True) needs the GEMV path: check takes_gemv(x) first")
         return F.linear(x, self.weight, self.bias)
+
+
+def norm_then(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
+              ops: LayerOps) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ops.add_rmsnorm(x, residual, norm)` and then `linear` on the normalized rows, in one
+    GEMV launch where the linear layer takes it (Linear.takes_norm). -> (linear's output,
+    x + residual)."""
+    if isinstance(linear, Linear) and linear.takes_norm(x):
+        return linear(x, norm=(residual, norm.weight, norm.eps))
+    h, residual = ops.add_rmsnorm(x, residual, norm.weight, norm.eps)
+    return linear(h), residual
 
 
 class GatedMLP(nn.Module):
@@ -123,6 +154,17 @@ class GatedMLP(nn.Module):
             return self.down(gate_up(x, gated=True))
         ops = ops or TORCH_OPS
         return self.down(ops.silu_and_mul(gate_up(x)))  # gate_up: [T, 2I]
+
+    def after_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
+                   ops: LayerOps) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward(rmsnorm(x + residual)) -> (output, x + residual), the add and norm in the
+        gate_up GEMV's launch where it takes them (norm_then)."""
+        gate_up = self.gate_up
+        if isinstance(gate_up, Linear) and gate_up.takes_norm(x):
+            act, residual = gate_up(x, gated=True, norm=(residual, norm.weight, norm.eps))
+            return self.down(act), residual
+        h, residual = ops.add_rmsnorm(x, residual, norm.weight, norm.eps)
+        return self(h, ops), residual
 
 
 class CPULinear(nn.Module):

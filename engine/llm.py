@@ -119,8 +119,9 @@ class EngineConfig:
     # where set, else prefetches for models with small layers on Hopper (decode.prefetch.resolve).
     weight_prefetch: str = "auto"
     # linear layers of few rows (decode) through the Triton GEMV (kernels/gemv.py) instead of
-    # cuBLAS, with the gated MLP's SiLU-and-mul fused: auto | on | off | N (the most rows sent
-    # to it, 1-16). auto follows MINIINFER_GEMV where set, else off (resolve_gemv).
+    # cuBLAS, with the gated MLP's SiLU-and-mul fused, and for models of hidden size <= 2048
+    # each residual add + RMSNorm too (kernels.gemv.fuses_norm): auto | on | off | N (the most
+    # rows sent to it, 1-16). auto follows MINIINFER_GEMV where set, else off (resolve_gemv).
     gemv: str = "auto"
 
     def __post_init__(self) -> None:

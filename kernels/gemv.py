@@ -31,6 +31,7 @@ from kernels._triton import (
 )
 
 MAX_ROWS = 16  # above this a GEMM (cuBLAS) is the right tool
+NORM_MAX_K = 2048  # gemv_add_rmsnorm: the widest row it normalizes in its one K step
 # (ROWS, output columns, K, gated) -> (BLOCK_N, BLOCK_K, num_warps, REDUCE_EACH), taken over
 # default_config where present (ROWS = next_power_of_2(M)). Empty unless a tuning run fills
 # it: bench/gemv.py --sweep --engine captures decode graphs with its sweep's best configs.
@@ -50,6 +51,12 @@ def _gemv_kernel(
     w_stride,
     out_stride,
     up_offset,
+    r_ptr,
+    g_ptr,
+    s_ptr,
+    r_stride,
+    s_stride,
+    eps,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -58,6 +65,7 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     GATED: tl.constexpr,
     REDUCE_EACH: tl.constexpr,
+    NORM: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pdl_wait(PDL)
@@ -97,7 +105,25 @@ def _gemv_kernel(
             w = tl.load(w_ptrs, mask=w_mask, other=0.0)
             if GATED:
                 u = tl.load(up_ptrs, mask=w_mask, other=0.0)
-        x = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]  # [ROWS, 1, BLOCK_K]
+        if NORM:  # one K step (K <= BLOCK_K), its weight loads already issued above:
+            # x is rmsnorm(x + r) * g as kernels/rmsnorm.py computes it, from the whole row
+            k_in = k < K
+            row_in = m_ok[:, None] & k_in[None, :]
+            xr = tl.load(x_ptrs, mask=row_in, other=0.0)  # [ROWS, BLOCK_K]
+            r = tl.load(r_ptr + m[:, None] * r_stride + k[None, :], mask=row_in, other=0.0)
+            g = tl.load(g_ptr + k, mask=k_in, other=0.0).to(tl.float32)
+            summed = (xr.to(tl.float32) + r.to(tl.float32)).to(xr.dtype)  # the new residual
+            # every program has the whole row; each writes its own share of x + r
+            share = tl.cdiv(K, tl.num_programs(0))
+            lo = tl.program_id(0) * share
+            mine = row_in & (k[None, :] >= lo) & (k[None, :] < lo + share)
+            tl.store(s_ptr + m[:, None] * s_stride + k[None, :], summed, mask=mine)
+            sf = summed.to(tl.float32)
+            rstd = tl.math.rsqrt(tl.sum(sf * sf, axis=1) / K + eps)  # [ROWS]
+            normed = (sf * rstd[:, None]).to(xr.dtype).to(tl.float32)
+            x = (g[None, :] * normed).to(xr.dtype).to(tl.float32)[:, None, :]  # [ROWS, 1, BLOCK_K]
+        else:
+            x = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]  # [ROWS, 1, BLOCK_K]
         if REDUCE_EACH:
             acc += tl.sum(w.to(tl.float32)[None, :, :] * x, axis=2)
             if GATED:
@@ -142,20 +168,30 @@ def default_config(m: int, n: int, k: int, gated: bool) -> tuple[int, int, int, 
     return block_n, block_k, warps, m > 2
 
 
-def _launch(x: torch.Tensor, w: torch.Tensor, bias, out: torch.Tensor, gated: bool, config) -> None:
+def _launch(x: torch.Tensor, w: torch.Tensor, bias, out: torch.Tensor, gated: bool, config,
+            norm=None) -> None:
+    """norm: (residual, norm weight, eps, residual out) to multiply rmsnorm(x + residual) *
+    weight instead of x (one K step: BLOCK_K is K's next power of two)."""
     m, k = x.shape
     n = out.shape[1]
     rows = triton.next_power_of_2(m)
     block_n, block_k, warps, reduce_each = (config or TUNED.get((rows, n, k, gated))
                                             or default_config(m, n, k, gated))
     up_offset = n * w.stride(0) if gated else 0
+    if norm is None:
+        r, g, s_out, eps = x, x, x, 0.0  # never read
+    else:
+        r, g, eps, s_out = norm
+        block_k = triton.next_power_of_2(k)
     with device_guard(x):
         _gemv_kernel[(triton.cdiv(n, block_n),)](
             x, w, bias if bias is not None else w, out, m, n, k,
             x.stride(0), w.stride(0), out.stride(0), up_offset,
+            r, g, s_out, r.stride(0), s_out.stride(0), eps,
             ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
             EVEN_K=k % block_k == 0, EVEN_N=n % block_n == 0, HAS_BIAS=bias is not None,
-            GATED=gated, REDUCE_EACH=reduce_each, num_warps=warps, **pdl_args(x),
+            GATED=gated, REDUCE_EACH=reduce_each, NORM=norm is not None, num_warps=warps,
+            **pdl_args(x),
         )
 
 
@@ -178,6 +214,22 @@ def _gemv_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, gated:
 @_gemv_op.register_fake
 def _(x, w, bias, gated):
     return x.new_empty((x.shape[0], _out_cols(w, gated)))
+
+
+@kernel_op("gemv_add_rmsnorm")
+def _gemv_norm_op(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                  w: torch.Tensor, bias: torch.Tensor | None, gated: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    out = x.new_empty((x.shape[0], _out_cols(w, gated)))
+    summed = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.shape[0] and out.shape[1]:
+        _launch(x, w, bias, out, gated, None, (residual, norm_weight, eps, summed))
+    return out, summed
+
+
+@_gemv_norm_op.register_fake
+def _(x, residual, norm_weight, eps, w, bias, gated):
+    return x.new_empty((x.shape[0], _out_cols(w, gated))), torch.empty_like(x)
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> None:
@@ -209,6 +261,45 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
     gated: w holds gate rows then up rows, -> silu(gate) * up [M, N // 2]."""
     _check(x, w, bias, gated)
     return _gemv_op(x, w, bias, gated)
+
+
+def fuses_norm(k: int) -> bool:
+    """Whether gemv_add_rmsnorm takes rows of k features: one K step holds the whole row,
+    which every program needs for its norm (SmolLM2's 576; not the 8B shape's 4096, where
+    each of ~1500 programs would re-read 16 KiB of activations)."""
+    return k <= NORM_MAX_K
+
+
+def gemv_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                     w: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's residual add + RMSNorm feeding its next linear layer, in one launch:
+    -> (gemv(h, w, bias, gated), x + residual) with h = fused_add_rmsnorm(x, residual,
+    norm_weight, eps)[0], computed as kernels/rmsnorm.py does (x + residual rounded once,
+    normalized from that, rounded, times the weight, rounded), never written out. Every
+    program normalizes the whole row (K <= NORM_MAX_K, `fuses_norm`) and writes its share
+    of x + residual."""
+    name = "gemv_add_rmsnorm"
+    _check(x, w, bias, gated)
+    check_launchable(name, residual, norm_weight)
+    k = x.shape[1]
+    if not fuses_norm(k):
+        raise ValueError(f"{name}: rows of at most {NORM_MAX_K} features (one K step), got {k}")
+    if residual.shape != x.shape or residual.dtype != x.dtype or (k > 1 and residual.stride(1) != 1):
+        raise ValueError(f"{name}: residual must match x ({tuple(x.shape)} {x.dtype}, stride 1 along K), "
+                         f"got {tuple(residual.shape)} {residual.dtype}")
+    if norm_weight.shape != (k,) or not norm_weight.is_contiguous() or norm_weight.dtype != x.dtype:
+        raise ValueError(f"{name}: norm_weight must be a contiguous [{k}] of x's dtype, got "
+                         f"{tuple(norm_weight.shape)} {norm_weight.dtype}")
+    return _gemv_norm_op(x, residual, norm_weight, float(eps), w, bias, gated)
+
+
+def gemv_add_rmsnorm_reference(x, residual, norm_weight, eps, w, bias=None, gated=False):
+    """The two steps in torch: the rmsnorm reference on x + residual, then gemv_reference."""
+    from kernels.rmsnorm import rmsnorm_reference
+
+    summed = (x.float() + residual.float()).to(x.dtype)
+    return gemv_reference(rmsnorm_reference(summed, norm_weight, eps), w, bias, gated), summed
 
 
 def gemv_with_config(x, w, bias=None, gated=False, config=None) -> torch.Tensor:

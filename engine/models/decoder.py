@@ -15,7 +15,7 @@ from engine.attention import AttentionMetadata
 from engine.backend import TORCH_BACKEND, Backend
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
-from engine.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
+from engine.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, norm_then
 
 
 class Attention(nn.Module):
@@ -30,9 +30,14 @@ class Attention(nn.Module):
 
     def forward(self, x, positions, rope: RotaryEmbedding, meta: AttentionMetadata, cache: KVCache,
                 backend: Backend = TORCH_BACKEND):
+        return self.attend(self.qkv(x), positions, rope, meta, cache, backend)
+
+    def attend(self, qkv, positions, rope: RotaryEmbedding, meta: AttentionMetadata, cache: KVCache,
+               backend: Backend = TORCH_BACKEND):
+        """From the qkv projection [T, q + 2 kv] on: rotary, KV store, attention, o."""
         c, ops = self.cfg, backend.ops
-        t = x.shape[0]
-        q, k, v = self.qkv(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        t = qkv.shape[0]
+        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = q.view(t, c.num_heads, c.head_dim)  # [T, H, D]
         k = k.view(t, c.num_kv_heads, c.head_dim)  # [T, Hkv, D]
         v = v.view(t, c.num_kv_heads, c.head_dim)
@@ -66,14 +71,18 @@ class DecoderLayer(nn.Module):
 
         -> (this layer's MLP output, the stream before it). Deferring each residual add
         into the next norm lets the GPU fuse them; the values are the same as
-        `x = x + attn(norm(x)); x = x + mlp(norm(x))`.
+        `x = x + attn(norm(x)); x = x + mlp(norm(x))`. For few rows of a narrow model the
+        add and norm also go into the next GEMV's launch (engine.layers.norm_then).
         """
         ops = backend.ops
         if residual is None:
             residual, h = x, self.attn_norm(x, ops)
+            h = self.attn(h, positions, rope, meta, cache, backend)
         else:
-            h, residual = ops.add_rmsnorm(x, residual, self.attn_norm.weight, self.attn_norm.eps)
-        h = self.attn(h, positions, rope, meta, cache, backend)
+            qkv, residual = norm_then(self.attn.qkv, x, residual, self.attn_norm, ops)
+            h = self.attn.attend(qkv, positions, rope, meta, cache, backend)
+        if isinstance(self.mlp, GatedMLP):
+            return self.mlp.after_norm(h, residual, self.mlp_norm, ops)
         h, residual = ops.add_rmsnorm(h, residual, self.mlp_norm.weight, self.mlp_norm.eps)
         return self.mlp(h, ops), residual
 

@@ -27,8 +27,13 @@ ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 600
 
 
+# the engine's switches, which would change what its steps launch
+KNOBS = ("TRITON_INTERPRET", "MINIINFER_PDL", "MINIINFER_GEMV", "MINIINFER_FUSE_ROTARY_STORE",
+         "MINIINFER_WEIGHT_PREFETCH")
+
+
 def _env(tmp_path: Path) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k not in KNOBS}
     paths = [os.environ.get("MINIINFER_GPU_TRITON", ""), str(ROOT)]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # cold: every kernel is built
@@ -60,7 +65,8 @@ def test_every_engine_kernel_builds_for_hopper(tmp_path):
     gpu_triton = os.environ.get("MINIINFER_GPU_TRITON", "")
     if gpu_triton and (Path(gpu_triton) / "triton").is_dir():  # make test: the GPU image's
         assert Path(report["triton_file"]).is_relative_to(Path(gpu_triton).resolve())
-    assert report["failures"] == [] and report["problems"] == []
+    assert report["failures"] == []
+    assert [p for p in report["problems"] if "spill stores" not in p] == []  # spills: warnings
     built = report["built"]
     assert {b["kernel"] for b in built} == _launched_kernels()
     assert all(b["regs"] and 0 < b["regs"] <= 255 for b in built)  # cuobjdump read each cubin
@@ -78,6 +84,7 @@ def test_every_engine_kernel_builds_for_hopper(tmp_path):
     assert any(c["BLOCK_M"] == 128 for c in consts("_prefill_kernel"))
     gemv = consts("_gemv_kernel")
     assert any(c["GATED"] for c in gemv) and any(c["REDUCE_EACH"] for c in gemv)
+    assert any(c["NORM"] and c["GATED"] for c in gemv)  # SmolLM2: add + norm in the GEMVs
     assert {c["LANES"] for c in consts("_bulk_prefetch_kernel")} == {32}
 
 
@@ -120,6 +127,7 @@ import kernels._triton as kt
 from kernels.aot import CompileCheckError, compile_only
 
 run_before, driver_before = JITFunction.run, driver._active
+caches_before = bad.asm_kernel.device_caches
 x = torch.zeros(64, dtype=torch.int32)
 a = torch.zeros(256, 1024, dtype=torch.bfloat16)
 b = torch.zeros(1024, 256, dtype=torch.bfloat16)
@@ -127,6 +135,7 @@ c = torch.zeros(256, 256)
 with compile_only(raise_errors=False) as run:
     bad.asm_kernel[(1,)](x, 64, GPU_ONLY=False, BLOCK=64)
     bad.asm_kernel[(1,)](x, 64, GPU_ONLY=True, BLOCK=64)
+    bad.asm_kernel[(1,)](x, 64, GPU_ONLY=True, BLOCK=64)  # tried again, reported once
     bad.asm_kernel[(1,)](x, 64, GPU_ONLY=False, BLOCK=64)
     bad.big_tile_kernel[(1,)](a, b, c, 1024, BM=256, BN=256, BK=128, num_stages=4, num_warps=8)
 raised = None
@@ -141,15 +150,17 @@ print(json.dumps({
     "problems": run.problems(),
     "raised": raised,
     "restored": [JITFunction.run is run_before, driver._active is driver_before,
-                 kt._AOT_CAPABILITY is None, not bad.asm_kernel.device_caches],
+                 kt._AOT_CAPABILITY is None, bad.asm_kernel.device_caches is caches_before,
+                 not caches_before],
 }))
 '''
 
 
 def test_compile_only_reports_what_a_gpu_cannot_build(tmp_path):
     """A GPU-only branch that ptxas rejects fails (with ptxas's error; raised, or collected
-    while the other specializations build), a tile over sm_90's shared memory is flagged,
-    repeated launches count against one build, and leaving the block puts Triton back."""
+    once while the other specializations build), a tile over sm_90's shared memory is
+    flagged, repeated launches count against one build, and leaving the block puts Triton
+    back (the kernel's own per-device caches untouched)."""
     (tmp_path / "bad_kernels.py").write_text(textwrap.dedent(BAD_KERNELS))
     (tmp_path / "probe.py").write_text(textwrap.dedent(PROBE))
     env = _env(tmp_path)

@@ -160,25 +160,46 @@ def test_the_backends_pdl_choice_wraps_every_forward(device, monkeypatch):
     assert seen == []
 
 
-@pytest.mark.parametrize("rows", [2, 1])
-def test_triton_decoder_sends_few_row_linears_to_the_gemv(rows, device, monkeypatch):
+@pytest.mark.parametrize("rows,fuse_norm", [(2, True), (2, False), (1, True)])
+def test_triton_decoder_sends_few_row_linears_to_the_gemv(rows, fuse_norm, device, monkeypatch):
     """Backend.gemv_rows: steps of at most that many rows take kernels/gemv.py for every
     linear layer (the MLP's up projection with SiLU-and-mul fused) and the LM head; the
-    24-token prefill keeps F.linear. Logits as the torch backend's."""
-    import engine.layers
-    from kernels.gemv import gemv
+    24-token prefill keeps F.linear. Rows as narrow as this model's also take each layer's
+    residual add + RMSNorm into the GEMV after it (qkv from the second layer on, gate_up
+    in every layer), so no norm kernel runs there; with that off (NORM_MAX_K = 0) the
+    norms run on their own. Logits as the torch backend's either way."""
+    import kernels.gemv as g
 
-    calls = []
+    calls, norms = [], []
+    gemv, fused, add_norm = g.gemv, g.gemv_add_rmsnorm, kernels.ops.fused_add_rmsnorm
 
-    def spy(x, w, bias, gated):
-        calls.append((x.shape[0], gated))
+    def spy_gemv(x, w, bias, gated):
+        calls.append((x.shape[0], gated, False))
         return gemv(x, w, bias, gated)
 
-    monkeypatch.setattr(engine.layers, "_gemv_kernel", spy)
+    def spy_fused(x, residual, weight, eps, w, bias, gated):
+        calls.append((x.shape[0], gated, True))
+        return fused(x, residual, weight, eps, w, bias, gated)
+
+    def spy_norm(x, *args):
+        norms.append(x.shape[0])
+        return add_norm(x, *args)
+
+    monkeypatch.setattr(g, "gemv", spy_gemv)
+    monkeypatch.setattr(g, "gemv_add_rmsnorm", spy_fused)
+    monkeypatch.setattr(kernels.ops, "fused_add_rmsnorm", spy_norm)  # TritonOps.add_rmsnorm's
+    if not fuse_norm:
+        monkeypatch.setattr(g, "NORM_MAX_K", 0)
     model = _model("llama", device)
     got = _logits(model, select_backend(device, "triton", gemv_rows=rows), torch.float32, device)
-    per_step = [(2, False), (2, False), (2, True), (2, False)] * LAYERS + [(2, False)]
+    f = fuse_norm
+    first = [(2, False, False), (2, False, False), (2, True, f), (2, False, False)]  # qkv, o, gate_up, down
+    later = [(2, False, f), (2, False, False), (2, True, f), (2, False, False)]
+    per_step = first + later * (LAYERS - 1) + [(2, False, False)]  # + the LM head
     assert calls == (per_step * len(DECODE_TOKENS) if rows == 2 else [])  # 2-row decode steps
+    # fused: only the final norm; else each layer's adds + norms (layer 0's first has no add)
+    step_norms = 1 if f and rows == 2 else 2 * LAYERS
+    assert norms.count(2) == step_norms * len(DECODE_TOKENS)
     reference = _logits(model, TORCH_BACKEND, torch.float32, device)
     for a, b in zip(got, reference):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

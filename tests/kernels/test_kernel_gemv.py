@@ -6,7 +6,16 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from kernels.gemv import MAX_ROWS, gemv, gemv_reference, gemv_with_config  # noqa: E402
+from kernels.gemv import (  # noqa: E402
+    MAX_ROWS,
+    NORM_MAX_K,
+    fuses_norm,
+    gemv,
+    gemv_add_rmsnorm,
+    gemv_add_rmsnorm_reference,
+    gemv_reference,
+    gemv_with_config,
+)
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 # fp32 sums in another order than the reference's, rounded once to the output dtype
@@ -122,6 +131,66 @@ def test_gemv_rejects_bad_input(bad, match, device):
         gemv(*bad(device))
 
 
+def _norm_inputs(m, n, k, dtype, device, bias=False):
+    x, w, b = _inputs(m, n, k, dtype, device, bias)
+    residual = torch.randn(m, k, device=device).to(dtype)
+    weight = (torch.rand(k, device=device) + 0.5).to(dtype)
+    return x, residual, weight, w, b
+
+
+# rows 1..MAX_ROWS, K below / at / off a power of two (SmolLM2's 576), N off the blocks
+@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (3, 130, 200), (2, 64, 576), (16, 40, 48)])
+@pytest.mark.parametrize("gated,bias", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemv_add_rmsnorm_is_the_two_kernels(m, n, k, gated, bias, dtype, device):
+    """gemv_add_rmsnorm gives what fused_add_rmsnorm then gemv give (bit for bit: the same
+    roundings, the row's sum of squares in one block), and the reference within the
+    GEMV's tolerance; the residual it returns is x + residual, written in shares by
+    every program."""
+    from kernels.rmsnorm import fused_add_rmsnorm
+
+    x, residual, weight, w, b = _norm_inputs(m, n, k, dtype, device, bias)
+    out, summed = gemv_add_rmsnorm(x, residual, weight, 1e-6, w, b, gated)
+    h, summed_ref = fused_add_rmsnorm(x, residual, weight, 1e-6)
+    torch.testing.assert_close(out, gemv(h, w, b, gated), rtol=0, atol=0)
+    assert torch.equal(summed, summed_ref)
+    ref, ref_summed = gemv_add_rmsnorm_reference(x, residual, weight, 1e-6, w, b, gated)
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
+    assert torch.equal(summed, ref_summed) and out.shape == (m, n // 2 if gated else n)
+
+
+def test_gemv_add_rmsnorm_writes_the_whole_residual(device):
+    """Every column of x + residual is written, whichever program's share it is in: with
+    more programs than columns, and with fewer."""
+    for n in (4, 512):  # 1-4 programs, then more programs than the 48 columns
+        x, residual, weight, w, _ = _norm_inputs(3, n, 48, torch.float32, device)
+        _, summed = gemv_add_rmsnorm(x, residual, weight, 1e-6, w)
+        torch.testing.assert_close(summed, x + residual, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda a: {**a, "residual": torch.randn(3, 64)}, "residual must match"),
+    (lambda a: {**a, "residual": torch.randn(2, 64).half()}, "residual must match"),
+    (lambda a: {**a, "norm_weight": torch.randn(32)}, "norm_weight"),
+    (lambda a: {**a, "norm_weight": torch.randn(64).half()}, "norm_weight"),
+])
+def test_gemv_add_rmsnorm_rejects_bad_input(change, match, device):
+    args = dict(x=torch.randn(2, 64), residual=torch.randn(2, 64), norm_weight=torch.randn(64),
+                eps=1e-6, w=torch.randn(8, 64))
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in change(args).items()}
+    with pytest.raises(ValueError, match=match):
+        gemv_add_rmsnorm(**args)
+
+
+def test_gemv_add_rmsnorm_only_for_rows_it_can_hold(device):
+    k = NORM_MAX_K + 64
+    assert fuses_norm(NORM_MAX_K) and not fuses_norm(k)
+    x, residual, weight, w, _ = _norm_inputs(1, 8, k, torch.float32, device)
+    with pytest.raises(ValueError, match=f"at most {NORM_MAX_K} features"):
+        gemv_add_rmsnorm(x, residual, weight, 1e-6, w)
+
+
 @pytest.mark.gpu
 @CUDA
 @pytest.mark.parametrize("m", [1, 2, 4, 8, 16])
@@ -148,17 +217,56 @@ def test_gemv_gpu_in_graph_and_compile():
     torch.testing.assert_close(compiled(x), gemv(x, w, b))
 
 
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("n,gated", [(960, False), (3072, True), (49152, False)])
+def test_gemv_add_rmsnorm_gpu(m, n, gated):
+    """SmolLM2's decode shapes (K 576) in bf16: the two kernels' output (the norm's sum of
+    squares may be added in another order on the GPU, so within bf16's tolerance; the
+    residual bit for bit), in a CUDA graph and under torch.compile."""
+    from kernels.rmsnorm import fused_add_rmsnorm
+
+    rtol, atol = TOL[torch.bfloat16]
+    x, residual, weight, w, _ = _norm_inputs(m, n, 576, torch.bfloat16, "cuda")
+    out, summed = gemv_add_rmsnorm(x, residual, weight, 1e-5, w, None, gated)
+    h, summed_ref = fused_add_rmsnorm(x, residual, weight, 1e-5)
+    torch.testing.assert_close(out, gemv(h, w, None, gated), rtol=rtol, atol=atol)
+    assert torch.equal(summed, summed_ref)
+    graph, outs = torch.cuda.CUDAGraph(), []
+    with torch.cuda.graph(graph):
+        outs.extend(gemv_add_rmsnorm(x, residual, weight, 1e-5, w, None, gated))
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    h, summed_ref = fused_add_rmsnorm(x, residual, weight, 1e-5)
+    torch.testing.assert_close(outs[0], gemv(h, w, None, gated), rtol=rtol, atol=atol)
+    assert torch.equal(outs[1], summed_ref)
+    compiled = torch.compile(lambda a: gemv_add_rmsnorm(a, residual, weight, 1e-5, w, None, gated),
+                             fullgraph=True)
+    for got, want in zip(compiled(x), gemv_add_rmsnorm(x, residual, weight, 1e-5, w, None, gated)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_sweep_grid_and_budget(monkeypatch):
     """bench/gemv.py's sweep: every config once, BLOCK_K up to K's next power of two,
-    REDUCE_EACH both ways only above 2 rows, in one seeded shuffled order; sweep_best keeps
-    the fastest that beats the default, skips configs that fail, and stops at its budget."""
+    REDUCE_EACH both ways only above 2 rows, no config whose threads would hold more than
+    SWEEP_MAX_PER_THREAD values, in one seeded shuffled order; sweep_best keeps the fastest
+    that beats the default, skips configs that fail, and stops at its budget."""
+    import types
+
     import bench.gemv as bg
 
+    full = 4 * 5 * 2  # BLOCK_N x BLOCK_K x warps
     g1, g4 = bg.sweep_grid(1, 4096), bg.sweep_grid(4, 576)
-    assert len(g1) == len(set(g1)) == 4 * 5 * 2 and {c[3] for c in g1} == {False}
+    assert len(g1) == len(set(g1)) and {c[3] for c in g1} == {False}
+    assert [c for c in g1 if bg.per_thread(1, False, c) > 128] == []
+    assert full - len(g1) == 1  # 8 x 4096 on 4 warps: 256 values a thread
     assert {c[1] for c in g4} == {256, 512, 1024} and {c[3] for c in g4} == {True, False}
-    assert len(g4) == 4 * 3 * 2 * 2 and g1 == bg.sweep_grid(1, 4096) and g1 != sorted(g1)
+    assert g1 == bg.sweep_grid(1, 4096) and g1 != sorted(g1)
     assert {c[1] for c in bg.sweep_grid(1, 14336)} == set(bg.SWEEP_BLOCK_K)
+    assert (8, 4096, 8, False) in g1 and (8, 4096, 8, False) not in bg.sweep_grid(1, 4096, gated=True)
+    assert (8, 4096, 4, True) not in bg.sweep_grid(4, 4096) and (8, 4096, 8, True) in bg.sweep_grid(4, 4096)
+    assert bg.per_thread(1, False, (4, 1024, 4, False)) == 32  # the 1-row default
 
     times = {c: 10.0 + i for i, c in enumerate(g1)}
     fastest = g1[5]
@@ -174,5 +282,5 @@ def test_sweep_grid_and_budget(monkeypatch):
     assert bg.sweep_best(lambda c: c, 5.0, g1, 60.0, "t") == (3.0, fastest, len(g1) - 1)
     assert bg.sweep_best(lambda c: c, 2.0, g1, 60.0, "t")[1] is None  # the default stays best
     clock = iter(range(0, 1000, 10))
-    monkeypatch.setattr(bg.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(bg, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
     assert bg.sweep_best(lambda c: c, 50.0, g1, 25.0, "t") == (10.0, g1[0], 2)  # 0, 10, 20 s in
