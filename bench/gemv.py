@@ -206,7 +206,8 @@ def _graph_set(model, engine, backend, max_bs: int, prefetch):
 
 def engine_rows(name: str, a, bw: float, tuned: dict | None = None) -> list[list]:
     """Decode graphs with the linear layers on cuBLAS, on the GEMV with its default configs,
-    and (where `tuned` holds a sweep's best configs) on the GEMV with those, side by side."""
+    on the GEMV with the norms in their own kernels (models the GEMV fuses them for), and
+    (where `tuned` holds a sweep's best configs) on the GEMV with those, side by side."""
     import kernels.gemv
 
     cfg, model, engine = ab_engine(name, a.batches, a.ctx, a.loop_steps, gemv="off")
