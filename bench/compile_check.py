@@ -5,7 +5,8 @@
 
 Runs engine steps on CPU tensors inside `kernels.aot.compile_only`: the wrappers choose the
 GPU's launch configs and each launch compiles its kernel for the target (Triton, then
-ptxas) instead of running. Per shape (seeded random bf16 weights, `--layers` layers):
+ptxas) instead of running. Per shape (seeded random bf16 weights, `--layers` layers, 2 by
+default: layer 0 normalizes its input alone, later layers take the add + norm):
 prefills of a long prompt (the 128 x 128 prefill tiles) and of short ones, then decode
 steps at 1, 3 and 32 sequences, with bf16 and int8 KV, the GEMV kernel on (gemv=16, so
 batch 3 takes it too) and PDL as the engine picks it for the shape. Then, at the kernel
@@ -147,7 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
                    help="bench.shapes names, comma-separated (default: %(default)s)")
     p.add_argument("--arch", default="90", help="compute capability to build for, e.g. 90 or 80")
-    p.add_argument("--layers", type=int, default=1, help="decoder layers per model (kernels repeat)")
+    p.add_argument("--layers", type=int, default=2,
+                   help="decoder layers per model (2: the first layer's norm differs; then they repeat)")
     p.add_argument("--vocab", type=int, default=0, help="override the vocabulary (0: the shape's)")
     p.add_argument("--no-kernel-calls", action="store_true",
                    help="only the engine steps (no kernel-level calls or tile options)")
