@@ -49,17 +49,19 @@ def resolve_pdl(setting: str, hidden_size: int) -> bool | None:
     return hidden_size >= PDL_MIN_HIDDEN
 
 
-# EngineConfig.gemv = "on": linear layers of at most this many rows take kernels/gemv.py
-GEMV_ON_ROWS = 4  # above, x is read from L2 more often than the weight (4 weight rows a program)
+# EngineConfig.gemv = "on" (and auto on CUDA): linear layers of at most this many rows take
+# kernels/gemv.py. On an H100 (docs/PERF.md, nineteenth session) the GEMV made batch-1 steps
+# faster (8B 1.08x with tuned tiles, SmolLM2 1.37x with the norms fused) and batch-4 steps
+# slower (8B 0.70-0.90x), so one row
+GEMV_ON_ROWS = 1
 GEMV_MAX_ROWS = 16  # kernels.gemv.MAX_ROWS (not imported here: importing kernels imports triton)
 
 
-def resolve_gemv(setting: str) -> int:
+def resolve_gemv(setting: str, device: torch.device | str | None = None) -> int:
     """EngineConfig.gemv -> Backend.gemv_rows (0: cuBLAS always). auto follows MINIINFER_GEMV
-    where it is set, else 0 (off) until a GPU run shows the kernel ahead of cuBLAS in a
-    whole step; on = GEMV_ON_ROWS; a number is the most rows sent to the kernel (1 to
-    GEMV_MAX_ROWS). Only the Triton backend uses it (on CUDA, or on CPU through Triton's
-    interpreter)."""
+    where it is set, else GEMV_ON_ROWS on CUDA and 0 elsewhere (the interpreter on CPU);
+    on = GEMV_ON_ROWS; a number is the most rows sent to the kernel (1 to GEMV_MAX_ROWS).
+    Only the Triton backend uses it (on CUDA, or on CPU through Triton's interpreter)."""
     if setting == "auto":
         env = os.environ.get("MINIINFER_GEMV", "").strip().lower()
         if env and env != "auto":
@@ -67,7 +69,8 @@ def resolve_gemv(setting: str) -> int:
                 return resolve_gemv(env)
             except ValueError as e:
                 raise ValueError(f"MINIINFER_GEMV: {e}") from None
-        return 0
+        on_gpu = device is not None and torch.device(device).type == "cuda"
+        return GEMV_ON_ROWS if on_gpu else 0
     if setting in ("on", "off"):
         return GEMV_ON_ROWS if setting == "on" else 0
     if not setting.isdigit() or not 1 <= int(setting) <= GEMV_MAX_ROWS:
@@ -121,7 +124,8 @@ class EngineConfig:
     # linear layers of few rows (decode) through the Triton GEMV (kernels/gemv.py) instead of
     # cuBLAS, with the gated MLP's SiLU-and-mul fused, and for models of hidden size <= 2048
     # each residual add + RMSNorm too (kernels.gemv.fuses_norm): auto | on | off | N (the most
-    # rows sent to it, 1-16). auto follows MINIINFER_GEMV where set, else off (resolve_gemv).
+    # rows sent to it, 1-16). auto follows MINIINFER_GEMV where set, else on for CUDA
+    # (resolve_gemv; on = 1 row: batch-1 steps were faster, batch-4 slower).
     gemv: str = "auto"
 
     def __post_init__(self) -> None:
@@ -201,7 +205,7 @@ class LLMEngine:
         )
         self.backend = select_backend(self.device, config.attention_backend, config.cpu_kernels,
                                       pdl=resolve_pdl(config.pdl, cfg.hidden_size),
-                                      gemv_rows=resolve_gemv(config.gemv))
+                                      gemv_rows=resolve_gemv(config.gemv, self.device))
         if self.device.type == "cpu" and config.cpu_transposed_weights:  # batch-1 decode is GEMVs:
             transpose_linears(loaded.model, pack=config.cpu_packed_weights)  # faster layouts (in place)
         self.runner = ModelRunner(loaded.model, self.cache, self.device, self.backend)

@@ -158,8 +158,12 @@ def default_config(m: int, n: int, k: int, gated: bool) -> tuple[int, int, int, 
     lane apart until after the loop; more rows sum each step instead, keeping registers."""
     warps = 4
     rows = triton.next_power_of_2(max(m, 1))
-    tile = (32 if rows <= 8 else 16) * 32 * warps  # weight elements a program loads a K step
-    block_k = min(triton.next_power_of_2(k), 2048 if k <= 2048 else 1024)
+    # one row, plain, K over 2048 (the 8B shape's qkv, o, down, LM head): 64 a thread, as
+    # 4 x 2048 tiles; on an H100 the sweep's best for qkv, o and down, 4-13% faster than
+    # 4 x 1024 (docs/PERF.md, nineteenth session)
+    wide = rows == 1 and not gated and k > 2048
+    tile = (64 if wide else 32 if rows <= 8 else 16) * 32 * warps  # weight elements a K step
+    block_k = min(triton.next_power_of_2(k), 2048 if k <= 2048 or wide else 1024)
     block_n = max(tile // block_k, 1)
     if gated:  # gate and up rows: twice the loads
         block_n = max(block_n // 2, 1)

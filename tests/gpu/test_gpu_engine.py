@@ -310,18 +310,24 @@ def test_gemv_kernel_engine_matches_cpu_and_cublas(cpu_model, monkeypatch):
     kernels/gemv.py (gate_up with SiLU fused); fp32 greedy tokens equal the CPU engine's,
     and bf16 logits stay within the bf16 tolerance of the cuBLAS engine's."""
     import engine.layers
-    from kernels.gemv import gemv
+    import kernels.gemv as g
 
     calls = []
+    gemv, fused = g.gemv, g.gemv_add_rmsnorm
 
     def counted(x, w, bias, gated):
         calls.append((x.shape[0], gated))
         return gemv(x, w, bias, gated)
 
+    def counted_fused(x, residual, weight, eps, w, bias, gated):  # SmolLM2: the norms fused too
+        calls.append((x.shape[0], gated))
+        return fused(x, residual, weight, eps, w, bias, gated)
+
     prompts = _prompts()
     want = _greedy(_engine(cpu_model, "cpu"), prompts)
-    monkeypatch.setattr(engine.layers, "_gemv_kernel", counted)
-    gpu = _engine(_on_gpu(cpu_model), "cuda", max_num_seqs=8, gemv="on")
+    monkeypatch.setattr(g, "gemv", counted)
+    monkeypatch.setattr(g, "gemv_add_rmsnorm", counted_fused)
+    gpu = _engine(_on_gpu(cpu_model), "cuda", max_num_seqs=8, gemv="4")
     assert gpu.backend.gemv_rows > 0 and gpu.runner.graphs is not None
     assert isinstance(gpu.runner.model.layers[0].mlp.gate_up, engine.layers.Linear)
     assert (1, True) in calls and (4, False) in calls, "the decode graphs did not take the GEMV"

@@ -12,13 +12,14 @@ from engine.loader.registry import LoadedModel, dummy_model
 from tests.unit.test_run_ahead import TINY
 
 
-def test_auto_follows_the_environment_else_off(monkeypatch):
+def test_auto_follows_the_environment_else_on_for_cuda(monkeypatch):
     monkeypatch.delenv("MINIINFER_GEMV", raising=False)
-    assert resolve_gemv("auto") == 0
+    assert resolve_gemv("auto") == 0 and resolve_gemv("auto", "cpu") == 0
+    assert resolve_gemv("auto", "cuda") == GEMV_ON_ROWS == 1 and resolve_gemv("off", "cuda") == 0
     assert resolve_gemv("on") == GEMV_ON_ROWS and resolve_gemv("off") == 0
     assert resolve_gemv("3") == 3 and resolve_gemv("16") == 16
     monkeypatch.setenv("MINIINFER_GEMV", "off")
-    assert resolve_gemv("auto") == 0 and resolve_gemv("4") == 4  # explicit wins
+    assert resolve_gemv("auto", "cuda") == 0 and resolve_gemv("4") == 4  # explicit wins
     monkeypatch.setenv("MINIINFER_GEMV", "2")
     assert resolve_gemv("auto") == 2
     monkeypatch.setenv("MINIINFER_GEMV", "lots")
@@ -40,4 +41,4 @@ def test_the_setting_reaches_the_backend(monkeypatch):
     engine = LLMEngine(model, EngineConfig(num_pages=8, attention_backend="triton", gemv="5"))
     assert engine.backend.gemv_rows == 5
     engine = LLMEngine(model, EngineConfig(num_pages=8, attention_backend="triton"))
-    assert engine.backend.gemv_rows == 0  # auto, nothing in the environment: off
+    assert engine.backend.gemv_rows == 0  # auto, nothing in the environment, CPU: off
