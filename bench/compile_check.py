@@ -35,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from bench.common import format_table  # noqa: E402
+
 DEFAULT_SHAPES = ("smollm2-135m", "llama3-8b")
 
 
@@ -197,9 +199,13 @@ def main(argv=None) -> int:
     if args.wide:
         for b in run.built:
             print(f"{b.kernel}: {b.summary(width=10_000)}")
-    print(run.table())
+    print(format_table(
+        ["kernel", "constexprs", "warps", "stages", "regs", "smem KiB", "stack B", "spills",
+         "launches", "compile s"],
+        [[b.kernel, b.summary(), b.num_warps, b.num_stages, b.regs, f"{b.shared / 1024:.1f}",
+          b.stack, b.spill_stores, b.launches, f"{b.seconds:.2f}"] for b in run.built]))
     problems = run.problems()
-    fatal = [line for line in problems if "spill stores" not in line or args.strict]
+    fatal = run.errors() + (run.spills() if args.strict else [])
     print(f"# {len(run.built)} specializations of {len(run.kernels())} kernels built in "
           f"{elapsed:.0f} s; {len(run.failures)} failed")
     for line in problems:

@@ -90,8 +90,6 @@ SWEEP_BLOCK_N = (1, 2, 4, 8)
 SWEEP_BLOCK_K = (256, 512, 1024, 2048, 4096)
 SWEEP_WARPS = (4, 8)
 SWEEP_MARGIN = 0.98  # a swept config is kept only if at least 2% faster than the default, retimed
-
-
 SWEEP_MAX_PER_THREAD = 128  # fp32 values a thread may hold of one K step's tile
 
 

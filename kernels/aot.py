@@ -70,7 +70,7 @@ class Built:
 
     def summary(self, width: int = 60) -> str:
         """The constexprs that tell specializations apart, shortened to `width`."""
-        text = ",".join(f"{k}={_short(v)}" for k, v in self.constants.items())
+        text = _constants_text(self.constants)
         return text if len(text) <= width else text[: width - 3] + "..."
 
 
@@ -80,42 +80,39 @@ class CompileRun:
     that did not build (name, constexprs, error) when `raise_errors` is off."""
 
     capability: tuple[int, int]
-    built: list[Built] = field(default_factory=list)
-    failures: list[tuple[str, dict, str]] = field(default_factory=list)
-    _by_hash: dict = field(default_factory=dict, repr=False)
+    _by_hash: dict = field(default_factory=dict, repr=False)  # kernel hash -> Built
+    _failed: dict = field(default_factory=dict, repr=False)  # (name, constexprs) -> failure
+
+    @property
+    def built(self) -> list[Built]:
+        return list(self._by_hash.values())
+
+    @property
+    def failures(self) -> list[tuple[str, dict, str]]:
+        return list(self._failed.values())
 
     def kernels(self) -> set[str]:
         return {b.kernel for b in self.built}
 
-    def problems(self) -> list[str]:
-        """Failures, programs over the target's shared memory, and spills, one line each."""
+    def errors(self) -> list[str]:
+        """What would fail on the GPU, one line each: builds that failed, and programs over
+        the target's shared memory."""
         out = [f"{name} ({_constants_text(c)}): {err}" for name, c, err in self.failures]
         limit = SHARED_LIMIT.get(self.capability)
-        for b in self.built:
-            if limit is not None and b.shared > limit:
-                out.append(f"{b.kernel} ({b.summary()}): {b.shared} bytes of shared memory, "
-                           f"more than sm_{self.capability[0]}{self.capability[1]}'s {limit}")
-            if b.spill_stores:
-                out.append(f"{b.kernel} ({b.summary()}): {b.spill_stores} register spill stores "
-                           f"(a {b.stack}-byte stack frame) at {b.regs} registers")
+        if limit is not None:
+            out += [f"{b.kernel} ({b.summary()}): {b.shared} bytes of shared memory, more than "
+                    f"sm_{self.capability[0]}{self.capability[1]}'s {limit}"
+                    for b in self.built if b.shared > limit]
         return out
 
-    def table(self) -> str:
-        rows = [("kernel", "constexprs", "warps", "stages", "regs", "smem KiB", "stack B", "spills",
-                 "launches", "compile s")]
+    def spills(self) -> list[str]:
+        """Specializations that spill registers (slower, not wrong), one line each."""
+        return [f"{b.kernel} ({b.summary()}): {b.spill_stores} register spill stores "
+                f"(a {b.stack}-byte stack frame) at {b.regs} registers"
+                for b in self.built if b.spill_stores]
 
-        def known(v) -> str:
-            return "?" if v is None else str(v)
-
-        for b in self.built:
-            rows.append((b.kernel, b.summary(), str(b.num_warps), str(b.num_stages), known(b.regs),
-                         f"{b.shared / 1024:.1f}", known(b.stack), known(b.spill_stores),
-                         str(b.launches), f"{b.seconds:.2f}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = [" | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in
-                            enumerate(zip(r, widths))) for r in rows]
-        lines.insert(1, "-+-".join("-" * w for w in widths))
-        return "\n".join(lines)
+    def problems(self) -> list[str]:
+        return self.errors() + self.spills()
 
 
 def _short(v) -> str:
@@ -225,7 +222,6 @@ def compile_only(capability: tuple[int, int] = (9, 0), raise_errors: bool = True
     tool = _cuobjdump()
     target = GPUTarget("cuda", capability[0] * 10 + capability[1], 32)
     saved_caches: dict = {}  # kernel -> its own per-device caches, put back on leaving
-    failed: set = set()
     original = JITFunction.run
 
     def compile_launch(fn, *args, grid, warmup, **kwargs):
@@ -241,10 +237,9 @@ def compile_only(capability: tuple[int, int] = (9, 0), raise_errors: bool = True
             if raise_errors:
                 raise CompileCheckError(f"{fn.fn.__name__} failed to build for sm_"
                                         f"{target.arch}: {msg}") from err
-            key = (fn.fn.__name__, repr(sorted(consts.items())))
-            if key not in failed:  # each launch of it tries again: report it once
-                failed.add(key)
-                run.failures.append((fn.fn.__name__, consts, msg))
+            # each launch of it tries again: report it once
+            run._failed.setdefault((fn.fn.__name__, repr(sorted(consts.items()))),
+                                   (fn.fn.__name__, consts, msg))
             return None
         seconds = time.perf_counter() - t0
         seen = run._by_hash.get(kernel.hash)
@@ -258,7 +253,6 @@ def compile_only(capability: tuple[int, int] = (9, 0), raise_errors: bool = True
         if usage is not None:
             built.regs, built.stack, built.spill_stores = usage
         run._by_hash[kernel.hash] = built
-        run.built.append(built)
         return kernel
 
     previous = driver._active  # None until Triton first needs a driver (none on a CPU machine)

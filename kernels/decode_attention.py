@@ -34,7 +34,13 @@ from kernels._triton import (
     tl,
     triton,
 )
-from kernels.kv_store import INV_127, _check, _rotary_store_kv_op, _store_row_halves
+from kernels.kv_store import (
+    INV_127,
+    _check,
+    _rotary_store_kv_op,
+    _store_row_halves,
+    scales_by_reciprocal,
+)
 from kernels.rotary import _load_cos_sin, _rotate_half, check_rotary_args
 
 LOG2E = 1.4426950408889634
@@ -797,7 +803,7 @@ def _run(q, data_layer, scales_layer, block_tables, ctx_lens, sm_scale, partitio
             cos_row_stride=cos.stride(0),
             sin_row_stride=sin.stride(0),
             inv_qmax=INV_127,
-            SCALE_BY_RECIPROCAL=q.device.type == "cuda" or gpu_capability(q.device) is not None,
+            SCALE_BY_RECIPROCAL=scales_by_reciprocal(q.device),
             ROTARY=new_kv is not None,
         )
         _decode_reduce_kernel[(b, h)](

@@ -203,10 +203,10 @@ def _out_cols(w: torch.Tensor, gated: bool) -> int:
     return w.shape[0] // 2 if gated else w.shape[0]
 
 
-def _product(x, w, bias, gated: bool, config) -> torch.Tensor:
+def _product(x, w, bias, gated: bool, config, norm=None) -> torch.Tensor:
     out = x.new_empty((x.shape[0], _out_cols(w, gated)))
     if x.shape[0] and out.shape[1]:
-        _launch(x, w, bias, out, gated, config)
+        _launch(x, w, bias, out, gated, config, norm)
     return out
 
 
@@ -224,11 +224,8 @@ def _(x, w, bias, gated):
 def _gemv_norm_op(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
                   w: torch.Tensor, bias: torch.Tensor | None, gated: bool
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    out = x.new_empty((x.shape[0], _out_cols(w, gated)))
     summed = torch.empty_like(x, memory_format=torch.contiguous_format)
-    if x.shape[0] and out.shape[1]:
-        _launch(x, w, bias, out, gated, None, (residual, norm_weight, eps, summed))
-    return out, summed
+    return _product(x, w, bias, gated, None, (residual, norm_weight, eps, summed)), summed
 
 
 @_gemv_norm_op.register_fake

@@ -47,6 +47,13 @@ from kernels.rotary import (
 INV_127 = (torch.tensor(1.0) / torch.tensor(127.0)).item()
 
 
+def scales_by_reciprocal(device: torch.device) -> bool:
+    """Quantize as torch does on this device, so that scales match engine.kv_cache's bit for
+    bit: CUDA computes t / 127.0 as t * fp32(1/127), the CPU divides. CUDA tensors (under
+    the interpreter too) and the GPU targets of compile-only runs multiply."""
+    return device.type == "cuda" or gpu_capability(device) is not None
+
+
 @triton.jit
 def _round_half_even(y):
     """torch.round semantics without libdevice (the interpreter has none): ties go to even."""
@@ -296,7 +303,7 @@ def _launch(k, v, data_layer, scales_layer, slots, rotary=None) -> None:
             INV_127,
             PAGE_SIZE=data_layer.shape[2],
             QUANTIZE=quantize,
-            SCALE_BY_RECIPROCAL=k.device.type == "cuda" or gpu_capability(k.device) is not None,
+            SCALE_BY_RECIPROCAL=scales_by_reciprocal(k.device),
             ROTARY=rotary is not None,
             BLOCK_H=block_h,
             BLOCK_QH=block_qh,
