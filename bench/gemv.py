@@ -11,9 +11,10 @@ configs of a grid (`sweep_grid`: shuffled, so a budget cut still samples all of 
 row count for --sweep-budget-s seconds, and prints the best (keep --rows short).
 
 Part 2 (--engine): one engine per model shape with the GEMV off; a second set of decode
-graphs captured over the same model and cache with it on; for models narrow enough that
-the GEMV also takes each residual add + RMSNorm (kernels.gemv.fuses_norm: SmolLM2), one
-with the GEMV on and the norms in their own kernels; and with --sweep one with each
+graphs captured over the same model and cache with it on, which also takes each residual
+add + RMSNorm into the GEMVs (kernels.gemv.fuses_norm: SmolLM2's width, into the GEMV
+after; splits_norm: the 8B shape's, split between the GEMVs around it); one with the GEMV
+on and the norms in their own kernels; and with --sweep one with each
 layer's best swept config (kernels.gemv.TUNED, filled for that capture only). Logits are
 compared with cuBLAS's (max abs difference, greedy agreement), then replays are timed
 interleaved, and the engine loop (run-ahead on, batch 1) per token with each set.
@@ -214,12 +215,14 @@ def engine_rows(name: str, a, bw: float, tuned: dict | None = None) -> list[list
     backend = dataclasses.replace(engine.backend, gemv_rows=a.gemv_rows)
     captured = partial(_graph_set, model, engine, backend, max_bs, base.prefetch)
     variants = {"cuBLAS": base, f"gemv<={a.gemv_rows}": captured()}
-    if kernels.gemv.fuses_norm(cfg.hidden_size):  # the same without the norms in the GEMVs
-        saved, kernels.gemv.NORM_MAX_K = kernels.gemv.NORM_MAX_K, 0
+    g = kernels.gemv
+    if g.fuses_norm(cfg.hidden_size) or g.splits_norm(cfg.hidden_size):  # the norms on their own
+        saved = g.NORM_MAX_K, g.SPLIT_NORM
+        g.NORM_MAX_K, g.SPLIT_NORM = 0, False
         try:
             variants[f"gemv<={a.gemv_rows}, norms apart"] = captured()
         finally:
-            kernels.gemv.NORM_MAX_K = saved
+            g.NORM_MAX_K, g.SPLIT_NORM = saved
     if tuned:
         kernels.gemv.TUNED.update(tuned)  # read at capture only: the graphs keep the launches
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -90,6 +91,24 @@ def gemv_scope(max_rows: int):
         _GEMV_ROWS.reset(token)
 
 
+class RowSums(NamedTuple):
+    """Handed on as a layer's `residual` where its `x` already holds the residual stream: the
+    GEMV that made x (Linear(..., residual=) -> kernels.gemv.gemv_add) added the residual in
+    and left `sums`, the per-program sums of squares of x's rows, from which the next GEMV
+    normalizes x (Linear(..., norm=(RowSums, ...)) -> gemv_rmsnorm_sums). Rows too wide for
+    one GEMV to normalize alone (kernels.gemv.splits_norm) take this path."""
+
+    sums: torch.Tensor
+
+
+def add_rmsnorm(ops: LayerOps, x: torch.Tensor, residual, norm: RMSNorm):
+    """ops.add_rmsnorm(x, residual, ...) -> (rmsnorm(x + residual), x + residual), where
+    residual may be RowSums (x is then the stream itself)."""
+    if isinstance(residual, RowSums):
+        return ops.rmsnorm(x, norm.weight, norm.eps), x
+    return ops.add_rmsnorm(x, residual, norm.weight, norm.eps)
+
+
 class Linear(nn.Linear):
     """`nn.Linear` whose few-row products may go through kernels/gemv.py (see gemv_scope).
 
@@ -99,7 +118,9 @@ class Linear(nn.Linear):
     gated MLP's up projection with SiLU-and-mul fused, only where `takes_gemv(x)`.
     `forward(x, norm=(residual, weight, eps))` multiplies rmsnorm(x + residual) * weight
     instead of x, the residual add and norm before it inside the same launch, and returns
-    (product, x + residual); only where `takes_norm(x)`.
+    (product, x + residual); only where `takes_norm(x, residual)` (residual may be RowSums).
+    `forward(x, residual=r)` returns (product + r, RowSums) for the next such norm; only
+    where `adds_residual(x, r)`.
     """
 
     def takes_gemv(self, x: torch.Tensor) -> bool:
@@ -109,16 +130,36 @@ class Linear(nn.Linear):
         return (x.dim() == 2 and 0 < x.shape[0] <= _GEMV_ROWS.get() and x.dtype == w.dtype
                 and x.device == w.device and x.stride(1) == 1 and w.stride(1) == 1)
 
-    def takes_norm(self, x: torch.Tensor) -> bool:
+    def takes_norm(self, x: torch.Tensor, residual=None) -> bool:
         """takes_gemv(x), for rows narrow enough for the kernel to normalize itself
-        (kernels.gemv.fuses_norm: SmolLM2's width, not the 8B shape's)."""
+        (kernels.gemv.fuses_norm: SmolLM2's width, not the 8B shape's), or with residual a
+        RowSums, any rows (the sums are there)."""
+        if isinstance(residual, RowSums):
+            return self.takes_gemv(x)
         return self.takes_gemv(x) and _gemv_module().fuses_norm(x.shape[1])
 
-    def forward(self, x: torch.Tensor, gated: bool = False, norm=None):
+    def adds_residual(self, x: torch.Tensor, residual) -> bool:
+        """takes_gemv(x), with rows of the output too wide for the next GEMV to normalize
+        alone (kernels.gemv.splits_norm: the 8B shape's) and residual a tensor shaped as it."""
+        return (isinstance(residual, torch.Tensor) and self.takes_gemv(x)
+                and _gemv_module().splits_norm(self.out_features)
+                and residual.shape == (x.shape[0], self.out_features) and residual.dtype == x.dtype
+                and residual.stride(-1) == 1)
+
+    def forward(self, x: torch.Tensor, gated: bool = False, norm=None, residual=None):
+        if residual is not None:
+            if gated or not self.adds_residual(x, residual):
+                raise ValueError("Linear(residual=...) needs the GEMV path: check adds_residual first")
+            h, sums = _gemv_module().gemv_add(x, self.weight, residual, self.bias)
+            return h, RowSums(sums)
         if norm is not None:
-            if not self.takes_norm(x):
-                raise ValueError("Linear(norm=...) needs the GEMV path: check takes_norm(x) first")
             residual, weight, eps = norm
+            if not self.takes_norm(x, residual):
+                raise ValueError("Linear(norm=...) needs the GEMV path: check takes_norm(x) first")
+            if isinstance(residual, RowSums):
+                out = _gemv_module().gemv_rmsnorm_sums(x, residual.sums, weight, eps, self.weight,
+                                                       self.bias, gated)
+                return out, x
             return _gemv_module().gemv_add_rmsnorm(x, residual, weight, eps, self.weight, self.bias,
                                                    gated)
         if self.takes_gemv(x):
@@ -128,15 +169,24 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
-def norm_then(linear: nn.Module, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
+def norm_then(linear: nn.Module, x: torch.Tensor, residual, norm: RMSNorm,
               ops: LayerOps) -> tuple[torch.Tensor, torch.Tensor]:
-    """`ops.add_rmsnorm(x, residual, norm)` and then `linear` on the normalized rows, in one
+    """`add_rmsnorm(ops, x, residual, norm)` and then `linear` on the normalized rows, in one
     GEMV launch where the linear layer takes it (Linear.takes_norm). -> (linear's output,
     x + residual)."""
-    if isinstance(linear, Linear) and linear.takes_norm(x):
+    if isinstance(linear, Linear) and linear.takes_norm(x, residual):
         return linear(x, norm=(residual, norm.weight, norm.eps))
-    h, residual = ops.add_rmsnorm(x, residual, norm.weight, norm.eps)
+    h, residual = add_rmsnorm(ops, x, residual, norm)
     return linear(h), residual
+
+
+def then_add(linear: nn.Module, x: torch.Tensor, residual) -> tuple[torch.Tensor, object]:
+    """linear(x) handed on with the residual stream: (linear(x), residual), or where the GEMV
+    adds the residual in for the next norm (Linear.adds_residual), (linear(x) + residual,
+    RowSums)."""
+    if isinstance(linear, Linear) and linear.adds_residual(x, residual):
+        return linear(x, residual=residual)
+    return linear(x), residual
 
 
 class GatedMLP(nn.Module):
@@ -149,22 +199,26 @@ class GatedMLP(nn.Module):
         self.down = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor, ops: LayerOps | None = None) -> torch.Tensor:
+        return self.down(self._act(x, ops or TORCH_OPS))
+
+    def _act(self, x: torch.Tensor, ops: LayerOps) -> torch.Tensor:
         gate_up = self.gate_up
         if isinstance(gate_up, Linear) and gate_up.takes_gemv(x):  # SiLU-and-mul in the GEMV
-            return self.down(gate_up(x, gated=True))
-        ops = ops or TORCH_OPS
-        return self.down(ops.silu_and_mul(gate_up(x)))  # gate_up: [T, 2I]
+            return gate_up(x, gated=True)
+        return ops.silu_and_mul(gate_up(x))  # gate_up: [T, 2I]
 
-    def after_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm,
-                   ops: LayerOps) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward(rmsnorm(x + residual)) -> (output, x + residual), the add and norm in the
-        gate_up GEMV's launch where it takes them (norm_then)."""
+    def after_norm(self, x: torch.Tensor, residual, norm: RMSNorm,
+                   ops: LayerOps) -> tuple[torch.Tensor, object]:
+        """forward(rmsnorm(x + residual)) handed on with the stream x + residual, the add and
+        norm in the gate_up GEMV's launch where it takes them (norm_then), the next add in
+        the down GEMV's where it takes that (then_add)."""
         gate_up = self.gate_up
-        if isinstance(gate_up, Linear) and gate_up.takes_norm(x):
+        if isinstance(gate_up, Linear) and gate_up.takes_norm(x, residual):
             act, residual = gate_up(x, gated=True, norm=(residual, norm.weight, norm.eps))
-            return self.down(act), residual
-        h, residual = ops.add_rmsnorm(x, residual, norm.weight, norm.eps)
-        return self(h, ops), residual
+        else:
+            h, residual = add_rmsnorm(ops, x, residual, norm)
+            act = self._act(h, ops)
+        return then_add(self.down, act, residual)
 
 
 class CPULinear(nn.Module):

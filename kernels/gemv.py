@@ -32,6 +32,10 @@ from kernels._triton import (
 
 MAX_ROWS = 16  # above this a GEMM (cuBLAS) is the right tool
 NORM_MAX_K = 2048  # gemv_add_rmsnorm: the widest row it normalizes in its one K step
+# wider rows (the 8B shape's 4096) split the add + norm between two GEMVs instead: the one
+# before adds the residual in and leaves per-program sums of squares (gemv_add), the one
+# after normalizes from them (gemv_rmsnorm_sums); splits_norm
+SPLIT_NORM = True
 # (ROWS, output columns, K, gated) -> (BLOCK_N, BLOCK_K, num_warps, REDUCE_EACH), taken over
 # default_config where present (ROWS = next_power_of_2(M)). Empty unless a tuning run fills
 # it: bench/gemv.py --sweep --engine captures decode graphs with its sweep's best configs.
@@ -56,6 +60,7 @@ def _gemv_kernel(
     s_ptr,
     r_stride,
     s_stride,
+    parts,
     eps,
     ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -66,8 +71,14 @@ def _gemv_kernel(
     GATED: tl.constexpr,
     REDUCE_EACH: tl.constexpr,
     NORM: tl.constexpr,
+    ADD: tl.constexpr,
+    BLOCK_P: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    # NORM 1: x is rmsnorm(x + r) * g, the whole row in one K step (gemv_add_rmsnorm);
+    # NORM 2: x is rmsnorm(x) * g, the row's scale from the `parts` partial sums of squares
+    # at s_ptr that the GEMV before left (gemv_rmsnorm_sums); ADD: out = x @ w.T + r, and
+    # this program's sum of squares of its columns of out into s_ptr (gemv_add)
     pdl_wait(PDL)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns of this program
     m = tl.arange(0, ROWS)
@@ -87,6 +98,11 @@ def _gemv_kernel(
         acc = tl.zeros([ROWS, BLOCK_N, BLOCK_K], dtype=tl.float32)
         if GATED:
             acc_up = tl.zeros([ROWS, BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if NORM == 2:  # issued here, summed in the loop once the first weight loads are issued
+        p = tl.arange(0, BLOCK_P)
+        squares = tl.load(s_ptr + m[:, None] * s_stride + p[None, :],
+                          mask=m_ok[:, None] & (p < parts)[None, :], other=0.0)  # [ROWS, BLOCK_P]
+        rstd = tl.zeros([ROWS], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             x_mask = m_ok[:, None]
@@ -105,7 +121,7 @@ def _gemv_kernel(
             w = tl.load(w_ptrs, mask=w_mask, other=0.0)
             if GATED:
                 u = tl.load(up_ptrs, mask=w_mask, other=0.0)
-        if NORM:  # one K step (K <= BLOCK_K), its weight loads already issued above:
+        if NORM == 1:  # one K step (K <= BLOCK_K), its weight loads already issued above:
             # x is rmsnorm(x + r) * g as kernels/rmsnorm.py computes it, from the whole row
             k_in = k < K
             row_in = m_ok[:, None] & k_in[None, :]
@@ -122,6 +138,14 @@ def _gemv_kernel(
             rstd = tl.math.rsqrt(tl.sum(sf * sf, axis=1) / K + eps)  # [ROWS]
             normed = (sf * rstd[:, None]).to(xr.dtype).to(tl.float32)
             x = (g[None, :] * normed).to(xr.dtype).to(tl.float32)[:, None, :]  # [ROWS, 1, BLOCK_K]
+        elif NORM == 2:  # x already holds the residual; the same roundings as NORM 1
+            if k0 == 0:  # (loop-invariant, but written plainly it is hoisted above the loop,
+                # and so every program would wait for the sums before loading any weight)
+                rstd = tl.math.rsqrt(tl.sum(squares, axis=1) / K + eps)  # [ROWS]
+            xr = tl.load(x_ptrs, mask=x_mask, other=0.0)
+            g = tl.load(g_ptr + k0 + k, mask=(k0 + k) < K, other=0.0).to(tl.float32)
+            normed = (xr.to(tl.float32) * rstd[:, None]).to(xr.dtype).to(tl.float32)
+            x = (g[None, :] * normed).to(xr.dtype).to(tl.float32)[:, None, :]
         else:
             x = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]  # [ROWS, 1, BLOCK_K]
         if REDUCE_EACH:
@@ -144,8 +168,14 @@ def _gemv_kernel(
         if HAS_BIAS:
             up += tl.load(b_ptr + N + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         y = y * tl.sigmoid(y) * up
+    out_ok = m_ok[:, None] & n_ok[None, :]
+    if ADD:  # the product rounded, then + r rounded: a residual add's roundings
+        r = tl.load(r_ptr + m[:, None] * r_stride + n[None, :], mask=out_ok, other=0.0)
+        y = (y.to(r.dtype).to(tl.float32) + r.to(tl.float32)).to(r.dtype).to(tl.float32)
+        # masked columns and rows are 0 here (their weights and r load as 0)
+        tl.store(s_ptr + m * s_stride + tl.program_id(0), tl.sum(y * y, axis=1), mask=m_ok)
     out_ptrs = out_ptr + m[:, None] * out_stride + n[None, :]
-    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
 def default_config(m: int, n: int, k: int, gated: bool) -> tuple[int, int, int, bool]:
@@ -172,30 +202,44 @@ def default_config(m: int, n: int, k: int, gated: bool) -> tuple[int, int, int, 
     return block_n, block_k, warps, m > 2
 
 
+def _config(m: int, n: int, k: int, gated: bool, config=None) -> tuple[int, int, int, bool]:
+    return (config or TUNED.get((triton.next_power_of_2(max(m, 1)), n, k, gated))
+            or default_config(m, n, k, gated))
+
+
+def _parts(m: int, n: int, k: int) -> int:
+    """How many programs a plain [m, k] x [n, k]^T product runs: gemv_add's sums per row."""
+    return triton.cdiv(n, _config(m, n, k, False)[0])
+
+
 def _launch(x: torch.Tensor, w: torch.Tensor, bias, out: torch.Tensor, gated: bool, config,
-            norm=None) -> None:
+            norm=None, sums_norm=None, add=None) -> None:
     """norm: (residual, norm weight, eps, residual out) to multiply rmsnorm(x + residual) *
-    weight instead of x (one K step: BLOCK_K is K's next power of two)."""
+    weight instead of x (one K step: BLOCK_K is K's next power of two). sums_norm: (sums,
+    norm weight, eps) to multiply rmsnorm(x) * weight, the row's scale from gemv_add's sums.
+    add: (residual, sums out) to write x @ w.T + residual and its sums of squares."""
     m, k = x.shape
     n = out.shape[1]
-    rows = triton.next_power_of_2(m)
-    block_n, block_k, warps, reduce_each = (config or TUNED.get((rows, n, k, gated))
-                                            or default_config(m, n, k, gated))
+    block_n, block_k, warps, reduce_each = _config(m, n, k, gated, config)
     up_offset = n * w.stride(0) if gated else 0
-    if norm is None:
-        r, g, s_out, eps = x, x, x, 0.0  # never read
-    else:
-        r, g, eps, s_out = norm
-        block_k = triton.next_power_of_2(k)
+    r, g, s, eps, parts, mode = x, x, x, 0.0, 1, 0  # r, g, s never read unless a mode says
+    if norm is not None:
+        r, g, eps, s = norm
+        block_k, mode = triton.next_power_of_2(k), 1
+    elif sums_norm is not None:
+        s, g, eps = sums_norm
+        parts, mode = s.shape[1], 2
+    elif add is not None:
+        r, s = add
     with device_guard(x):
         _gemv_kernel[(triton.cdiv(n, block_n),)](
             x, w, bias if bias is not None else w, out, m, n, k,
             x.stride(0), w.stride(0), out.stride(0), up_offset,
-            r, g, s_out, r.stride(0), s_out.stride(0), eps,
-            ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k,
+            r, g, s, r.stride(0), s.stride(0), parts, eps,
+            ROWS=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
             EVEN_K=k % block_k == 0, EVEN_N=n % block_n == 0, HAS_BIAS=bias is not None,
-            GATED=gated, REDUCE_EACH=reduce_each, NORM=norm is not None, num_warps=warps,
-            **pdl_args(x),
+            GATED=gated, REDUCE_EACH=reduce_each, NORM=mode, ADD=add is not None,
+            BLOCK_P=triton.next_power_of_2(parts), num_warps=warps, **pdl_args(x),
         )
 
 
@@ -203,10 +247,10 @@ def _out_cols(w: torch.Tensor, gated: bool) -> int:
     return w.shape[0] // 2 if gated else w.shape[0]
 
 
-def _product(x, w, bias, gated: bool, config, norm=None) -> torch.Tensor:
+def _product(x, w, bias, gated: bool, config, **mode) -> torch.Tensor:
     out = x.new_empty((x.shape[0], _out_cols(w, gated)))
     if x.shape[0] and out.shape[1]:
-        _launch(x, w, bias, out, gated, config, norm)
+        _launch(x, w, bias, out, gated, config, **mode)
     return out
 
 
@@ -225,12 +269,39 @@ def _gemv_norm_op(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Te
                   w: torch.Tensor, bias: torch.Tensor | None, gated: bool
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     summed = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return _product(x, w, bias, gated, None, (residual, norm_weight, eps, summed)), summed
+    return _product(x, w, bias, gated, None, norm=(residual, norm_weight, eps, summed)), summed
 
 
 @_gemv_norm_op.register_fake
 def _(x, residual, norm_weight, eps, w, bias, gated):
     return x.new_empty((x.shape[0], _out_cols(w, gated))), torch.empty_like(x)
+
+
+def _sums_of(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], _parts(x.shape[0], w.shape[0], x.shape[1])), dtype=torch.float32)
+
+
+@kernel_op("gemv_add")
+def _gemv_add_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    sums = _sums_of(x, w)
+    return _product(x, w, bias, False, None, add=(residual, sums)), sums
+
+
+@_gemv_add_op.register_fake
+def _(x, w, bias, residual):
+    return x.new_empty((x.shape[0], w.shape[0])), _sums_of(x, w)
+
+
+@kernel_op("gemv_rmsnorm_sums")
+def _gemv_sums_op(x: torch.Tensor, sums: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                  w: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> torch.Tensor:
+    return _product(x, w, bias, gated, None, sums_norm=(sums, norm_weight, eps))
+
+
+@_gemv_sums_op.register_fake
+def _(x, sums, norm_weight, eps, w, bias, gated):
+    return x.new_empty((x.shape[0], _out_cols(w, gated)))
 
 
 def _check(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, gated: bool) -> None:
@@ -286,13 +357,61 @@ def gemv_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch
     k = x.shape[1]
     if not fuses_norm(k):
         raise ValueError(f"{name}: rows of at most {NORM_MAX_K} features (one K step), got {k}")
-    if residual.shape != x.shape or residual.dtype != x.dtype or (k > 1 and residual.stride(1) != 1):
-        raise ValueError(f"{name}: residual must match x ({tuple(x.shape)} {x.dtype}, stride 1 along K), "
-                         f"got {tuple(residual.shape)} {residual.dtype}")
+    _check_residual(name, residual, tuple(x.shape), x.dtype)
+    _check_norm_weight(name, norm_weight, x)
+    return _gemv_norm_op(x, residual, norm_weight, float(eps), w, bias, gated)
+
+
+def _check_residual(name: str, residual: torch.Tensor, shape: tuple[int, int], dtype) -> None:
+    if (tuple(residual.shape) != shape or residual.dtype != dtype
+            or (shape[1] > 1 and residual.stride(1) != 1)):
+        raise ValueError(f"{name}: residual must be {shape} {dtype} with stride 1 along its last "
+                         f"dim, got {tuple(residual.shape)} {residual.dtype}")
+
+
+def _check_norm_weight(name: str, norm_weight: torch.Tensor, x: torch.Tensor) -> None:
+    k = x.shape[1]
     if norm_weight.shape != (k,) or not norm_weight.is_contiguous() or norm_weight.dtype != x.dtype:
         raise ValueError(f"{name}: norm_weight must be a contiguous [{k}] of x's dtype, got "
                          f"{tuple(norm_weight.shape)} {norm_weight.dtype}")
-    return _gemv_norm_op(x, residual, norm_weight, float(eps), w, bias, gated)
+
+
+def splits_norm(k: int) -> bool:
+    """Whether a residual add + RMSNorm over rows of k features goes, few-row, into the
+    GEMVs around it as gemv_add then gemv_rmsnorm_sums: rows too wide for
+    gemv_add_rmsnorm's one K step (the 8B shape's 4096), while SPLIT_NORM is on."""
+    return SPLIT_NORM and not fuses_norm(k)
+
+
+def gemv_add(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor,
+             bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear layer and the residual add after it, in one launch: -> (h, sums) with h =
+    residual + gemv(x, w, bias), rounded as the two steps round (the product to x's dtype,
+    then the sum), and sums [M, P] fp32 the sums of squares of h's columns that each of the
+    launch's P programs wrote, whose rows add up to (h.float() ** 2).sum(-1): what
+    gemv_rmsnorm_sums needs to normalize h without another pass over it."""
+    name = "gemv_add"
+    _check(x, w, bias, False)
+    check_launchable(name, residual)
+    _check_residual(name, residual, (x.shape[0], w.shape[0]), x.dtype)
+    return _gemv_add_op(x, w, bias, residual)
+
+
+def gemv_rmsnorm_sums(x: torch.Tensor, sums: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                      w: torch.Tensor, bias: torch.Tensor | None = None, gated: bool = False
+                      ) -> torch.Tensor:
+    """gemv(rmsnorm(x, norm_weight, eps), w, bias, gated) in one launch, the norm's scale
+    from the sums of squares that gemv_add left with x (any [M, P] fp32 whose rows add up
+    to x's), the roundings as kernels/rmsnorm.py's (its sum in another order)."""
+    name = "gemv_rmsnorm_sums"
+    _check(x, w, bias, gated)
+    check_launchable(name, sums, norm_weight)
+    _check_norm_weight(name, norm_weight, x)
+    if (sums.dim() != 2 or sums.shape[0] != x.shape[0] or sums.dtype != torch.float32
+            or not sums.is_contiguous() or sums.shape[1] < 1):
+        raise ValueError(f"{name}: sums must be a contiguous fp32 [{x.shape[0]}, P >= 1] (gemv_add's), "
+                         f"got {tuple(sums.shape)} {sums.dtype}")
+    return _gemv_sums_op(x, sums, norm_weight, float(eps), w, bias, gated)
 
 
 def gemv_add_rmsnorm_reference(x, residual, norm_weight, eps, w, bias=None, gated=False):
@@ -301,6 +420,18 @@ def gemv_add_rmsnorm_reference(x, residual, norm_weight, eps, w, bias=None, gate
 
     summed = (x.float() + residual.float()).to(x.dtype)
     return gemv_reference(rmsnorm_reference(summed, norm_weight, eps), w, bias, gated), summed
+
+
+def gemv_add_reference(x, w, residual, bias=None):
+    """gemv_reference, then the residual add as a separate rounding step."""
+    return (gemv_reference(x, w, bias).float() + residual.float()).to(x.dtype)
+
+
+def gemv_rmsnorm_sums_reference(x, norm_weight, eps, w, bias=None, gated=False):
+    """The rmsnorm reference on x, then gemv_reference (no sums: it takes the whole row)."""
+    from kernels.rmsnorm import rmsnorm_reference
+
+    return gemv_reference(rmsnorm_reference(x, norm_weight, eps), w, bias, gated)
 
 
 def gemv_with_config(x, w, bias=None, gated=False, config=None) -> torch.Tensor:

@@ -15,7 +15,15 @@ from engine.attention import AttentionMetadata
 from engine.backend import TORCH_BACKEND, Backend
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
-from engine.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, norm_then
+from engine.layers import (
+    GatedMLP,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    add_rmsnorm,
+    norm_then,
+    then_add,
+)
 
 
 class Attention(nn.Module):
@@ -33,8 +41,10 @@ class Attention(nn.Module):
         return self.attend(self.qkv(x), positions, rope, meta, cache, backend)
 
     def attend(self, qkv, positions, rope: RotaryEmbedding, meta: AttentionMetadata, cache: KVCache,
-               backend: Backend = TORCH_BACKEND):
-        """From the qkv projection [T, q + 2 kv] on: rotary, KV store, attention, o."""
+               backend: Backend = TORCH_BACKEND, residual=None):
+        """From the qkv projection [T, q + 2 kv] on: rotary, KV store, attention, o. With the
+        residual stream given, -> (o's output, residual) as engine.layers.then_add hands
+        them on (maybe the two added, with RowSums)."""
         c, ops = self.cfg, backend.ops
         t = qkv.shape[0]
         q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
@@ -50,7 +60,8 @@ class Attention(nn.Module):
         else:
             q, k = rope(positions, q, k, ops)
             out = attn.forward(q, k, v, cache, self.layer, meta)  # [T, H, D]
-        return self.o(out.reshape(t, c.q_size))
+        out = out.reshape(t, c.q_size)
+        return self.o(out) if residual is None else then_add(self.o, out, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -72,18 +83,20 @@ class DecoderLayer(nn.Module):
         -> (this layer's MLP output, the stream before it). Deferring each residual add
         into the next norm lets the GPU fuse them; the values are the same as
         `x = x + attn(norm(x)); x = x + mlp(norm(x))`. For few rows of a narrow model the
-        add and norm also go into the next GEMV's launch (engine.layers.norm_then).
+        add and norm also go into the next GEMV's launch (engine.layers.norm_then); for few
+        rows of a wide one the add goes into the GEMV before (o, down) and the norm into the
+        GEMV after, residual then being an engine.layers.RowSums (then_add).
         """
         ops = backend.ops
         if residual is None:
-            residual, h = x, self.attn_norm(x, ops)
-            h = self.attn(h, positions, rope, meta, cache, backend)
+            residual = x
+            qkv = self.attn.qkv(self.attn_norm(x, ops))
         else:
             qkv, residual = norm_then(self.attn.qkv, x, residual, self.attn_norm, ops)
-            h = self.attn.attend(qkv, positions, rope, meta, cache, backend)
+        h, residual = self.attn.attend(qkv, positions, rope, meta, cache, backend, residual)
         if isinstance(self.mlp, GatedMLP):
             return self.mlp.after_norm(h, residual, self.mlp_norm, ops)
-        h, residual = ops.add_rmsnorm(h, residual, self.mlp_norm.weight, self.mlp_norm.eps)
+        h, residual = add_rmsnorm(ops, h, residual, self.mlp_norm)
         return self.mlp(h, ops), residual
 
 
@@ -108,7 +121,7 @@ class DecoderModel(nn.Module):
             for i, layer in enumerate(self.layers):
                 with backend.range(f"layer {i}"):
                     x, residual = layer(x, residual, positions, self.rope, meta, cache, backend)
-            return backend.ops.add_rmsnorm(x, residual, self.norm.weight, self.norm.eps)[0]
+            return add_rmsnorm(backend.ops, x, residual, self.norm)[0]
 
     def compute_logits(self, hidden: torch.Tensor, backend: Backend = TORCH_BACKEND) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] float32."""

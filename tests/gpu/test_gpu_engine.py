@@ -305,33 +305,43 @@ def test_fused_decode_store_gives_the_two_launches_results(cpu_model, monkeypatc
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-2, atol=1e-2)
 
 
-def test_gemv_kernel_engine_matches_cpu_and_cublas(cpu_model, monkeypatch):
+@pytest.mark.parametrize("norms", ["row", "split"])
+def test_gemv_kernel_engine_matches_cpu_and_cublas(cpu_model, norms, monkeypatch):
     """EngineConfig.gemv: the decode graphs send every few-row linear layer through
-    kernels/gemv.py (gate_up with SiLU fused); fp32 greedy tokens equal the CPU engine's,
-    and bf16 logits stay within the bf16 tolerance of the cuBLAS engine's."""
+    kernels/gemv.py (gate_up with SiLU fused), with the residual adds + norms inside the
+    GEMVs: "row", in the GEMV after each (SmolLM2's width), or "split" between the GEMVs
+    around each (gemv_add, gemv_rmsnorm_sums: rows as wide as the 8B shape's, forced here
+    with NORM_MAX_K = 0); fp32 greedy tokens equal the CPU engine's, and bf16 logits stay
+    within the bf16 tolerance of the cuBLAS engine's."""
     import engine.layers
     import kernels.gemv as g
 
     calls = []
-    gemv, fused = g.gemv, g.gemv_add_rmsnorm
+    real = {name: getattr(g, name) for name in ("gemv", "gemv_add_rmsnorm", "gemv_add", "gemv_rmsnorm_sums")}
 
-    def counted(x, w, bias, gated):
-        calls.append((x.shape[0], gated))
-        return gemv(x, w, bias, gated)
+    def spy(name, gated_at):
+        def call(x, *args):
+            calls.append((x.shape[0], bool(args[gated_at]) if gated_at else False, name))
+            return real[name](x, *args)
+        return call
 
-    def counted_fused(x, residual, weight, eps, w, bias, gated):  # SmolLM2: the norms fused too
-        calls.append((x.shape[0], gated))
-        return fused(x, residual, weight, eps, w, bias, gated)
-
+    if norms == "split":
+        monkeypatch.setattr(g, "NORM_MAX_K", 0)
+        monkeypatch.setattr(g, "SPLIT_NORM", True)
     prompts = _prompts()
     want = _greedy(_engine(cpu_model, "cpu"), prompts)
-    monkeypatch.setattr(g, "gemv", counted)
-    monkeypatch.setattr(g, "gemv_add_rmsnorm", counted_fused)
+    for name, gated_at in (("gemv", 2), ("gemv_add_rmsnorm", 5), ("gemv_add", None),
+                           ("gemv_rmsnorm_sums", 5)):
+        monkeypatch.setattr(g, name, spy(name, gated_at))
     gpu = _engine(_on_gpu(cpu_model), "cuda", max_num_seqs=8, gemv="4")
     assert gpu.backend.gemv_rows > 0 and gpu.runner.graphs is not None
     assert isinstance(gpu.runner.model.layers[0].mlp.gate_up, engine.layers.Linear)
-    assert (1, True) in calls and (4, False) in calls, "the decode graphs did not take the GEMV"
-    assert all(rows <= gpu.backend.gemv_rows for rows, _ in calls)
+    fused = ("gemv_add_rmsnorm",) if norms == "row" else ("gemv_add", "gemv_rmsnorm_sums")
+    for rows, gated in ((1, True), (4, False)):
+        assert {name for r, gt, name in calls if (r, gt) == (rows, gated)} & {"gemv", *fused}, \
+            "the decode graphs did not take the GEMV"
+    assert {name for *_, name in calls} == {"gemv", *fused}
+    assert all(rows <= gpu.backend.gemv_rows for rows, *_ in calls)
     assert _greedy(gpu, prompts) == want
     logits = {}
     for setting in ("on", "off"):

@@ -160,46 +160,52 @@ def test_the_backends_pdl_choice_wraps_every_forward(device, monkeypatch):
     assert seen == []
 
 
-@pytest.mark.parametrize("rows,fuse_norm", [(2, True), (2, False), (1, True)])
-def test_triton_decoder_sends_few_row_linears_to_the_gemv(rows, fuse_norm, device, monkeypatch):
+@pytest.mark.parametrize("rows,norms", [(2, "row"), (2, "split"), (2, "apart"), (1, "row")])
+def test_triton_decoder_sends_few_row_linears_to_the_gemv(rows, norms, device, monkeypatch):
     """Backend.gemv_rows: steps of at most that many rows take kernels/gemv.py for every
     linear layer (the MLP's up projection with SiLU-and-mul fused) and the LM head; the
     24-token prefill keeps F.linear. Rows as narrow as this model's also take each layer's
-    residual add + RMSNorm into the GEMV after it (qkv from the second layer on, gate_up
-    in every layer), so no norm kernel runs there; with that off (NORM_MAX_K = 0) the
-    norms run on their own. Logits as the torch backend's either way."""
+    residual add + RMSNorm into the GEMV after it ("row": qkv from the second layer on,
+    gate_up in every layer). Rows too wide for that (here NORM_MAX_K = 0 makes them so)
+    split it ("split"): o and down add the residual in (gemv_add), qkv and gate_up
+    normalize from their sums (gemv_rmsnorm_sums). Either way only layer 0's norm and the
+    final one run as norm kernels; with SPLIT_NORM off as well ("apart") every norm does.
+    Logits as the torch backend's in all cases."""
     import kernels.gemv as g
 
-    calls, norms = [], []
-    gemv, fused, add_norm = g.gemv, g.gemv_add_rmsnorm, kernels.ops.fused_add_rmsnorm
+    calls, norm_rows = [], []
+    real = {name: getattr(g, name) for name in ("gemv", "gemv_add_rmsnorm", "gemv_add", "gemv_rmsnorm_sums")}
 
-    def spy_gemv(x, w, bias, gated):
-        calls.append((x.shape[0], gated, False))
-        return gemv(x, w, bias, gated)
+    def spy(name, kind, gated_at):
+        def call(x, *args):
+            calls.append((x.shape[0], bool(args[gated_at]) if gated_at else False, kind))
+            return real[name](x, *args)
+        return call
 
-    def spy_fused(x, residual, weight, eps, w, bias, gated):
-        calls.append((x.shape[0], gated, True))
-        return fused(x, residual, weight, eps, w, bias, gated)
-
-    def spy_norm(x, *args):
-        norms.append(x.shape[0])
-        return add_norm(x, *args)
-
-    monkeypatch.setattr(g, "gemv", spy_gemv)
-    monkeypatch.setattr(g, "gemv_add_rmsnorm", spy_fused)
-    monkeypatch.setattr(kernels.ops, "fused_add_rmsnorm", spy_norm)  # TritonOps.add_rmsnorm's
-    if not fuse_norm:
+    monkeypatch.setattr(g, "gemv", spy("gemv", "plain", 2))
+    monkeypatch.setattr(g, "gemv_add_rmsnorm", spy("gemv_add_rmsnorm", "row", 5))
+    monkeypatch.setattr(g, "gemv_add", spy("gemv_add", "add", None))
+    monkeypatch.setattr(g, "gemv_rmsnorm_sums", spy("gemv_rmsnorm_sums", "sums", 5))
+    for name in ("fused_add_rmsnorm", "rmsnorm"):  # TritonOps' norm kernels
+        def counted(x, *args, _real=getattr(kernels.ops, name)):
+            norm_rows.append(x.shape[0])
+            return _real(x, *args)
+        monkeypatch.setattr(kernels.ops, name, counted)
+    if norms != "row":
         monkeypatch.setattr(g, "NORM_MAX_K", 0)
+    monkeypatch.setattr(g, "SPLIT_NORM", norms == "split")
     model = _model("llama", device)
     got = _logits(model, select_backend(device, "triton", gemv_rows=rows), torch.float32, device)
-    f = fuse_norm
-    first = [(2, False, False), (2, False, False), (2, True, f), (2, False, False)]  # qkv, o, gate_up, down
-    later = [(2, False, f), (2, False, False), (2, True, f), (2, False, False)]
-    per_step = first + later * (LAYERS - 1) + [(2, False, False)]  # + the LM head
+    p = "plain"
+    pre, post = {"row": ("row", "row"), "split": ("sums", "sums"), "apart": (p, p)}[norms]
+    add = "add" if norms == "split" else p
+    first = [(2, False, p), (2, False, add), (2, True, post), (2, False, add)]  # qkv, o, gate_up, down
+    later = [(2, False, pre), (2, False, add), (2, True, post), (2, False, add)]
+    per_step = first + later * (LAYERS - 1) + [(2, False, p)]  # + the LM head
     assert calls == (per_step * len(DECODE_TOKENS) if rows == 2 else [])  # 2-row decode steps
-    # fused: only the final norm; else each layer's adds + norms (layer 0's first has no add)
-    step_norms = 1 if f and rows == 2 else 2 * LAYERS
-    assert norms.count(2) == step_norms * len(DECODE_TOKENS)
+    # layer 0's norm and the final one, or each layer's two and the final one
+    step_norms = 2 * LAYERS + 1 if norms == "apart" or rows == 1 else 2
+    assert norm_rows.count(2) == step_norms * len(DECODE_TOKENS)
     reference = _logits(model, TORCH_BACKEND, torch.float32, device)
     for a, b in zip(got, reference):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -6,15 +6,21 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+import kernels.gemv  # noqa: E402
 from kernels.gemv import (  # noqa: E402
     MAX_ROWS,
     NORM_MAX_K,
     fuses_norm,
     gemv,
+    gemv_add,
+    gemv_add_reference,
     gemv_add_rmsnorm,
     gemv_add_rmsnorm_reference,
     gemv_reference,
+    gemv_rmsnorm_sums,
+    gemv_rmsnorm_sums_reference,
     gemv_with_config,
+    splits_norm,
 )
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -170,8 +176,8 @@ def test_gemv_add_rmsnorm_writes_the_whole_residual(device):
 
 
 @pytest.mark.parametrize("change,match", [
-    (lambda a: {**a, "residual": torch.randn(3, 64)}, "residual must match"),
-    (lambda a: {**a, "residual": torch.randn(2, 64).half()}, "residual must match"),
+    (lambda a: {**a, "residual": torch.randn(3, 64)}, "residual must be"),
+    (lambda a: {**a, "residual": torch.randn(2, 64).half()}, "residual must be"),
     (lambda a: {**a, "norm_weight": torch.randn(32)}, "norm_weight"),
     (lambda a: {**a, "norm_weight": torch.randn(64).half()}, "norm_weight"),
 ])
@@ -189,6 +195,86 @@ def test_gemv_add_rmsnorm_only_for_rows_it_can_hold(device):
     x, residual, weight, w, _ = _norm_inputs(1, 8, k, torch.float32, device)
     with pytest.raises(ValueError, match=f"at most {NORM_MAX_K} features"):
         gemv_add_rmsnorm(x, residual, weight, 1e-6, w)
+
+
+def _split_inputs(m, n, k, dtype, device, bias=False):
+    """x [m, k] and w [n, k] for gemv_add, its residual [m, n], and a norm weight [n] and
+    next layer's w2 [40, n] for gemv_rmsnorm_sums."""
+    x, w, b = _inputs(m, n, k, dtype, device, bias)
+    residual = torch.randn(m, n, device=device).to(dtype)
+    weight = (torch.rand(n, device=device) + 0.5).to(dtype)
+    w2 = (torch.randn(40, n, device=device) / n ** 0.5).to(dtype)
+    return x, w, b, residual, weight, w2
+
+
+# rows 1..MAX_ROWS, K and N off the blocks
+@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (3, 130, 200), (16, 40, 48)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemv_add_is_the_two_steps(m, n, k, bias, dtype, device):
+    """gemv_add = gemv then the residual add, bit for bit (each rounded once); its sums
+    are, per program, the sums of squares of that program's columns of the result."""
+    x, w, b, residual, _, _ = _split_inputs(m, n, k, dtype, device, bias)
+    h, sums = gemv_add(x, w, residual, b)
+    assert torch.equal(h, (gemv(x, w, b).float() + residual.float()).to(dtype))
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(h, gemv_add_reference(x, w, residual, b), rtol=rtol, atol=atol)
+    block_n = kernels.gemv._config(m, n, k, False)[0]
+    assert sums.dtype == torch.float32 and sums.shape == (m, -(-n // block_n))
+    squares = torch.nn.functional.pad(h.float() ** 2, (0, sums.shape[1] * block_n - n))
+    torch.testing.assert_close(sums, squares.view(m, -1, block_n).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 96, 64), (3, 130, 200), (16, 40, 48)])
+@pytest.mark.parametrize("gated,bias", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemv_rmsnorm_sums_is_the_two_kernels(m, n, k, gated, bias, dtype, device):
+    """gemv_rmsnorm_sums on gemv_add's output and sums gives rmsnorm then gemv: its
+    roundings, its sum of squares in another order (so within an ulp of the norm's
+    output, not bit for bit); the reference within the GEMV's tolerance. It uses only
+    the sums' row totals: the same squares summed into 3 other parts give the same."""
+    from kernels.rmsnorm import rmsnorm
+
+    x, w, _, residual, weight, w2 = _split_inputs(m, n, k, dtype, device)
+    b2 = torch.randn(w2.shape[0], device=device).to(dtype) if bias else None
+    h, sums = gemv_add(x, w, residual)
+    out = gemv_rmsnorm_sums(h, sums, weight, 1e-6, w2, b2, gated)
+    assert out.shape == (m, 20 if gated else 40) and out.dtype == dtype
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(out, gemv(rmsnorm(h, weight, 1e-6), w2, b2, gated), rtol=rtol, atol=atol)
+    torch.testing.assert_close(out, gemv_rmsnorm_sums_reference(h, weight, 1e-6, w2, b2, gated),
+                               rtol=rtol, atol=atol)
+    thirds = torch.stack([part.float().pow(2).sum(-1) for part in h.tensor_split(3, dim=1)], dim=1)
+    again = gemv_rmsnorm_sums(h, thirds.contiguous(), weight, 1e-6, w2, b2, gated)
+    torch.testing.assert_close(again, out, rtol=rtol, atol=atol)
+    wrong = gemv_rmsnorm_sums(h, thirds * 4, weight, 1e-6, w2, b2, gated)  # a scale off by 2
+    assert not torch.allclose(wrong.float(), out.float(), rtol=rtol, atol=atol)
+
+
+def test_splits_norm_takes_the_rows_gemv_add_rmsnorm_cannot(monkeypatch):
+    assert splits_norm(NORM_MAX_K + 1) and splits_norm(4096)
+    assert not splits_norm(NORM_MAX_K) and not splits_norm(576)
+    monkeypatch.setattr(kernels.gemv, "SPLIT_NORM", False)
+    assert not splits_norm(4096)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda d: gemv_add(torch.randn(2, 64, device=d), torch.randn(8, 64, device=d), torch.randn(2, 64, device=d)),
+     "residual must be"),
+    (lambda d: gemv_add(torch.randn(2, 64, device=d), torch.randn(8, 64, device=d),
+                        torch.randn(2, 8, device=d).half()), "residual must be"),
+    (lambda d: gemv_rmsnorm_sums(torch.randn(2, 64, device=d), torch.randn(2, 4, device=d).double(),
+                                 torch.randn(64, device=d), 1e-6, torch.randn(8, 64, device=d)), "sums must be"),
+    (lambda d: gemv_rmsnorm_sums(torch.randn(2, 64, device=d), torch.randn(3, 4, device=d),
+                                 torch.randn(64, device=d), 1e-6, torch.randn(8, 64, device=d)), "sums must be"),
+    (lambda d: gemv_rmsnorm_sums(torch.randn(2, 64, device=d), torch.randn(2, 0, device=d),
+                                 torch.randn(64, device=d), 1e-6, torch.randn(8, 64, device=d)), "sums must be"),
+    (lambda d: gemv_rmsnorm_sums(torch.randn(2, 64, device=d), torch.randn(2, 4, device=d),
+                                 torch.randn(32, device=d), 1e-6, torch.randn(8, 64, device=d)), "norm_weight"),
+])
+def test_split_norm_rejects_bad_input(call, match, device):
+    with pytest.raises(ValueError, match=match):
+        call(device)
 
 
 @pytest.mark.gpu
@@ -245,6 +331,43 @@ def test_gemv_add_rmsnorm_gpu(m, n, gated):
                              fullgraph=True)
     for got, want in zip(compiled(x), gemv_add_rmsnorm(x, residual, weight, 1e-5, w, None, gated)):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("m", [1, 2, 4])
+def test_split_norm_gpu_8b_shapes(m):
+    """The 8B decode shapes in bf16: o and down as gemv_add (the result bit for bit as gemv
+    + add), qkv and gate_up (gated) as gemv_rmsnorm_sums on them, against rmsnorm + gemv;
+    in a CUDA graph and under torch.compile."""
+    from kernels.rmsnorm import rmsnorm
+
+    rtol, atol = TOL[torch.bfloat16]
+    for n_in, k_in in ((4096, 4096), (4096, 14336)):  # o, down
+        x, w, _, residual, weight, _ = _split_inputs(m, n_in, k_in, torch.bfloat16, "cuda")
+        h, sums = gemv_add(x, w, residual)
+        assert torch.equal(h, (gemv(x, w).float() + residual.float()).to(torch.bfloat16))
+        torch.testing.assert_close(sums.sum(-1), h.float().pow(2).sum(-1), rtol=1e-5, atol=1e-3)
+        for n_out, gated in ((6144, False), (28672, True)):  # qkv, gate_up
+            w2 = (torch.randn(n_out, 4096, device="cuda") / 64).to(torch.bfloat16)
+            out = gemv_rmsnorm_sums(h, sums, weight, 1e-5, w2, None, gated)
+            want = gemv(rmsnorm(h, weight, 1e-5), w2, None, gated)
+            torch.testing.assert_close(out, want, rtol=rtol, atol=atol)
+    graph, outs = torch.cuda.CUDAGraph(), []
+    with torch.cuda.graph(graph):
+        h, sums = gemv_add(x, w, residual)
+        outs.extend((h, gemv_rmsnorm_sums(h, sums, weight, 1e-5, w2, None, True)))
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    h = (gemv(x, w).float() + residual.float()).to(torch.bfloat16)
+    assert torch.equal(outs[0], h)
+    torch.testing.assert_close(outs[1], gemv(rmsnorm(h, weight, 1e-5), w2, None, True), rtol=rtol, atol=atol)
+
+    def both(a):
+        hh, ss = gemv_add(a, w, residual)
+        return gemv_rmsnorm_sums(hh, ss, weight, 1e-5, w2, None, True)
+
+    torch.testing.assert_close(torch.compile(both, fullgraph=True)(x), both(x), rtol=0, atol=0)
 
 
 def test_sweep_grid_and_budget(monkeypatch):
