@@ -11,10 +11,10 @@ configs of a grid (`sweep_grid`: shuffled, so a budget cut still samples all of 
 row count for --sweep-budget-s seconds, and prints the best (keep --rows short).
 
 Part 2 (--engine): one engine per model shape with the GEMV off; a second set of decode
-graphs captured over the same model and cache with it on, which also takes each residual
-add + RMSNorm into the GEMVs (kernels.gemv.fuses_norm: SmolLM2's width, into the GEMV
-after; splits_norm: the 8B shape's, split between the GEMVs around it); one with the GEMV
-on and the norms in their own kernels; and with --sweep one with each
+graphs captured over the same model and cache with it on and the norms in their own
+kernels; one with each residual add + RMSNorm in the GEMVs as well (kernels.gemv.fuses_norm:
+SmolLM2's width, in the GEMV after it; splits_norm: the 8B shape's, split between the GEMVs
+around it), whatever the defaults; and with --sweep one with each
 layer's best swept config (kernels.gemv.TUNED, filled for that capture only). Logits are
 compared with cuBLAS's (max abs difference, greedy agreement), then replays are timed
 interleaved, and the engine loop (run-ahead on, batch 1) per token with each set.
@@ -204,9 +204,10 @@ def _graph_set(model, engine, backend, max_bs: int, prefetch):
 
 
 def engine_rows(name: str, a, bw: float, tuned: dict | None = None) -> list[list]:
-    """Decode graphs with the linear layers on cuBLAS, on the GEMV with its default configs,
-    on the GEMV with the norms in their own kernels (models the GEMV fuses them for), and
-    (where `tuned` holds a sweep's best configs) on the GEMV with those, side by side."""
+    """Decode graphs with the linear layers on cuBLAS; on the GEMV with its default configs,
+    the norms in their own kernels and then in the GEMVs (fused or split, as the model's
+    width takes them); and (where `tuned` holds a sweep's best configs) on the GEMV with
+    those; side by side."""
     import kernels.gemv
 
     cfg, model, engine = ab_engine(name, a.batches, a.ctx, a.loop_steps, gemv="off")
@@ -214,19 +215,28 @@ def engine_rows(name: str, a, bw: float, tuned: dict | None = None) -> list[list
     base = engine.runner.graphs
     backend = dataclasses.replace(engine.backend, gemv_rows=a.gemv_rows)
     captured = partial(_graph_set, model, engine, backend, max_bs, base.prefetch)
-    variants = {"cuBLAS": base, f"gemv<={a.gemv_rows}": captured()}
     g = kernels.gemv
-    if g.fuses_norm(cfg.hidden_size) or g.splits_norm(cfg.hidden_size):  # the norms on their own
-        saved = g.NORM_MAX_K, g.SPLIT_NORM
-        g.NORM_MAX_K, g.SPLIT_NORM = 0, False
-        try:
-            variants[f"gemv<={a.gemv_rows}, norms apart"] = captured()
-        finally:
-            g.NORM_MAX_K, g.SPLIT_NORM = saved
+    gemv = f"gemv<={a.gemv_rows}"
+    # the residual adds + norms: in the GEMV after each (narrow rows), split between the
+    # GEMVs around each (wide rows), or in their own kernels; each set captured explicitly,
+    # whatever the module's defaults
+    modes = {"norms apart": (0, False)}
+    if g.fuses_norm(cfg.hidden_size):
+        modes["norms fused"] = (g.NORM_MAX_K, False)
+    else:
+        modes["norms split"] = (g.NORM_MAX_K, True)
+    variants = {"cuBLAS": base}
+    saved = g.NORM_MAX_K, g.SPLIT_NORM
+    try:
+        for label, (max_k, split) in modes.items():  # read at capture only
+            g.NORM_MAX_K, g.SPLIT_NORM = max_k, split
+            variants[f"{gemv}, {label}"] = captured()
+    finally:
+        g.NORM_MAX_K, g.SPLIT_NORM = saved
     if tuned:
         kernels.gemv.TUNED.update(tuned)  # read at capture only: the graphs keep the launches
         try:
-            variants[f"gemv<={a.gemv_rows} swept"] = captured()
+            variants[f"{gemv} swept"] = captured()
         finally:
             kernels.gemv.TUNED.clear()
     out = []
