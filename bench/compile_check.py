@@ -11,7 +11,8 @@ prefills of a long prompt (the 128 x 128 prefill tiles) and of short ones, then 
 steps at 1, 3 and 32 sequences, with bf16 and int8 KV, the GEMV kernel on (gemv=16, so
 batch 3 takes it too) and PDL as the engine picks it for the shape. Then, at the kernel
 level, what those steps do not reach on a CPU: the speculative-decoding verify kernel,
-the MoE kernels, the L2 prefetch, rotary on its own, and decode attention's tile
+the MoE kernels, the L2 prefetch, rotary on its own, the GEMVs of the split add + norm
+(kernels.gemv.SPLIT_NORM, off by default), and decode attention's tile
 options that only TUNING takes (FAST_I8 x I8_QK x LAZY on every partition size).
 
 Prints one row per kernel specialization built (registers, shared memory, stack and spill
@@ -80,7 +81,9 @@ def engine_steps(shape_name: str, layers: int, vocab: int | None, log=print) -> 
 
 def kernel_calls(log=print) -> None:
     """Kernels the CPU engine steps do not reach: spec verify, MoE, the L2 prefetch (the
-    engine's runs only inside a decode-graph capture), rotary on its own."""
+    engine's runs only inside a decode-graph capture), rotary on its own, the GEMVs of the
+    split add + norm (kernels.gemv.SPLIT_NORM, off by default)."""
+    from kernels.gemv import gemv_add, gemv_rmsnorm_sums
     from kernels.moe import moe_gather_sum, moe_pack_rows, moe_route
     from kernels.prefetch import l2_prefetch
     from kernels.rotary import apply_rotary
@@ -113,7 +116,16 @@ def kernel_calls(log=print) -> None:
     positions = torch.arange(t)
     apply_rotary(positions, q, k_, cos, sin)
     apply_rotary(positions, q, k_, cos, sin, inplace=True)
-    log("  kernel-level calls: spec verify, MoE route / gather-sum / pack, L2 prefetch, rotary")
+    for rows in (1, 3):  # the add + norm split between the 8B shape's GEMVs (SPLIT_NORM, off)
+        def empty(*size):  # nothing runs: only the shapes and dtypes matter
+            return torch.empty(*size, dtype=torch.bfloat16)
+
+        h, sums = gemv_add(empty(rows, 14336), empty(4096, 14336), empty(rows, 4096))  # down
+        gemv_add(empty(rows, 4096), empty(4096, 4096), h)  # o
+        gemv_rmsnorm_sums(h, sums, empty(4096), 1e-5, empty(6144, 4096))  # qkv
+        gemv_rmsnorm_sums(h, sums, empty(4096), 1e-5, empty(28672, 4096), gated=True)  # gate_up
+    log("  kernel-level calls: spec verify, MoE route / gather-sum / pack, L2 prefetch, rotary, "
+        "split norm GEMVs")
 
 
 def tuning_variants(log=print) -> None:

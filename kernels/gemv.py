@@ -32,10 +32,12 @@ from kernels._triton import (
 
 MAX_ROWS = 16  # above this a GEMM (cuBLAS) is the right tool
 NORM_MAX_K = 2048  # gemv_add_rmsnorm: the widest row it normalizes in its one K step
-# wider rows (the 8B shape's 4096) split the add + norm between two GEMVs instead: the one
-# before adds the residual in and leaves per-program sums of squares (gemv_add), the one
-# after normalizes from them (gemv_rmsnorm_sums); splits_norm
-SPLIT_NORM = True
+# wider rows (the 8B shape's 4096) may split the add + norm between two GEMVs instead: the
+# one before adds the residual in and leaves per-program sums of squares (gemv_add), the one
+# after normalizes from them (gemv_rmsnorm_sums); splits_norm. Off: on an H100 it made the
+# 8B batch-1 step 1.1-1.3% slower than the 64 norm kernels it replaces (docs/PERF.md,
+# twentieth session)
+SPLIT_NORM = False
 # (ROWS, output columns, K, gated) -> (BLOCK_N, BLOCK_K, num_warps, REDUCE_EACH), taken over
 # default_config where present (ROWS = next_power_of_2(M)). Empty unless a tuning run fills
 # it: bench/gemv.py --sweep --engine captures decode graphs with its sweep's best configs.
@@ -278,7 +280,10 @@ def _(x, residual, norm_weight, eps, w, bias, gated):
 
 
 def _sums_of(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return x.new_empty((x.shape[0], _parts(x.shape[0], w.shape[0], x.shape[1])), dtype=torch.float32)
+    # how many programs write sums depends on the launch config, chosen from the sizes, so
+    # the sizes are taken as ints (under torch.compile with dynamic shapes: one graph a size)
+    m, n, k = (int(size) for size in (x.shape[0], w.shape[0], x.shape[1]))
+    return x.new_empty((m, _parts(m, n, k)), dtype=torch.float32)
 
 
 @kernel_op("gemv_add")

@@ -252,6 +252,7 @@ def test_gemv_rmsnorm_sums_is_the_two_kernels(m, n, k, gated, bias, dtype, devic
 
 
 def test_splits_norm_takes_the_rows_gemv_add_rmsnorm_cannot(monkeypatch):
+    monkeypatch.setattr(kernels.gemv, "SPLIT_NORM", True)
     assert splits_norm(NORM_MAX_K + 1) and splits_norm(4096)
     assert not splits_norm(NORM_MAX_K) and not splits_norm(576)
     monkeypatch.setattr(kernels.gemv, "SPLIT_NORM", False)
@@ -275,6 +276,41 @@ def test_splits_norm_takes_the_rows_gemv_add_rmsnorm_cannot(monkeypatch):
 def test_split_norm_rejects_bad_input(call, match, device):
     with pytest.raises(ValueError, match=match):
         call(device)
+
+
+def _op_args(name, device):
+    x, w, b, residual, weight, w2 = _split_inputs(3, 48, 32, torch.float32, device, bias=True)
+    h = torch.randn(3, 48, device=device)
+    sums = torch.stack([part.pow(2).sum(-1) for part in h.tensor_split(5, dim=1)], dim=1)
+    return {
+        "gemv": (x, w, b, False),
+        "gemv_add_rmsnorm": (x, torch.randn_like(x), torch.rand(32, device=device) + 0.5, 1e-6, w, b, True),
+        "gemv_add": (x, w, b, residual),
+        "gemv_rmsnorm_sums": (h, sums.contiguous(), weight, 1e-6, w2, None, True),
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["gemv", "gemv_add_rmsnorm", "gemv_add", "gemv_rmsnorm_sums"])
+def test_gemv_opcheck(name, device):
+    """Schema, fake implementation (also with dynamic shapes) and functionalization agree
+    with the real op: gemv_add's sums have as many columns as its launch has programs,
+    which the fake must give for any row count."""
+    torch.library.opcheck(getattr(torch.ops.miniinfer, name).default, _op_args(name, device))
+
+
+def test_split_norm_under_torch_compile_as_rows_change(device):
+    """One compiled function over gemv_add and gemv_rmsnorm_sums, called with 1, then 2,
+    then 4 rows (dynamo then traces the rows as a symbol): the same as eager each time."""
+    torch._dynamo.reset()
+    x, w, _, residual, weight, w2 = _split_inputs(4, 96, 64, torch.float32, device)
+
+    def both(a, r):
+        h, sums = gemv_add(a, w, r)
+        return gemv_rmsnorm_sums(h, sums, weight, 1e-5, w2, None, True)
+
+    compiled = torch.compile(both, fullgraph=True)
+    for m in (1, 2, 4):
+        torch.testing.assert_close(compiled(x[:m], residual[:m]), both(x[:m], residual[:m]), rtol=0, atol=0)
 
 
 @pytest.mark.gpu
