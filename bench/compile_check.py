@@ -12,7 +12,8 @@ steps at 1, 3 and 32 sequences, with bf16 and int8 KV, the GEMV kernel on (gemv=
 batch 3 takes it too) and PDL as the engine picks it for the shape. Then, at the kernel
 level, what those steps do not reach on a CPU: the speculative-decoding verify kernel,
 the MoE kernels, the L2 prefetch, rotary on its own, the GEMVs of the split add + norm
-(kernels.gemv.SPLIT_NORM, off by default), and decode attention's tile
+and with the early weight prefetch (kernels.gemv.SPLIT_NORM, EARLY_PREFETCH, both off by
+default), and decode attention's tile
 options that only TUNING takes (FAST_I8 x I8_QK x LAZY on every partition size).
 
 Prints one row per kernel specialization built (registers, shared memory, stack and spill
@@ -82,8 +83,11 @@ def engine_steps(shape_name: str, layers: int, vocab: int | None, log=print) -> 
 def kernel_calls(log=print) -> None:
     """Kernels the CPU engine steps do not reach: spec verify, MoE, the L2 prefetch (the
     engine's runs only inside a decode-graph capture), rotary on its own, the GEMVs of the
-    split add + norm (kernels.gemv.SPLIT_NORM, off by default)."""
-    from kernels.gemv import gemv_add, gemv_rmsnorm_sums
+    split add + norm and with the early weight prefetch (kernels.gemv.SPLIT_NORM,
+    EARLY_PREFETCH, both off by default)."""
+    import kernels.gemv
+    from kernels._triton import pdl_scope
+    from kernels.gemv import gemv, gemv_add, gemv_rmsnorm_sums
     from kernels.moe import moe_gather_sum, moe_pack_rows, moe_route
     from kernels.prefetch import l2_prefetch
     from kernels.rotary import apply_rotary
@@ -124,8 +128,17 @@ def kernel_calls(log=print) -> None:
         gemv_add(empty(rows, 4096), empty(4096, 4096), h)  # o
         gemv_rmsnorm_sums(h, sums, empty(4096), 1e-5, empty(6144, 4096))  # qkv
         gemv_rmsnorm_sums(h, sums, empty(4096), 1e-5, empty(28672, 4096), gated=True)  # gate_up
+    saved, kernels.gemv.EARLY_PREFETCH = kernels.gemv.EARLY_PREFETCH, True  # off by default
+    try:
+        with pdl_scope(True):  # it prefetches only on PDL launches
+            for rows in (1, 3):
+                x = torch.empty(rows, 4096, dtype=torch.bfloat16)
+                gemv(x, torch.empty(6144, 4096, dtype=torch.bfloat16))
+                gemv(x, torch.empty(28672, 4096, dtype=torch.bfloat16), gated=True)
+    finally:
+        kernels.gemv.EARLY_PREFETCH = saved
     log("  kernel-level calls: spec verify, MoE route / gather-sum / pack, L2 prefetch, rotary, "
-        "split norm GEMVs")
+        "split norm GEMVs, GEMVs with the early prefetch")
 
 
 def tuning_variants(log=print) -> None:

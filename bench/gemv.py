@@ -14,7 +14,8 @@ Part 2 (--engine): one engine per model shape with the GEMV off; a second set of
 graphs captured over the same model and cache with it on and the norms in their own
 kernels; one with each residual add + RMSNorm in the GEMVs as well (kernels.gemv.fuses_norm:
 SmolLM2's width, in the GEMV after it; splits_norm: the 8B shape's, split between the GEMVs
-around it), whatever the defaults; and with --sweep one with each
+around it), whatever the defaults; one with the shipped norm mode and each GEMV's first
+weight tiles prefetched into L2 before its PDL wait (kernels.gemv.EARLY_PREFETCH); and with --sweep one with each
 layer's best swept config (kernels.gemv.TUNED, filled for that capture only). Logits are
 compared with cuBLAS's (max abs difference, greedy agreement), then replays are timed
 interleaved, and the engine loop (run-ahead on, batch 1) per token with each set.
@@ -217,22 +218,23 @@ def engine_rows(name: str, a, bw: float, tuned: dict | None = None) -> list[list
     captured = partial(_graph_set, model, engine, backend, max_bs, base.prefetch)
     g = kernels.gemv
     gemv = f"gemv<={a.gemv_rows}"
-    # the residual adds + norms: in the GEMV after each (narrow rows), split between the
-    # GEMVs around each (wide rows), or in their own kernels; each set captured explicitly,
-    # whatever the module's defaults
-    modes = {"norms apart": (0, False)}
-    if g.fuses_norm(cfg.hidden_size):
-        modes["norms fused"] = (g.NORM_MAX_K, False)
-    else:
-        modes["norms split"] = (g.NORM_MAX_K, True)
+    # (NORM_MAX_K, SPLIT_NORM, EARLY_PREFETCH) of each set, whatever the module's defaults:
+    # the residual adds + norms in their own kernels; in the GEMVs (in the one after each
+    # for narrow rows, split between the ones around each for wide rows); and the shipped
+    # mode with each GEMV's first weight tiles asked of L2 before its PDL wait
+    narrow = g.fuses_norm(cfg.hidden_size)
+    apart, fused = (0, False, False), (g.NORM_MAX_K, not narrow, False)
+    shipped = fused if narrow or g.SPLIT_NORM else apart
+    modes = {"norms apart": apart, "norms fused" if narrow else "norms split": fused,
+             "shipped norms, early prefetch": (*shipped[:2], True)}
     variants = {"cuBLAS": base}
-    saved = g.NORM_MAX_K, g.SPLIT_NORM
+    saved = g.NORM_MAX_K, g.SPLIT_NORM, g.EARLY_PREFETCH
     try:
-        for label, (max_k, split) in modes.items():  # read at capture only
-            g.NORM_MAX_K, g.SPLIT_NORM = max_k, split
+        for label, (max_k, split, early) in modes.items():  # read at capture only
+            g.NORM_MAX_K, g.SPLIT_NORM, g.EARLY_PREFETCH = max_k, split, early
             variants[f"{gemv}, {label}"] = captured()
     finally:
-        g.NORM_MAX_K, g.SPLIT_NORM = saved
+        g.NORM_MAX_K, g.SPLIT_NORM, g.EARLY_PREFETCH = saved
     if tuned:
         kernels.gemv.TUNED.update(tuned)  # read at capture only: the graphs keep the launches
         try:

@@ -38,10 +38,33 @@ NORM_MAX_K = 2048  # gemv_add_rmsnorm: the widest row it normalizes in its one K
 # 8B batch-1 step 1.1-1.3% slower than the 64 norm kernels it replaces (docs/PERF.md,
 # twentieth session)
 SPLIT_NORM = False
+# Launched with PDL (Hopper), a GEMV's programs can become resident while the kernel before
+# still runs, and wait there (pdl_wait) for its output. The weights are no kernel's output,
+# so with EARLY_PREFETCH each program first asks L2 for its first K step's weight tile
+# (cp.async.bulk.prefetch, no registers held), then waits. Off until a GPU has measured it.
+EARLY_PREFETCH = False
 # (ROWS, output columns, K, gated) -> (BLOCK_N, BLOCK_K, num_warps, REDUCE_EACH), taken over
 # default_config where present (ROWS = next_power_of_2(M)). Empty unless a tuning run fills
 # it: bench/gemv.py --sweep --engine captures decode graphs with its sweep's best configs.
 TUNED: dict[tuple[int, int, int, bool], tuple[int, int, int, bool]] = {}
+
+
+@triton.jit
+def _prefetch_first_tiles(w_ptr, N, w_stride, up_offset, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          CHUNKS: tl.constexpr, GATED: tl.constexpr):
+    """Ask L2 for this program's weight rows' first BLOCK_K elements (and the up rows'),
+    CHUNKS bulk prefetches a row; rows past N ask for row N - 1's again (harmless)."""
+    rows = tl.minimum(tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
+    step = BLOCK_K // CHUNKS  # elements a chunk
+    offs = rows.to(tl.int64)[:, None] * w_stride + (tl.arange(0, CHUNKS) * step)[None, :]
+    nbytes = tl.full([BLOCK_N, CHUNKS], step * w_ptr.dtype.element_ty.primitive_bitwidth // 8, tl.int32)
+    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
+                              [(w_ptr + offs).to(tl.int64, bitcast=True), nbytes], dtype=tl.int32,
+                              is_pure=False, pack=1)
+    if GATED:
+        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
+                                  "=r,l,r", [(w_ptr + up_offset + offs).to(tl.int64, bitcast=True), nbytes],
+                                  dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -75,12 +98,16 @@ def _gemv_kernel(
     NORM: tl.constexpr,
     ADD: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    PREFETCH: tl.constexpr,
     PDL: tl.constexpr,
 ):
     # NORM 1: x is rmsnorm(x + r) * g, the whole row in one K step (gemv_add_rmsnorm);
     # NORM 2: x is rmsnorm(x) * g, the row's scale from the `parts` partial sums of squares
     # at s_ptr that the GEMV before left (gemv_rmsnorm_sums); ADD: out = x @ w.T + r, and
-    # this program's sum of squares of its columns of out into s_ptr (gemv_add)
+    # this program's sum of squares of its columns of out into s_ptr (gemv_add); PREFETCH:
+    # chunks a weight row's first K step is asked of L2 in, before the wait (EARLY_PREFETCH)
+    if PREFETCH:
+        _prefetch_first_tiles(w_ptr, N, w_stride, up_offset, BLOCK_N, BLOCK_K, PREFETCH, GATED)
     pdl_wait(PDL)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns of this program
     m = tl.arange(0, ROWS)
@@ -209,6 +236,19 @@ def _config(m: int, n: int, k: int, gated: bool, config=None) -> tuple[int, int,
             or default_config(m, n, k, gated))
 
 
+def _prefetch_chunks(pdl: dict, k: int, block_k: int, warps: int, block_n: int, elem: int) -> int:
+    """PREFETCH for a launch: 0 (none) unless EARLY_PREFETCH is on, the launch has PDL (only
+    then can it start before the kernel ahead ends) and K is whole K steps (each row's first
+    step lies within the row); else chunks a row, about one a thread, each a whole number of
+    128-byte L2 lines."""
+    if not (EARLY_PREFETCH and pdl.get("PDL") and k % block_k == 0):
+        return 0
+    lines = block_k * elem // 128
+    if lines == 0 or block_k * elem % 128:
+        return 0
+    return max(1, min(32 * warps // block_n, lines))
+
+
 def _parts(m: int, n: int, k: int) -> int:
     """How many programs a plain [m, k] x [n, k]^T product runs: gemv_add's sums per row."""
     return triton.cdiv(n, _config(m, n, k, False)[0])
@@ -233,6 +273,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, bias, out: torch.Tensor, gated: bo
         parts, mode = s.shape[1], 2
     elif add is not None:
         r, s = add
+    pdl = pdl_args(x)
     with device_guard(x):
         _gemv_kernel[(triton.cdiv(n, block_n),)](
             x, w, bias if bias is not None else w, out, m, n, k,
@@ -241,7 +282,8 @@ def _launch(x: torch.Tensor, w: torch.Tensor, bias, out: torch.Tensor, gated: bo
             ROWS=triton.next_power_of_2(m), BLOCK_N=block_n, BLOCK_K=block_k,
             EVEN_K=k % block_k == 0, EVEN_N=n % block_n == 0, HAS_BIAS=bias is not None,
             GATED=gated, REDUCE_EACH=reduce_each, NORM=mode, ADD=add is not None,
-            BLOCK_P=triton.next_power_of_2(parts), num_warps=warps, **pdl_args(x),
+            BLOCK_P=triton.next_power_of_2(parts), num_warps=warps,
+            PREFETCH=_prefetch_chunks(pdl, k, block_k, warps, block_n, w.element_size()), **pdl,
         )
 
 

@@ -298,6 +298,22 @@ def test_gemv_opcheck(name, device):
     torch.library.opcheck(getattr(torch.ops.miniinfer, name).default, _op_args(name, device))
 
 
+def test_early_prefetch_only_where_it_can_help(monkeypatch):
+    """EARLY_PREFETCH asks for the first K step's tile only on launches with PDL (only they
+    start before the kernel ahead ends) over whole K steps (a first step inside the row),
+    in chunks of whole 128-byte lines, about one a thread."""
+    chunks = kernels.gemv._prefetch_chunks
+    pdl, no_pdl = {"PDL": True, "launch_pdl": True}, {"PDL": False}
+    assert chunks(pdl, 4096, 2048, 4, 4, 2) == 0  # off by default
+    monkeypatch.setattr(kernels.gemv, "EARLY_PREFETCH", True)
+    assert chunks(pdl, 4096, 2048, 4, 4, 2) == 32  # 8B qkv / o at 1 row: 128 B a chunk, 1 a thread
+    assert chunks(pdl, 4096, 1024, 4, 2, 2) == 16  # gate_up: 16 lines a row
+    assert chunks(pdl, 14336, 2048, 4, 4, 2) == 32
+    assert chunks(no_pdl, 4096, 2048, 4, 4, 2) == 0
+    assert chunks(pdl, 576, 1024, 4, 4, 2) == 0  # K not whole K steps
+    assert chunks(pdl, 32, 32, 4, 4, 2) == 0  # a step shorter than a line
+
+
 def test_split_norm_under_torch_compile_as_rows_change(device):
     """One compiled function over gemv_add and gemv_rmsnorm_sums, called with 1, then 2,
     then 4 rows (dynamo then traces the rows as a symbol): the same as eager each time."""
@@ -404,6 +420,30 @@ def test_split_norm_gpu_8b_shapes(m):
         return gemv_rmsnorm_sums(hh, ss, weight, 1e-5, w2, None, True)
 
     torch.testing.assert_close(torch.compile(both, fullgraph=True)(x), both(x), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@CUDA
+def test_early_prefetch_gpu_same_results(monkeypatch):
+    """With EARLY_PREFETCH, PDL launches of the 8B shapes (plain, gated, 1 and 3 rows) in a
+    CUDA graph give the same bits as without: the prefetch is only a hint to L2."""
+    from kernels._triton import pdl_scope
+
+    shapes = [(6144, 4096, False), (28672, 4096, True), (4096, 14336, False)]
+    for m in (1, 3):
+        for n, k, gated in shapes:
+            x, w, _ = _inputs(m, n, k, torch.bfloat16, "cuda")
+            outs = {}
+            for early in (False, True):
+                monkeypatch.setattr(kernels.gemv, "EARLY_PREFETCH", early)
+                with pdl_scope(True):
+                    gemv(x, w, None, gated)  # compile outside the capture
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        out = gemv(x, w, None, gated)
+                graph.replay()
+                outs[early] = out.clone()
+            assert torch.equal(outs[True], outs[False]), (m, n, k, gated)
 
 
 def test_sweep_grid_and_budget(monkeypatch):
