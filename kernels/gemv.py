@@ -236,12 +236,14 @@ def _config(m: int, n: int, k: int, gated: bool, config=None) -> tuple[int, int,
             or default_config(m, n, k, gated))
 
 
-def _prefetch_chunks(pdl: dict, k: int, block_k: int, warps: int, block_n: int, elem: int) -> int:
+def _prefetch_chunks(pdl: dict, w: torch.Tensor, k: int, block_k: int, warps: int, block_n: int) -> int:
     """PREFETCH for a launch: 0 (none) unless EARLY_PREFETCH is on, the launch has PDL (only
-    then can it start before the kernel ahead ends) and K is whole K steps (each row's first
-    step lies within the row); else chunks a row, about one a thread, each a whole number of
-    128-byte L2 lines."""
-    if not (EARLY_PREFETCH and pdl.get("PDL") and k % block_k == 0):
+    then can it start before the kernel ahead ends), K is whole K steps (each row's first
+    step lies within the row) and w's rows start 16-byte aligned (the bulk prefetch's
+    unit); else chunks a row, about one a thread, each a whole number of 128-byte L2 lines."""
+    elem = w.element_size()
+    if not (EARLY_PREFETCH and pdl.get("PDL") and k % block_k == 0
+            and w.data_ptr() % 16 == 0 and w.stride(0) * elem % 16 == 0):
         return 0
     lines = block_k * elem // 128
     if lines == 0 or block_k * elem % 128:
@@ -283,7 +285,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, bias, out: torch.Tensor, gated: bo
             EVEN_K=k % block_k == 0, EVEN_N=n % block_n == 0, HAS_BIAS=bias is not None,
             GATED=gated, REDUCE_EACH=reduce_each, NORM=mode, ADD=add is not None,
             BLOCK_P=triton.next_power_of_2(parts), num_warps=warps,
-            PREFETCH=_prefetch_chunks(pdl, k, block_k, warps, block_n, w.element_size()), **pdl,
+            PREFETCH=_prefetch_chunks(pdl, w, k, block_k, warps, block_n), **pdl,
         )
 
 

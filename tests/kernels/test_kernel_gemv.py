@@ -300,18 +300,21 @@ def test_gemv_opcheck(name, device):
 
 def test_early_prefetch_only_where_it_can_help(monkeypatch):
     """EARLY_PREFETCH asks for the first K step's tile only on launches with PDL (only they
-    start before the kernel ahead ends) over whole K steps (a first step inside the row),
-    in chunks of whole 128-byte lines, about one a thread."""
+    start before the kernel ahead ends) over whole K steps (a first step inside the row)
+    of 16-byte aligned rows, in chunks of whole 128-byte lines, about one a thread."""
     chunks = kernels.gemv._prefetch_chunks
     pdl, no_pdl = {"PDL": True, "launch_pdl": True}, {"PDL": False}
-    assert chunks(pdl, 4096, 2048, 4, 4, 2) == 0  # off by default
+    w4096, w14336 = torch.empty(8, 4096, dtype=torch.bfloat16), torch.empty(8, 14336, dtype=torch.bfloat16)
+    assert chunks(pdl, w4096, 4096, 2048, 4, 4) == 0  # off by default
     monkeypatch.setattr(kernels.gemv, "EARLY_PREFETCH", True)
-    assert chunks(pdl, 4096, 2048, 4, 4, 2) == 32  # 8B qkv / o at 1 row: 128 B a chunk, 1 a thread
-    assert chunks(pdl, 4096, 1024, 4, 2, 2) == 16  # gate_up: 16 lines a row
-    assert chunks(pdl, 14336, 2048, 4, 4, 2) == 32
-    assert chunks(no_pdl, 4096, 2048, 4, 4, 2) == 0
-    assert chunks(pdl, 576, 1024, 4, 4, 2) == 0  # K not whole K steps
-    assert chunks(pdl, 32, 32, 4, 4, 2) == 0  # a step shorter than a line
+    assert chunks(pdl, w4096, 4096, 2048, 4, 4) == 32  # 8B qkv / o at 1 row: 128 B a chunk, 1 a thread
+    assert chunks(pdl, w4096, 4096, 1024, 4, 2) == 16  # gate_up: 16 lines a row
+    assert chunks(pdl, w14336, 14336, 2048, 4, 4) == 32
+    assert chunks(no_pdl, w4096, 4096, 2048, 4, 4) == 0
+    assert chunks(pdl, torch.empty(8, 576, dtype=torch.bfloat16), 576, 1024, 4, 4) == 0  # K not whole steps
+    assert chunks(pdl, torch.empty(8, 32, dtype=torch.bfloat16), 32, 32, 4, 4) == 0  # a step under a line
+    unaligned = torch.empty(8 * 4096 + 1, dtype=torch.bfloat16)[1:].view(8, 4096)
+    assert chunks(pdl, unaligned, 4096, 2048, 4, 4) == 0
 
 
 def test_split_norm_under_torch_compile_as_rows_change(device):
