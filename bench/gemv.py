@@ -220,13 +220,15 @@ def engine_rows(name: str, a, bw: float, tuned: dict | None = None) -> list[list
     gemv = f"gemv<={a.gemv_rows}"
     # (NORM_MAX_K, SPLIT_NORM, EARLY_PREFETCH) of each set, whatever the module's defaults:
     # the residual adds + norms in their own kernels; in the GEMVs (in the one after each
-    # for narrow rows, split between the ones around each for wide rows); and the shipped
-    # mode with each GEMV's first weight tiles asked of L2 before its PDL wait
+    # for narrow rows, split between the ones around each for wide rows); and for wide rows
+    # (whose models launch with PDL: the prefetch needs it) the shipped mode with each
+    # GEMV's first weight tiles asked of L2 before its PDL wait
     narrow = g.fuses_norm(cfg.hidden_size)
     apart, fused = (0, False, False), (g.NORM_MAX_K, not narrow, False)
-    shipped = fused if narrow or g.SPLIT_NORM else apart
-    modes = {"norms apart": apart, "norms fused" if narrow else "norms split": fused,
-             "shipped norms, early prefetch": (*shipped[:2], True)}
+    modes = {"norms apart": apart, "norms fused" if narrow else "norms split": fused}
+    if not narrow and backend.pdl is not False:
+        shipped = fused if g.SPLIT_NORM else apart
+        modes["shipped norms, early prefetch"] = (*shipped[:2], True)
     variants = {"cuBLAS": base}
     saved = g.NORM_MAX_K, g.SPLIT_NORM, g.EARLY_PREFETCH
     try:

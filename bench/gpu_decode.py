@@ -321,8 +321,9 @@ def request_steps(engine: LLMEngine, prompt_len: int, new_tokens: int, seed: int
 
 def first_request(engine: LLMEngine, prompt_len: int = 128, new_tokens: int = 48, agains: int = 5,
                   idle_s: float = 0.5) -> dict:
-    """The first request after warm-up, step by step, against the same request run again
-    `agains` times and against prompts of other lengths (first and second time): a step
+    """The first request after warm-up, step by step, against the same request (its length,
+    other random prompts) run again `agains` times, and against prompts of other lengths
+    (first and second time): a step
     slower only the first time is lazy initialization left on the hot path. Each of these
     requests starts after the same `idle_s` pause, so a GPU or host that slows when idle
     slows them all alike; a request's first decode step cannot overlap the host's work
@@ -344,6 +345,7 @@ def first_request(engine: LLMEngine, prompt_len: int = 128, new_tokens: int = 48
         "again_first_decode_ms": statistics.median(a[1] for a in again),
         "again_first_decode_max_ms": max(a[1] for a in again),
         "again_steady_decode_ms": statistics.median(statistics.median(a[len(a) // 2 :]) for a in again),
+        "agains": agains,
     }
     for n in (77, 600):  # off the 16-token grid; a long prompt (prefill's big-tile launch)
         out[f"prefill_{n}_first_ms"] = request_steps(engine, n, 2, seed=n)[0]
@@ -567,11 +569,12 @@ def section_smollm2(args, bw: float, hf_jobs: list) -> None:
     )
     row("SmolLM2 first request: 1st decode step", first["first_decode_ms"], "ms", "")
     row("SmolLM2 first request: steady decode", first["steady_decode_ms"], "ms", "median, 2nd half")
+    n = first["agains"]
     row("SmolLM2 same request again: prefill", first["again_prefill_ms"], "ms",
-        f"median of 5, max {first['again_prefill_max_ms']:.2f}")
+        f"median of {n}, max {first['again_prefill_max_ms']:.2f}")
     row("SmolLM2 same request again: 1st decode", first["again_first_decode_ms"], "ms",
-        f"median of 5, max {first['again_first_decode_max_ms']:.2f}")
-    row("SmolLM2 same request again: steady", first["again_steady_decode_ms"], "ms", "median of 5")
+        f"median of {n}, max {first['again_first_decode_max_ms']:.2f}")
+    row("SmolLM2 same request again: steady", first["again_steady_decode_ms"], "ms", f"median of {n}")
     for n in (77, 600):
         row(f"SmolLM2 prefill {n} tok: first / again", first[f"prefill_{n}_first_ms"], "ms",
             f"again {first[f'prefill_{n}_again_ms']:.2f} ms")

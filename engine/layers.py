@@ -142,7 +142,7 @@ class Linear(nn.Linear):
         """takes_gemv(x), with rows of the output too wide for the next GEMV to normalize
         alone (kernels.gemv.splits_norm: the 8B shape's) and residual a tensor shaped as it."""
         return (isinstance(residual, torch.Tensor) and self.takes_gemv(x)
-                and _gemv_module().splits_norm(self.out_features)
+                and _gemv_module().splits_norm(self.out_features, x.shape[0])
                 and residual.shape == (x.shape[0], self.out_features) and residual.dtype == x.dtype
                 and residual.stride(-1) == 1)
 

@@ -35,9 +35,12 @@ NORM_MAX_K = 2048  # gemv_add_rmsnorm: the widest row it normalizes in its one K
 # wider rows (the 8B shape's 4096) may split the add + norm between two GEMVs instead: the
 # one before adds the residual in and leaves per-program sums of squares (gemv_add), the one
 # after normalizes from them (gemv_rmsnorm_sums); splits_norm. Off: on an H100 it made the
-# 8B batch-1 step 1.1-1.3% slower than the 64 norm kernels it replaces (docs/PERF.md,
-# twentieth session)
+# 8B batch-1 step 1.1-1.3% slower than the 63 norm kernels it replaces (docs/PERF.md,
+# twentieth session). At most SPLIT_MAX_ROWS rows: the consumer holds all the sums of its
+# rows at once (8B shape, Triton 3.6, sm_90: no spill up to 8 rows; at 16, 255 registers
+# and spill stores)
 SPLIT_NORM = False
+SPLIT_MAX_ROWS = 8
 # Launched with PDL (Hopper), a GEMV's programs can become resident while the kernel before
 # still runs, and wait there (pdl_wait) for its output. The weights are no kernel's output,
 # so with EARLY_PREFETCH each program first asks L2 for its first K step's weight tile
@@ -425,11 +428,11 @@ def _check_norm_weight(name: str, norm_weight: torch.Tensor, x: torch.Tensor) ->
                          f"{tuple(norm_weight.shape)} {norm_weight.dtype}")
 
 
-def splits_norm(k: int) -> bool:
-    """Whether a residual add + RMSNorm over rows of k features goes, few-row, into the
-    GEMVs around it as gemv_add then gemv_rmsnorm_sums: rows too wide for
-    gemv_add_rmsnorm's one K step (the 8B shape's 4096), while SPLIT_NORM is on."""
-    return SPLIT_NORM and not fuses_norm(k)
+def splits_norm(k: int, m: int = 1) -> bool:
+    """Whether a residual add + RMSNorm over m rows of k features goes into the GEMVs around
+    it as gemv_add then gemv_rmsnorm_sums: rows too wide for gemv_add_rmsnorm's one K step
+    (the 8B shape's 4096), at most SPLIT_MAX_ROWS of them, while SPLIT_NORM is on."""
+    return SPLIT_NORM and not fuses_norm(k) and m <= SPLIT_MAX_ROWS
 
 
 def gemv_add(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor,

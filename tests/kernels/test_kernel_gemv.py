@@ -251,10 +251,29 @@ def test_gemv_rmsnorm_sums_is_the_two_kernels(m, n, k, gated, bias, dtype, devic
     assert not torch.allclose(wrong.float(), out.float(), rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("m,reduce_each", [(1, False), (3, True)])
+def test_gemv_rmsnorm_sums_over_several_k_steps(m, reduce_each, device, monkeypatch):
+    """The row's scale is summed once, in the first K step, and used in every later one:
+    here K = 200 in 32-wide steps (a TUNED config), against rmsnorm then gemv."""
+    from kernels.rmsnorm import rmsnorm
+
+    n, k = 40, 200
+    x, w, _, residual, weight, _ = _split_inputs(m, k, 64, torch.float32, device)
+    h, sums = gemv_add(x, w, residual)
+    w2 = (torch.randn(2 * n, k, device=device) / k ** 0.5)
+    for gated in (False, True):
+        rows = 1 if m == 1 else 4
+        monkeypatch.setitem(kernels.gemv.TUNED, (rows, n if gated else 2 * n, k, gated), (4, 32, 4, reduce_each))
+        out = gemv_rmsnorm_sums(h, sums, weight, 1e-6, w2, None, gated)
+        rtol, atol = TOL[torch.float32]
+        torch.testing.assert_close(out, gemv(rmsnorm(h, weight, 1e-6), w2, None, gated), rtol=rtol, atol=atol)
+
+
 def test_splits_norm_takes_the_rows_gemv_add_rmsnorm_cannot(monkeypatch):
     monkeypatch.setattr(kernels.gemv, "SPLIT_NORM", True)
-    assert splits_norm(NORM_MAX_K + 1) and splits_norm(4096)
+    assert splits_norm(NORM_MAX_K + 1) and splits_norm(4096) and splits_norm(4096, 8)
     assert not splits_norm(NORM_MAX_K) and not splits_norm(576)
+    assert not splits_norm(4096, kernels.gemv.SPLIT_MAX_ROWS + 1)  # the sums would not fit
     monkeypatch.setattr(kernels.gemv, "SPLIT_NORM", False)
     assert not splits_norm(4096)
 
@@ -430,7 +449,7 @@ def test_split_norm_gpu_8b_shapes(m):
 def test_early_prefetch_gpu_same_results(monkeypatch):
     """With EARLY_PREFETCH, PDL launches of the 8B shapes (plain, gated, 1 and 3 rows) in a
     CUDA graph give the same bits as without: the prefetch is only a hint to L2."""
-    from kernels._triton import pdl_scope
+    from kernels._triton import pdl_args, pdl_scope
 
     shapes = [(6144, 4096, False), (28672, 4096, True), (4096, 14336, False)]
     for m in (1, 3):
@@ -440,6 +459,9 @@ def test_early_prefetch_gpu_same_results(monkeypatch):
             for early in (False, True):
                 monkeypatch.setattr(kernels.gemv, "EARLY_PREFETCH", early)
                 with pdl_scope(True):
+                    block_n, block_k, warps, _ = kernels.gemv._config(m, n // 2 if gated else n, k, gated)
+                    chunks = kernels.gemv._prefetch_chunks(pdl_args(x), w, k, block_k, warps, block_n)
+                    assert (chunks > 0) == early, "the launch does not take the prefetch"
                     gemv(x, w, None, gated)  # compile outside the capture
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph):
