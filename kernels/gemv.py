@@ -29,6 +29,7 @@ from kernels._triton import (
     tl,
     triton,
 )
+from kernels.prefetch import bulk_prefetch_l2
 
 MAX_ROWS = 16  # above this a GEMM (cuBLAS) is the right tool
 NORM_MAX_K = 2048  # gemv_add_rmsnorm: the widest row it normalizes in its one K step
@@ -61,13 +62,9 @@ def _prefetch_first_tiles(w_ptr, N, w_stride, up_offset, BLOCK_N: tl.constexpr, 
     step = BLOCK_K // CHUNKS  # elements a chunk
     offs = rows.to(tl.int64)[:, None] * w_stride + (tl.arange(0, CHUNKS) * step)[None, :]
     nbytes = tl.full([BLOCK_N, CHUNKS], step * w_ptr.dtype.element_ty.primitive_bitwidth // 8, tl.int32)
-    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;", "=r,l,r",
-                              [(w_ptr + offs).to(tl.int64, bitcast=True), nbytes], dtype=tl.int32,
-                              is_pure=False, pack=1)
+    bulk_prefetch_l2((w_ptr + offs).to(tl.int64, bitcast=True), nbytes)
     if GATED:
-        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
-                                  "=r,l,r", [(w_ptr + up_offset + offs).to(tl.int64, bitcast=True), nbytes],
-                                  dtype=tl.int32, is_pure=False, pack=1)
+        bulk_prefetch_l2((w_ptr + up_offset + offs).to(tl.int64, bitcast=True), nbytes)
 
 
 @triton.jit

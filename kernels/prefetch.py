@@ -36,6 +36,22 @@ _BLOCK = 1024  # loads: words a program reads per iteration
 
 
 @triton.jit
+def bulk_prefetch_l2(addr, nbytes):
+    """Ask L2 for bytes [addr, addr + nbytes) of global memory, elementwise over the two
+    tensors (int64 addresses, int32 sizes; both multiples of 16): one
+    `cp.async.bulk.prefetch.L2.global` each, nothing waited for. Compute capability 9.0+,
+    never in the interpreter. -> an int32 zero per element (the asm needs an output)."""
+    return tl.inline_asm_elementwise(
+        "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
+        "=r,l,r",
+        [addr, nbytes],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
 def _bulk_prefetch_kernel(base, nbytes, chunk, LANES: tl.constexpr):
     """Thread i of program p asks for bytes [c, c + chunk) of [base, base + nbytes), with
     c = (p * LANES + i) * chunk, cut at the end and to a multiple of 16 (the instruction's
@@ -47,14 +63,7 @@ def _bulk_prefetch_kernel(base, nbytes, chunk, LANES: tl.constexpr):
     keep = size >= 16
     addr = tl.where(keep, base + off, base)  # int64 global addresses
     size = tl.where(keep, size, 16).to(tl.int32)
-    tl.inline_asm_elementwise(
-        "cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
-        "=r,l,r",
-        [addr, size],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
+    bulk_prefetch_l2(addr, size)
 
 
 @triton.jit
