@@ -42,6 +42,20 @@ class StepDriver:
         req.pages = []
 
 
+def spy_gemvs(monkeypatch, calls: list) -> None:
+    """Wrap kernels.gemv's entry points (gemv, gemv_add_rmsnorm, gemv_add, gemv_rmsnorm_sums):
+    each call, as the engine makes it (positional), appends (rows, gated, name) to calls."""
+    import kernels.gemv as g  # lazy: importing kernels fixes TRITON_INTERPRET for the process
+
+    gated_args = {"gemv": 2, "gemv_add_rmsnorm": 5, "gemv_add": None, "gemv_rmsnorm_sums": 5}
+    for name, at in gated_args.items():  # `at`: where `gated` is among the args after x
+        def call(x, *args, _real=getattr(g, name), _name=name, _at=at):
+            calls.append((x.shape[0], False if _at is None else bool(args[_at]), _name))
+            return _real(x, *args)
+
+        monkeypatch.setattr(g, name, call)
+
+
 def hf_greedy(hf_model, ids: list[int], n: int) -> list[int]:
     """HF transformers' greedy continuation of `ids`: the next n token ids (the oracle)."""
     with torch.no_grad():

@@ -24,6 +24,7 @@ from engine.llm import EngineConfig, LLMEngine
 from engine.loader.registry import LoadedModel, dummy_model
 from engine.request import Request, ScheduledBatch, ScheduledSeq
 from engine.sampling import SamplingParams
+from tests.helpers import spy_gemvs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -317,22 +318,12 @@ def test_gemv_kernel_engine_matches_cpu_and_cublas(cpu_model, norms, monkeypatch
     import kernels.gemv as g
 
     calls = []
-    real = {name: getattr(g, name) for name in ("gemv", "gemv_add_rmsnorm", "gemv_add", "gemv_rmsnorm_sums")}
-
-    def spy(name, gated_at):
-        def call(x, *args):
-            calls.append((x.shape[0], bool(args[gated_at]) if gated_at else False, name))
-            return real[name](x, *args)
-        return call
-
     if norms == "split":
         monkeypatch.setattr(g, "NORM_MAX_K", 0)
         monkeypatch.setattr(g, "SPLIT_NORM", True)
     prompts = _prompts()
     want = _greedy(_engine(cpu_model, "cpu"), prompts)
-    for name, gated_at in (("gemv", 2), ("gemv_add_rmsnorm", 5), ("gemv_add", None),
-                           ("gemv_rmsnorm_sums", 5)):
-        monkeypatch.setattr(g, name, spy(name, gated_at))
+    spy_gemvs(monkeypatch, calls)
     gpu = _engine(_on_gpu(cpu_model), "cuda", max_num_seqs=8, gemv="4")
     assert gpu.backend.gemv_rows > 0 and gpu.runner.graphs is not None
     assert isinstance(gpu.runner.model.layers[0].mlp.gate_up, engine.layers.Linear)

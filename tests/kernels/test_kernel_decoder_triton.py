@@ -21,6 +21,7 @@ from engine.page_pool import PagePool  # noqa: E402
 from engine.request import Request, ScheduledBatch, ScheduledSeq  # noqa: E402
 from engine.runner import ModelRunner  # noqa: E402
 from engine.sampling import SamplingParams  # noqa: E402
+from tests.helpers import spy_gemvs  # noqa: E402
 
 LAYERS = 2
 CONFIGS = {  # GQA 2 with Llama's layout; GQA 3 with Qwen3's q/k norms before rotary
@@ -174,18 +175,7 @@ def test_triton_decoder_sends_few_row_linears_to_the_gemv(rows, norms, device, m
     import kernels.gemv as g
 
     calls, norm_rows = [], []
-    real = {name: getattr(g, name) for name in ("gemv", "gemv_add_rmsnorm", "gemv_add", "gemv_rmsnorm_sums")}
-
-    def spy(name, kind, gated_at):
-        def call(x, *args):
-            calls.append((x.shape[0], bool(args[gated_at]) if gated_at else False, kind))
-            return real[name](x, *args)
-        return call
-
-    monkeypatch.setattr(g, "gemv", spy("gemv", "plain", 2))
-    monkeypatch.setattr(g, "gemv_add_rmsnorm", spy("gemv_add_rmsnorm", "row", 5))
-    monkeypatch.setattr(g, "gemv_add", spy("gemv_add", "add", None))
-    monkeypatch.setattr(g, "gemv_rmsnorm_sums", spy("gemv_rmsnorm_sums", "sums", 5))
+    spy_gemvs(monkeypatch, calls)
     for name in ("fused_add_rmsnorm", "rmsnorm"):  # TritonOps' norm kernels
         def counted(x, *args, _real=getattr(kernels.ops, name)):
             norm_rows.append(x.shape[0])
@@ -196,9 +186,9 @@ def test_triton_decoder_sends_few_row_linears_to_the_gemv(rows, norms, device, m
     monkeypatch.setattr(g, "SPLIT_NORM", norms == "split")
     model = _model("llama", device)
     got = _logits(model, select_backend(device, "triton", gemv_rows=rows), torch.float32, device)
-    p = "plain"
-    pre, post = {"row": ("row", "row"), "split": ("sums", "sums"), "apart": (p, p)}[norms]
-    add = "add" if norms == "split" else p
+    p, row, sums = "gemv", "gemv_add_rmsnorm", "gemv_rmsnorm_sums"
+    pre, post = {"row": (row, row), "split": (sums, sums), "apart": (p, p)}[norms]
+    add = "gemv_add" if norms == "split" else p
     first = [(2, False, p), (2, False, add), (2, True, post), (2, False, add)]  # qkv, o, gate_up, down
     later = [(2, False, pre), (2, False, add), (2, True, post), (2, False, add)]
     per_step = first + later * (LAYERS - 1) + [(2, False, p)]  # + the LM head
