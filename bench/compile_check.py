@@ -120,10 +120,10 @@ def kernel_calls(log=print) -> None:
     positions = torch.arange(t)
     apply_rotary(positions, q, k_, cos, sin)
     apply_rotary(positions, q, k_, cos, sin, inplace=True)
-    for rows in (1, 3):  # the add + norm split between the 8B shape's GEMVs (SPLIT_NORM, off)
-        def empty(*size):  # nothing runs: only the shapes and dtypes matter
-            return torch.empty(*size, dtype=torch.bfloat16)
+    def empty(*size):  # nothing runs: only the shapes and dtypes matter
+        return torch.empty(*size, dtype=torch.bfloat16)
 
+    for rows in (1, 3):  # the add + norm split between the 8B shape's GEMVs (SPLIT_NORM, off)
         h, sums = gemv_add(empty(rows, 14336), empty(4096, 14336), empty(rows, 4096))  # down
         gemv_add(empty(rows, 4096), empty(4096, 4096), h)  # o
         gemv_rmsnorm_sums(h, sums, empty(4096), 1e-5, empty(6144, 4096))  # qkv
@@ -132,9 +132,8 @@ def kernel_calls(log=print) -> None:
     try:
         with pdl_scope(True):  # it prefetches only on PDL launches
             for rows in (1, 3):
-                x = torch.empty(rows, 4096, dtype=torch.bfloat16)
-                gemv(x, torch.empty(6144, 4096, dtype=torch.bfloat16))
-                gemv(x, torch.empty(28672, 4096, dtype=torch.bfloat16), gated=True)
+                gemv(empty(rows, 4096), empty(6144, 4096))
+                gemv(empty(rows, 4096), empty(28672, 4096), gated=True)
     finally:
         kernels.gemv.EARLY_PREFETCH = saved
     log("  kernel-level calls: spec verify, MoE route / gather-sum / pack, L2 prefetch, rotary, "

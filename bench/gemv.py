@@ -14,10 +14,11 @@ Part 2 (--engine): one engine per model shape with the GEMV off; a second set of
 graphs captured over the same model and cache with it on and the norms in their own
 kernels; one with each residual add + RMSNorm in the GEMVs as well (kernels.gemv.fuses_norm:
 SmolLM2's width, in the GEMV after it; splits_norm: the 8B shape's, split between the GEMVs
-around it), whatever the defaults; one with the shipped norm mode and each GEMV's first
-weight tiles prefetched into L2 before its PDL wait (kernels.gemv.EARLY_PREFETCH); and with --sweep one with each
-layer's best swept config (kernels.gemv.TUNED, filled for that capture only). Logits are
-compared with cuBLAS's (max abs difference, greedy agreement), then replays are timed
+around it), whatever the defaults; for wide models launched with PDL, one with the shipped
+norm mode and each GEMV's first weight tiles prefetched into L2 before its PDL wait
+(kernels.gemv.EARLY_PREFETCH); and with --sweep one with each layer's best swept config
+(kernels.gemv.TUNED, filled for that capture only). Logits are compared with cuBLAS's (max
+abs difference, greedy agreement), then replays are timed
 interleaved, and the engine loop (run-ahead on, batch 1) per token with each set.
 
     python bench/gemv.py [--models smollm2-135m,llama3-8b] [--rows 1,2,4,8,16] [--sweep]
@@ -207,8 +208,8 @@ def _graph_set(model, engine, backend, max_bs: int, prefetch):
 def engine_rows(name: str, a, bw: float, tuned: dict | None = None) -> list[list]:
     """Decode graphs with the linear layers on cuBLAS; on the GEMV with its default configs,
     the norms in their own kernels and then in the GEMVs (fused or split, as the model's
-    width takes them); and (where `tuned` holds a sweep's best configs) on the GEMV with
-    those; side by side."""
+    width takes them), and for wide PDL models with the early weight prefetch; and (where
+    `tuned` holds a sweep's best configs) on the GEMV with those; side by side."""
     import kernels.gemv
 
     cfg, model, engine = ab_engine(name, a.batches, a.ctx, a.loop_steps, gemv="off")

@@ -323,12 +323,11 @@ def first_request(engine: LLMEngine, prompt_len: int = 128, new_tokens: int = 48
                   idle_s: float = 0.5) -> dict:
     """The first request after warm-up, step by step, against the same request (its length,
     other random prompts) run again `agains` times, and against prompts of other lengths
-    (first and second time): a step
-    slower only the first time is lazy initialization left on the hot path. Each of these
-    requests starts after the same `idle_s` pause, so a GPU or host that slows when idle
-    slows them all alike; a request's first decode step cannot overlap the host's work
-    with the GPU's (its token comes from the prefill), so it is compared with the same
-    step of the requests after, not with the steady steps."""
+    (first and second time): a step slower only the first time is lazy initialization left
+    on the hot path. Each of these requests starts after the same `idle_s` pause, so a GPU
+    or host that slows when idle slows them all alike; a request's first decode step cannot
+    overlap the host's work with the GPU's (its token comes from the prefill), so it is
+    compared with the same step of the requests after, not with the steady steps."""
     time.sleep(idle_s)
     first = request_steps(engine, prompt_len, new_tokens, seed=7)
     again = []
