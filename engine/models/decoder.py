@@ -36,10 +36,6 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, rope: RotaryEmbedding, meta: AttentionMetadata, cache: KVCache,
-                backend: Backend = TORCH_BACKEND):
-        return self.attend(self.qkv(x), positions, rope, meta, cache, backend)
-
     def attend(self, qkv, positions, rope: RotaryEmbedding, meta: AttentionMetadata, cache: KVCache,
                backend: Backend = TORCH_BACKEND, residual=None):
         """From the qkv projection [T, q + 2 kv] on: rotary, KV store, attention, o. With the
