@@ -223,11 +223,14 @@ def main(argv=None) -> int:
     if args.wide:
         for b in run.built:
             print(f"{b.kernel}: {b.summary(width=10_000)}")
+    def known(v):  # regs, stack and spills are None where no cuobjdump was found
+        return "?" if v is None else v
+
     print(format_table(
         ["kernel", "constexprs", "warps", "stages", "regs", "smem KiB", "stack B", "spills",
          "launches", "compile s"],
-        [[b.kernel, b.summary(), b.num_warps, b.num_stages, b.regs, f"{b.shared / 1024:.1f}",
-          b.stack, b.spill_stores, b.launches, f"{b.seconds:.2f}"] for b in run.built]))
+        [[b.kernel, b.summary(), b.num_warps, b.num_stages, known(b.regs), f"{b.shared / 1024:.1f}",
+          known(b.stack), known(b.spill_stores), b.launches, f"{b.seconds:.2f}"] for b in run.built]))
     problems = run.problems()
     fatal = run.errors() + (run.spills() if args.strict else [])
     print(f"# {len(run.built)} specializations of {len(run.kernels())} kernels built in "
