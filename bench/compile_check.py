@@ -128,16 +128,32 @@ def kernel_calls(log=print) -> None:
         gemv_add(empty(rows, 4096), empty(4096, 4096), h)  # o
         gemv_rmsnorm_sums(h, sums, empty(4096), 1e-5, empty(6144, 4096))  # qkv
         gemv_rmsnorm_sums(h, sums, empty(4096), 1e-5, empty(28672, 4096), gated=True)  # gate_up
-    saved, kernels.gemv.EARLY_PREFETCH = kernels.gemv.EARLY_PREFETCH, True  # off by default
+    kernels.gemv.SPLIT_MAXNREG[True] = 80  # the capped gate_up of the split's A/B (no cap by default)
+    try:
+        h, sums = gemv_add(empty(1, 14336), empty(4096, 14336), empty(1, 4096))
+        gemv_rmsnorm_sums(h, sums, empty(4096), 1e-5, empty(28672, 4096), gated=True)
+    finally:
+        del kernels.gemv.SPLIT_MAXNREG[True]
+    kernels.gemv.SPLIT_SCALE_AFTER = True  # the split's consumers with the scale after the loop
+    try:
+        for rows in (1, 3):
+            h, sums = gemv_add(empty(rows, 14336), empty(4096, 14336), empty(rows, 4096))
+            gemv_rmsnorm_sums(h, sums, empty(4096), 1e-5, empty(6144, 4096))
+            gemv_rmsnorm_sums(h, sums, empty(4096), 1e-5, empty(28672, 4096), gated=True)
+    finally:
+        kernels.gemv.SPLIT_SCALE_AFTER = False
+    saved = kernels.gemv.EARLY_PREFETCH  # off by default
     try:
         with pdl_scope(True):  # it prefetches only on PDL launches
-            for rows in (1, 3):
+            for steps, rows in itertools.product((1, 2), (1, 3)):  # K steps asked for
+                kernels.gemv.EARLY_PREFETCH = steps
                 gemv(empty(rows, 4096), empty(6144, 4096))
                 gemv(empty(rows, 4096), empty(28672, 4096), gated=True)
     finally:
         kernels.gemv.EARLY_PREFETCH = saved
     log("  kernel-level calls: spec verify, MoE route / gather-sum / pack, L2 prefetch, rotary, "
-        "split norm GEMVs, GEMVs with the early prefetch")
+        "split norm GEMVs (gate_up also capped at 80 registers; the scale after the loop), GEMVs "
+        "with the early prefetch (1 and 2 K steps)")
 
 
 def tuning_variants(log=print) -> None:
@@ -229,7 +245,8 @@ def main(argv=None) -> int:
     print(format_table(
         ["kernel", "constexprs", "warps", "stages", "regs", "smem KiB", "stack B", "spills",
          "launches", "compile s"],
-        [[b.kernel, b.summary(), b.num_warps, b.num_stages, known(b.regs), f"{b.shared / 1024:.1f}",
+        [[b.kernel, b.summary(), b.num_warps, b.num_stages,
+          f"{known(b.regs)}" + (f" (cap {b.maxnreg})" if b.maxnreg else ""), f"{b.shared / 1024:.1f}",
           known(b.stack), known(b.spill_stores), b.launches, f"{b.seconds:.2f}"] for b in run.built]))
     problems = run.problems()
     fatal = run.errors() + (run.spills() if args.strict else [])

@@ -61,6 +61,7 @@ class Built:
     stack: int | None = None  # stack frame bytes a thread (spills live there)
     spill_stores: int | None = None  # STL instructions in the SASS: registers spilled
     launches: int = 1  # launches in the run that asked for this specialization
+    maxnreg: int | None = None  # the launch's register cap (Triton's maxnreg option), if any
 
     def record(self) -> dict:
         """For JSON: constexpr values as Python scalars or strings (dtypes by name)."""
@@ -248,7 +249,8 @@ def compile_only(capability: tuple[int, int] = (9, 0), raise_errors: bool = True
             return kernel
         md = kernel.metadata
         built = Built(fn.fn.__name__, _constants(fn, kernel.src), md.num_warps, md.num_stages,
-                      md.shared, seconds if seconds > 0.05 else 0.0)
+                      md.shared, seconds if seconds > 0.05 else 0.0,
+                      maxnreg=getattr(md, "maxnreg", None))
         usage = resource_usage(kernel.asm["cubin"], tool)
         if usage is not None:
             built.regs, built.stack, built.spill_stores = usage

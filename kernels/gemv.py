@@ -42,11 +42,26 @@ NORM_MAX_K = 2048  # gemv_add_rmsnorm: the widest row it normalizes in its one K
 # and spill stores)
 SPLIT_NORM = False
 SPLIT_MAX_ROWS = 8
+# Register caps (Triton's maxnreg) for gemv_rmsnorm_sums launches, by gated. The split's
+# consumers hold more registers than the plain GEMV, so fewer programs fit an SM: gate_up 86
+# against 70 (5 programs against 7; Triton 3.6, sm_90), one candidate cause of the split's
+# slowdown. Capped at 80, gate_up builds without spills (6 an SM). Empty: no cap; the bench
+# A/B (bench/gemv.py --engine) sets {True: 80} for one of its graph sets.
+SPLIT_MAXNREG: dict[bool, int] = {}
+# With SPLIT_SCALE_AFTER, gemv_rmsnorm_sums multiplies w by g * x and scales the row's sums
+# by its rstd after the K loop (rmsnorm is linear in x once rstd is fixed), so the sums are
+# loaded and reduced after the products, holding no registers in the loop (the registers are
+# the plain GEMV's + the norm weight's). It leaves out the norm's two roundings of its output
+# (x * rstd, then * g, each to x's dtype), so in 16-bit dtypes the result differs from
+# rmsnorm then gemv by about those roundings (in fp32, by the order of operations only).
+# Off: not measured yet.
+SPLIT_SCALE_AFTER = False
 # Launched with PDL (Hopper), a GEMV's programs can become resident while the kernel before
 # still runs, and wait there (pdl_wait) for its output. The weights are no kernel's output,
-# so with EARLY_PREFETCH each program first asks L2 for its first K step's weight tile
-# (cp.async.bulk.prefetch, no registers held), then waits. Off until a GPU has measured it.
-EARLY_PREFETCH = False
+# so with EARLY_PREFETCH = n each program first asks L2 for its first n K steps' weight
+# tiles (cp.async.bulk.prefetch, no registers held; at most the whole row), then waits.
+# 0 (off) until a GPU has measured it.
+EARLY_PREFETCH = 0
 # (ROWS, output columns, K, gated) -> (BLOCK_N, BLOCK_K, num_warps, REDUCE_EACH), taken over
 # default_config where present (ROWS = next_power_of_2(M)). Empty unless a tuning run fills
 # it: bench/gemv.py --sweep --engine captures decode graphs with its sweep's best configs.
@@ -54,12 +69,12 @@ TUNED: dict[tuple[int, int, int, bool], tuple[int, int, int, bool]] = {}
 
 
 @triton.jit
-def _prefetch_first_tiles(w_ptr, N, w_stride, up_offset, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _prefetch_first_tiles(w_ptr, N, w_stride, up_offset, BLOCK_N: tl.constexpr, SPAN: tl.constexpr,
                           CHUNKS: tl.constexpr, GATED: tl.constexpr):
-    """Ask L2 for this program's weight rows' first BLOCK_K elements (and the up rows'),
-    CHUNKS bulk prefetches a row; rows past N ask for row N - 1's again (harmless)."""
+    """Ask L2 for this program's weight rows' first SPAN elements (and the up rows'), CHUNKS
+    bulk prefetches a row; rows past N ask for row N - 1's again (harmless)."""
     rows = tl.minimum(tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
-    step = BLOCK_K // CHUNKS  # elements a chunk
+    step = SPAN // CHUNKS  # elements a chunk
     offs = rows.to(tl.int64)[:, None] * w_stride + (tl.arange(0, CHUNKS) * step)[None, :]
     nbytes = tl.full([BLOCK_N, CHUNKS], step * w_ptr.dtype.element_ty.primitive_bitwidth // 8, tl.int32)
     bulk_prefetch_l2((w_ptr + offs).to(tl.int64, bitcast=True), nbytes)
@@ -99,15 +114,18 @@ def _gemv_kernel(
     ADD: tl.constexpr,
     BLOCK_P: tl.constexpr,
     PREFETCH: tl.constexpr,
+    PREFETCH_K: tl.constexpr,
     PDL: tl.constexpr,
 ):
     # NORM 1: x is rmsnorm(x + r) * g, the whole row in one K step (gemv_add_rmsnorm);
     # NORM 2: x is rmsnorm(x) * g, the row's scale from the `parts` partial sums of squares
-    # at s_ptr that the GEMV before left (gemv_rmsnorm_sums); ADD: out = x @ w.T + r, and
-    # this program's sum of squares of its columns of out into s_ptr (gemv_add); PREFETCH:
-    # chunks a weight row's first K step is asked of L2 in, before the wait (EARLY_PREFETCH)
+    # at s_ptr that the GEMV before left (gemv_rmsnorm_sums); NORM 3: the same, x * g in the
+    # loop and the products scaled by the row's rstd after it (SPLIT_SCALE_AFTER); ADD:
+    # out = x @ w.T + r, and this program's sum of squares of its columns of out into s_ptr
+    # (gemv_add); PREFETCH: chunks a weight row's first PREFETCH_K elements are asked of L2
+    # in, before the wait (EARLY_PREFETCH)
     if PREFETCH:
-        _prefetch_first_tiles(w_ptr, N, w_stride, up_offset, BLOCK_N, BLOCK_K, PREFETCH, GATED)
+        _prefetch_first_tiles(w_ptr, N, w_stride, up_offset, BLOCK_N, PREFETCH_K, PREFETCH, GATED)
     pdl_wait(PDL)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # output columns of this program
     m = tl.arange(0, ROWS)
@@ -175,6 +193,10 @@ def _gemv_kernel(
             g = tl.load(g_ptr + k0 + k, mask=(k0 + k) < K, other=0.0).to(tl.float32)
             normed = (xr.to(tl.float32) * rstd[:, None]).to(xr.dtype).to(tl.float32)
             x = (g[None, :] * normed).to(xr.dtype).to(tl.float32)[:, None, :]
+        elif NORM == 3:  # x * g now, the row's rstd after the loop
+            xr = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + k0 + k, mask=(k0 + k) < K, other=0.0).to(tl.float32)
+            x = (g[None, :] * xr)[:, None, :]
         else:
             x = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]  # [ROWS, 1, BLOCK_K]
         if REDUCE_EACH:
@@ -189,11 +211,20 @@ def _gemv_kernel(
             up_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
+    if NORM == 3:  # issued before the products' reduction, which its latency then overlaps
+        p = tl.arange(0, BLOCK_P)
+        squares = tl.load(s_ptr + m[:, None] * s_stride + p[None, :],
+                          mask=m_ok[:, None] & (p < parts)[None, :], other=0.0)  # [ROWS, BLOCK_P]
     y = acc if REDUCE_EACH else tl.sum(acc, axis=2)  # [ROWS, BLOCK_N]
+    if NORM == 3:
+        rstd = tl.math.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]  # [ROWS, 1]
+        y = y * rstd
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if GATED:
         up = acc_up if REDUCE_EACH else tl.sum(acc_up, axis=2)
+        if NORM == 3:
+            up = up * rstd
         if HAS_BIAS:
             up += tl.load(b_ptr + N + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         y = y * tl.sigmoid(y) * up
@@ -236,19 +267,23 @@ def _config(m: int, n: int, k: int, gated: bool, config=None) -> tuple[int, int,
             or default_config(m, n, k, gated))
 
 
-def _prefetch_chunks(pdl: dict, w: torch.Tensor, k: int, block_k: int, warps: int, block_n: int) -> int:
-    """PREFETCH for a launch: 0 (none) unless EARLY_PREFETCH is on, the launch has PDL (only
-    then can it start before the kernel ahead ends), K is whole K steps (each row's first
-    step lies within the row) and w's rows start 16-byte aligned (the bulk prefetch's
-    unit); else chunks a row, about one a thread, each a whole number of 128-byte L2 lines."""
+def _prefetch_plan(pdl: dict, w: torch.Tensor, k: int, block_k: int, warps: int,
+                   block_n: int) -> tuple[int, int]:
+    """(PREFETCH, PREFETCH_K) for a launch: (0, 0), none, unless EARLY_PREFETCH is on, the
+    launch has PDL (only then can it start before the kernel ahead ends), K is whole K
+    steps (the steps asked for lie within the row) and w's rows start 16-byte aligned (the
+    bulk prefetch's unit); else chunks a row, about one a thread, each a whole number of
+    128-byte L2 lines, over the row's first EARLY_PREFETCH K steps (at most all of them)."""
+    steps = int(EARLY_PREFETCH)
     elem = w.element_size()
-    if not (EARLY_PREFETCH and pdl.get("PDL") and k % block_k == 0
+    if not (steps > 0 and pdl.get("PDL") and k % block_k == 0
             and w.data_ptr() % 16 == 0 and w.stride(0) * elem % 16 == 0):
-        return 0
-    lines = block_k * elem // 128
+        return 0, 0
+    span = min(steps, k // block_k) * block_k
+    lines = block_k * elem // 128  # a K step's lines (whole steps: the span's are a multiple)
     if lines == 0 or block_k * elem % 128:
-        return 0
-    return max(1, min(32 * warps // block_n, lines))
+        return 0, 0
+    return max(1, min(32 * warps // block_n, lines)), span
 
 
 def _parts(m: int, n: int, k: int) -> int:
@@ -272,10 +307,13 @@ def _launch(x: torch.Tensor, w: torch.Tensor, bias, out: torch.Tensor, gated: bo
         block_k, mode = triton.next_power_of_2(k), 1
     elif sums_norm is not None:
         s, g, eps = sums_norm
-        parts, mode = s.shape[1], 2
+        parts, mode = s.shape[1], 3 if SPLIT_SCALE_AFTER else 2
     elif add is not None:
         r, s = add
     pdl = pdl_args(x)
+    chunks, span = _prefetch_plan(pdl, w, k, block_k, warps, block_n)
+    cap = SPLIT_MAXNREG.get(gated) if mode >= 2 else None
+    options = {"maxnreg": cap} if cap else {}
     with device_guard(x):
         _gemv_kernel[(triton.cdiv(n, block_n),)](
             x, w, bias if bias is not None else w, out, m, n, k,
@@ -285,7 +323,7 @@ def _launch(x: torch.Tensor, w: torch.Tensor, bias, out: torch.Tensor, gated: bo
             EVEN_K=k % block_k == 0, EVEN_N=n % block_n == 0, HAS_BIAS=bias is not None,
             GATED=gated, REDUCE_EACH=reduce_each, NORM=mode, ADD=add is not None,
             BLOCK_P=triton.next_power_of_2(parts), num_warps=warps,
-            PREFETCH=_prefetch_chunks(pdl, w, k, block_k, warps, block_n), **pdl,
+            PREFETCH=chunks, PREFETCH_K=span, **pdl, **options,
         )
 
 
@@ -451,7 +489,8 @@ def gemv_rmsnorm_sums(x: torch.Tensor, sums: torch.Tensor, norm_weight: torch.Te
                       ) -> torch.Tensor:
     """gemv(rmsnorm(x, norm_weight, eps), w, bias, gated) in one launch, the norm's scale
     from the sums of squares that gemv_add left with x (any [M, P] fp32 whose rows add up
-    to x's), the roundings as kernels/rmsnorm.py's (its sum in another order)."""
+    to x's), the roundings as kernels/rmsnorm.py's (its sum in another order); with
+    SPLIT_SCALE_AFTER, without the norm's roundings of its output."""
     name = "gemv_rmsnorm_sums"
     _check(x, w, bias, gated)
     check_launchable(name, sums, norm_weight)

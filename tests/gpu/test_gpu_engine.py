@@ -306,18 +306,21 @@ def test_fused_decode_store_gives_the_two_launches_results(cpu_model, monkeypatc
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("norms", ["row", "split"])
+@pytest.mark.parametrize("norms", ["row", "split", "split_after"])
 def test_gemv_kernel_engine_matches_cpu_and_cublas(cpu_model, norms, monkeypatch):
     """EngineConfig.gemv: the decode graphs send every few-row linear layer through
     kernels/gemv.py (gate_up with SiLU fused), with the residual adds + norms inside the
     GEMVs: "row", in the GEMV after each (SmolLM2's width), or "split" between the GEMVs
     around each (gemv_add, gemv_rmsnorm_sums: rows as wide as the 8B shape's, forced here
-    with NORM_MAX_K = 0); fp32 greedy tokens equal the CPU engine's, and bf16 logits stay
-    within the bf16 tolerance of the cuBLAS engine's."""
+    with NORM_MAX_K = 0; "split_after" with SPLIT_SCALE_AFTER); fp32 greedy tokens equal
+    the CPU engine's, and bf16 logits stay within the bf16 tolerance of the cuBLAS engine's."""
     import engine.layers
     import kernels.gemv as g
 
     calls = []
+    if norms == "split_after":
+        monkeypatch.setattr(g, "SPLIT_SCALE_AFTER", True)
+        norms = "split"
     if norms == "split":
         monkeypatch.setattr(g, "NORM_MAX_K", 0)
         monkeypatch.setattr(g, "SPLIT_NORM", True)

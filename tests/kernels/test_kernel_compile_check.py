@@ -85,6 +85,11 @@ def test_every_engine_kernel_builds_for_hopper(tmp_path):
     gemv = consts("_gemv_kernel")
     assert any(c["GATED"] for c in gemv) and any(c["REDUCE_EACH"] for c in gemv)
     assert {c["GATED"] for c in gemv if c["NORM"]} == {True, False}  # SmolLM2: qkv and gate_up
+    assert {c["NORM"] for c in gemv} == {0, 1, 2, 3}  # 3: the split with SPLIT_SCALE_AFTER
+    # kernels.gemv.SPLIT_MAXNREG reaches the compiler: the split's gate_up built under its cap
+    capped = [b for b in built if b["kernel"] == "_gemv_kernel" and b["maxnreg"]]
+    assert [(b["maxnreg"], b["constants"]["NORM"], b["constants"]["GATED"]) for b in capped] == [(80, 2, True)]
+    assert capped[0]["regs"] <= 80
     assert {c["LANES"] for c in consts("_bulk_prefetch_kernel")} == {32}
 
 

@@ -161,7 +161,8 @@ def test_the_backends_pdl_choice_wraps_every_forward(device, monkeypatch):
     assert seen == []
 
 
-@pytest.mark.parametrize("rows,norms", [(2, "row"), (2, "split"), (2, "apart"), (1, "row")])
+@pytest.mark.parametrize("rows,norms", [(2, "row"), (2, "split"), (2, "split_after"), (2, "apart"),
+                                        (1, "row")])
 def test_triton_decoder_sends_few_row_linears_to_the_gemv(rows, norms, device, monkeypatch):
     """Backend.gemv_rows: steps of at most that many rows take kernels/gemv.py for every
     linear layer (the MLP's up projection with SiLU-and-mul fused) and the LM head; the
@@ -169,9 +170,10 @@ def test_triton_decoder_sends_few_row_linears_to_the_gemv(rows, norms, device, m
     residual add + RMSNorm into the GEMV after it ("row": qkv from the second layer on,
     gate_up in every layer). Rows too wide for that (here NORM_MAX_K = 0 makes them so)
     split it ("split"): o and down add the residual in (gemv_add), qkv and gate_up
-    normalize from their sums (gemv_rmsnorm_sums). Either way only layer 0's norm and the
-    final one run as norm kernels; with SPLIT_NORM off as well ("apart") every norm does.
-    Logits as the torch backend's in all cases."""
+    normalize from their sums (gemv_rmsnorm_sums; "split_after": with the scale after
+    their loops). Either way only layer 0's norm and the final one run as norm kernels;
+    with SPLIT_NORM off as well ("apart") every norm does. Logits as the torch backend's in
+    all cases."""
     import kernels.gemv as g
 
     calls, norm_rows = [], []
@@ -181,6 +183,9 @@ def test_triton_decoder_sends_few_row_linears_to_the_gemv(rows, norms, device, m
             norm_rows.append(x.shape[0])
             return _real(x, *args)
         monkeypatch.setattr(kernels.ops, name, counted)
+    if norms == "split_after":
+        monkeypatch.setattr(g, "SPLIT_SCALE_AFTER", True)
+        norms = "split"
     if norms != "row":
         monkeypatch.setattr(g, "NORM_MAX_K", 0)
     monkeypatch.setattr(g, "SPLIT_NORM", norms == "split")

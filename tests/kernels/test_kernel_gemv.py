@@ -228,13 +228,18 @@ def test_gemv_add_is_the_two_steps(m, n, k, bias, dtype, device):
 @pytest.mark.parametrize("m,n,k", [(1, 96, 64), (3, 130, 200), (16, 40, 48)])
 @pytest.mark.parametrize("gated,bias", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gemv_rmsnorm_sums_is_the_two_kernels(m, n, k, gated, bias, dtype, device):
+@pytest.mark.parametrize("scale_after", [False, True])
+def test_gemv_rmsnorm_sums_is_the_two_kernels(m, n, k, gated, bias, dtype, scale_after, device,
+                                              monkeypatch):
     """gemv_rmsnorm_sums on gemv_add's output and sums gives rmsnorm then gemv: its
     roundings, its sum of squares in another order (so within an ulp of the norm's
-    output, not bit for bit); the reference within the GEMV's tolerance. It uses only
-    the sums' row totals: the same squares summed into 3 other parts give the same."""
+    output, not bit for bit); the reference within the GEMV's tolerance; with the scale
+    after the loop (SPLIT_SCALE_AFTER, no rounding of the norm's output) the same within
+    that tolerance. It uses only the sums' row totals: the same squares summed into 3
+    other parts give the same."""
     from kernels.rmsnorm import rmsnorm
 
+    monkeypatch.setattr(kernels.gemv, "SPLIT_SCALE_AFTER", scale_after)
     x, w, _, residual, weight, w2 = _split_inputs(m, n, k, dtype, device)
     b2 = torch.randn(w2.shape[0], device=device).to(dtype) if bias else None
     h, sums = gemv_add(x, w, residual)
@@ -252,11 +257,14 @@ def test_gemv_rmsnorm_sums_is_the_two_kernels(m, n, k, gated, bias, dtype, devic
 
 
 @pytest.mark.parametrize("m,reduce_each", [(1, False), (3, True)])
-def test_gemv_rmsnorm_sums_over_several_k_steps(m, reduce_each, device, monkeypatch):
-    """The row's scale is summed once, in the first K step, and used in every later one:
-    here K = 200 in 32-wide steps (a TUNED config), against rmsnorm then gemv."""
+@pytest.mark.parametrize("scale_after", [False, True])
+def test_gemv_rmsnorm_sums_over_several_k_steps(m, reduce_each, scale_after, device, monkeypatch):
+    """The row's scale is summed once, in the first K step, and used in every later one
+    (or, SPLIT_SCALE_AFTER, once after the last): here K = 200 in 32-wide steps (a TUNED
+    config), against rmsnorm then gemv."""
     from kernels.rmsnorm import rmsnorm
 
+    monkeypatch.setattr(kernels.gemv, "SPLIT_SCALE_AFTER", scale_after)
     n, k = 40, 200
     x, w, _, residual, weight, _ = _split_inputs(m, k, 64, torch.float32, device)
     h, sums = gemv_add(x, w, residual)
@@ -318,22 +326,28 @@ def test_gemv_opcheck(name, device):
 
 
 def test_early_prefetch_only_where_it_can_help(monkeypatch):
-    """EARLY_PREFETCH asks for the first K step's tile only on launches with PDL (only they
-    start before the kernel ahead ends) over whole K steps (a first step inside the row)
-    of 16-byte aligned rows, in chunks of whole 128-byte lines, about one a thread."""
-    chunks = kernels.gemv._prefetch_chunks
+    """EARLY_PREFETCH = n asks for the first n K steps' tiles (at most the row) only on
+    launches with PDL (only they start before the kernel ahead ends) over whole K steps (the
+    steps inside the row) of 16-byte aligned rows, in chunks of whole 128-byte lines, about
+    one a thread."""
+    plan = kernels.gemv._prefetch_plan
     pdl, no_pdl = {"PDL": True, "launch_pdl": True}, {"PDL": False}
     w4096, w14336 = torch.empty(8, 4096, dtype=torch.bfloat16), torch.empty(8, 14336, dtype=torch.bfloat16)
-    assert chunks(pdl, w4096, 4096, 2048, 4, 4) == 0  # off by default
-    monkeypatch.setattr(kernels.gemv, "EARLY_PREFETCH", True)
-    assert chunks(pdl, w4096, 4096, 2048, 4, 4) == 32  # 8B qkv / o at 1 row: 128 B a chunk, 1 a thread
-    assert chunks(pdl, w4096, 4096, 1024, 4, 2) == 16  # gate_up: 16 lines a row
-    assert chunks(pdl, w14336, 14336, 2048, 4, 4) == 32
-    assert chunks(no_pdl, w4096, 4096, 2048, 4, 4) == 0
-    assert chunks(pdl, torch.empty(8, 576, dtype=torch.bfloat16), 576, 1024, 4, 4) == 0  # K not whole steps
-    assert chunks(pdl, torch.empty(8, 32, dtype=torch.bfloat16), 32, 32, 4, 4) == 0  # a step under a line
+    assert plan(pdl, w4096, 4096, 2048, 4, 4) == (0, 0)  # off by default
+    monkeypatch.setattr(kernels.gemv, "EARLY_PREFETCH", 1)
+    assert plan(pdl, w4096, 4096, 2048, 4, 4) == (32, 2048)  # 8B qkv / o at 1 row: 128 B a chunk, 1 a thread
+    assert plan(pdl, w4096, 4096, 1024, 4, 2) == (16, 1024)  # gate_up: 16 lines a row
+    assert plan(pdl, w14336, 14336, 2048, 4, 4) == (32, 2048)
+    assert plan(no_pdl, w4096, 4096, 2048, 4, 4) == (0, 0)
+    assert plan(pdl, torch.empty(8, 576, dtype=torch.bfloat16), 576, 1024, 4, 4) == (0, 0)  # K not whole steps
+    assert plan(pdl, torch.empty(8, 32, dtype=torch.bfloat16), 32, 32, 4, 4) == (0, 0)  # a step under a line
     unaligned = torch.empty(8 * 4096 + 1, dtype=torch.bfloat16)[1:].view(8, 4096)
-    assert chunks(pdl, unaligned, 4096, 2048, 4, 4) == 0
+    assert plan(pdl, unaligned, 4096, 2048, 4, 4) == (0, 0)
+    monkeypatch.setattr(kernels.gemv, "EARLY_PREFETCH", 2)
+    assert plan(pdl, w4096, 4096, 1024, 4, 2) == (16, 2048)  # two steps: chunks of 256 B
+    assert plan(pdl, w4096, 4096, 2048, 4, 4) == (32, 4096)  # the whole row
+    monkeypatch.setattr(kernels.gemv, "EARLY_PREFETCH", 3)
+    assert plan(pdl, w4096, 4096, 2048, 4, 4) == (32, 4096)  # never past it
 
 
 def test_split_norm_under_torch_compile_as_rows_change(device):
@@ -410,12 +424,14 @@ def test_gemv_add_rmsnorm_gpu(m, n, gated):
 @pytest.mark.gpu
 @CUDA
 @pytest.mark.parametrize("m", [1, 2, 4])
-def test_split_norm_gpu_8b_shapes(m):
+@pytest.mark.parametrize("scale_after", [False, True])
+def test_split_norm_gpu_8b_shapes(m, scale_after, monkeypatch):
     """The 8B decode shapes in bf16: o and down as gemv_add (the result bit for bit as gemv
-    + add), qkv and gate_up (gated) as gemv_rmsnorm_sums on them, against rmsnorm + gemv;
-    in a CUDA graph and under torch.compile."""
+    + add), qkv and gate_up (gated) as gemv_rmsnorm_sums on them (the scale after the loop
+    or not), against rmsnorm + gemv; in a CUDA graph and under torch.compile."""
     from kernels.rmsnorm import rmsnorm
 
+    monkeypatch.setattr(kernels.gemv, "SPLIT_SCALE_AFTER", scale_after)
     rtol, atol = TOL[torch.bfloat16]
     for n_in, k_in in ((4096, 4096), (4096, 14336)):  # o, down
         x, w, _, residual, weight, _ = _split_inputs(m, n_in, k_in, torch.bfloat16, "cuda")
@@ -447,8 +463,9 @@ def test_split_norm_gpu_8b_shapes(m):
 @pytest.mark.gpu
 @CUDA
 def test_early_prefetch_gpu_same_results(monkeypatch):
-    """With EARLY_PREFETCH, PDL launches of the 8B shapes (plain, gated, 1 and 3 rows) in a
-    CUDA graph give the same bits as without: the prefetch is only a hint to L2."""
+    """With EARLY_PREFETCH (1 or 2 K steps), PDL launches of the 8B shapes (plain, gated, 1
+    and 3 rows) in a CUDA graph give the same bits as without: the prefetch is only a hint
+    to L2."""
     from kernels._triton import pdl_args, pdl_scope
 
     shapes = [(6144, 4096, False), (28672, 4096, True), (4096, 14336, False)]
@@ -456,19 +473,19 @@ def test_early_prefetch_gpu_same_results(monkeypatch):
         for n, k, gated in shapes:
             x, w, _ = _inputs(m, n, k, torch.bfloat16, "cuda")
             outs = {}
-            for early in (False, True):
+            for early in (0, 1, 2):
                 monkeypatch.setattr(kernels.gemv, "EARLY_PREFETCH", early)
                 with pdl_scope(True):
                     block_n, block_k, warps, _ = kernels.gemv._config(m, n // 2 if gated else n, k, gated)
-                    chunks = kernels.gemv._prefetch_chunks(pdl_args(x), w, k, block_k, warps, block_n)
-                    assert (chunks > 0) == early, "the launch does not take the prefetch"
+                    chunks, span = kernels.gemv._prefetch_plan(pdl_args(x), w, k, block_k, warps, block_n)
+                    assert (chunks > 0) == (early > 0), "the launch does not take the prefetch"
                     gemv(x, w, None, gated)  # compile outside the capture
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph):
                         out = gemv(x, w, None, gated)
                 graph.replay()
                 outs[early] = out.clone()
-            assert torch.equal(outs[True], outs[False]), (m, n, k, gated)
+            assert torch.equal(outs[1], outs[0]) and torch.equal(outs[2], outs[0]), (m, n, k, gated)
 
 
 def test_sweep_grid_and_budget(monkeypatch):
