@@ -14,15 +14,19 @@ Part 2 (--engine): one engine per model shape with the GEMV off; a second set of
 graphs captured over the same model and cache with it on and the norms in their own
 kernels; one with each residual add + RMSNorm in the GEMVs as well (kernels.gemv.fuses_norm:
 SmolLM2's width, in the GEMV after it; splits_norm: the 8B shape's, split between the GEMVs
-around it), whatever the defaults; for wide models launched with PDL, one with the shipped
-norm mode and each GEMV's first weight tiles prefetched into L2 before its PDL wait
-(kernels.gemv.EARLY_PREFETCH); and with --sweep one with each layer's best swept config
+around it), whatever the defaults; for wide models the split again with gate_up's
+registers capped at 80 (kernels.gemv.SPLIT_MAXNREG) and with the norm's scale after the
+GEMVs' loops (SPLIT_SCALE_AFTER), and, launched with PDL, one with the
+shipped norm mode and each GEMV's first weight tiles (one K step, then two) prefetched into
+L2 before its PDL wait (kernels.gemv.EARLY_PREFETCH); and with --sweep one with each layer's best swept config
 (kernels.gemv.TUNED, filled for that capture only). Logits are compared with cuBLAS's (max
-abs difference, greedy agreement), then replays are timed
-interleaved, and the engine loop (run-ahead on, batch 1) per token with each set.
+abs difference, greedy agreement), then replays are timed interleaved, and the engine loop
+(run-ahead on, batch 1) per token with each set. --profile N also profiles N batch-1
+replays of each set and prints what each kernel adds to the step (bench/kernel_trace.py).
 
     python bench/gemv.py [--models smollm2-135m,llama3-8b] [--rows 1,2,4,8,16] [--sweep]
         [--sweep-budget-s 30] [--engine] [--gemv-rows 4] [--ctx 512] [--batches 1,4]
+        [--profile STEPS]
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from bench.gpu_decode import (  # noqa: E402
     replay_rounds,
     step_bytes,
 )
+from bench.kernel_trace import print_step_table, trace_kernels  # noqa: E402
 from bench.shapes import SHAPES, shape  # noqa: E402
 from engine.config import ModelConfig  # noqa: E402
 
@@ -208,8 +213,9 @@ def _graph_set(model, engine, backend, max_bs: int, prefetch):
 def engine_rows(name: str, a, bw: float, tuned: dict | None = None) -> list[list]:
     """Decode graphs with the linear layers on cuBLAS; on the GEMV with its default configs,
     the norms in their own kernels and then in the GEMVs (fused or split, as the model's
-    width takes them), and for wide PDL models with the early weight prefetch; and (where
-    `tuned` holds a sweep's best configs) on the GEMV with those; side by side."""
+    width takes them; for wide rows the split's variants too), and for wide PDL models with
+    the early weight prefetch; and (where `tuned` holds a sweep's best configs) on the GEMV
+    with those; side by side (with a.profile, each batch-1 set's kernels too)."""
     import kernels.gemv
 
     cfg, model, engine = ab_engine(name, a.batches, a.ctx, a.loop_steps, gemv="off")
@@ -219,25 +225,35 @@ def engine_rows(name: str, a, bw: float, tuned: dict | None = None) -> list[list
     captured = partial(_graph_set, model, engine, backend, max_bs, base.prefetch)
     g = kernels.gemv
     gemv = f"gemv<={a.gemv_rows}"
-    # (NORM_MAX_K, SPLIT_NORM, EARLY_PREFETCH) of each set, whatever the module's defaults:
-    # the residual adds + norms in their own kernels; in the GEMVs (in the one after each
-    # for narrow rows, split between the ones around each for wide rows); and for wide rows
-    # (whose models launch with PDL: the prefetch needs it) the shipped mode with each
-    # GEMV's first weight tiles asked of L2 before its PDL wait
+    # kernels.gemv's settings for each set, whatever the module's defaults: the residual adds +
+    # norms in their own kernels; in the GEMVs (in the one after each for narrow rows, split
+    # between the ones around each for wide rows); for wide rows the split again with
+    # gate_up's registers capped at 80 (6 programs an SM, not 5), and with the scale after
+    # the loops (the plain GEMV's registers); and (their models launch with PDL: the
+    # prefetch needs it) the shipped mode with each GEMV's first weight tile (or two) asked
+    # of L2 before its PDL wait
     narrow = g.fuses_norm(cfg.hidden_size)
-    apart, fused = (0, False, False), (g.NORM_MAX_K, not narrow, False)
+    plain = {"NORM_MAX_K": g.NORM_MAX_K, "SPLIT_NORM": False, "EARLY_PREFETCH": 0,
+             "SPLIT_MAXNREG": {}, "SPLIT_SCALE_AFTER": False}
+    apart, fused = {**plain, "NORM_MAX_K": 0}, {**plain, "SPLIT_NORM": not narrow}
     modes = {"norms apart": apart, "norms fused" if narrow else "norms split": fused}
-    if not narrow and backend.pdl is not False:
-        shipped = fused if g.SPLIT_NORM else apart
-        modes["shipped norms, early prefetch"] = (*shipped[:2], True)
+    if not narrow:
+        modes["norms split, gate_up <= 80 regs"] = {**fused, "SPLIT_MAXNREG": {True: 80}}
+        modes["norms split, scale after"] = {**fused, "SPLIT_SCALE_AFTER": True}
+        if backend.pdl is not False:
+            shipped = fused if g.SPLIT_NORM else apart
+            modes["shipped norms, early prefetch"] = {**shipped, "EARLY_PREFETCH": 1}
+            modes["shipped norms, early prefetch x2"] = {**shipped, "EARLY_PREFETCH": 2}
     variants = {"cuBLAS": base}
-    saved = g.NORM_MAX_K, g.SPLIT_NORM, g.EARLY_PREFETCH
+    saved = {name: getattr(g, name) for name in plain}
     try:
-        for label, (max_k, split, early) in modes.items():  # read at capture only
-            g.NORM_MAX_K, g.SPLIT_NORM, g.EARLY_PREFETCH = max_k, split, early
+        for label, settings in modes.items():  # read at capture only
+            for name, value in settings.items():
+                setattr(g, name, value)
             variants[f"{gemv}, {label}"] = captured()
     finally:
-        g.NORM_MAX_K, g.SPLIT_NORM, g.EARLY_PREFETCH = saved
+        for name, value in saved.items():
+            setattr(g, name, value)
     if tuned:
         kernels.gemv.TUNED.update(tuned)  # read at capture only: the graphs keep the launches
         try:
@@ -250,6 +266,10 @@ def engine_rows(name: str, a, bw: float, tuned: dict | None = None) -> list[list
         logits = logits_of_each(engine, variants, sb)
         ref = logits["cuBLAS"]
         times = replay_rounds(variants, b, a.rounds, a.iters)
+        if a.profile and b == 1:  # each set's kernels, what each adds to the step
+            for label, runner in variants.items():
+                events = trace_kernels(runner.graphs[runner.bucket_for(b)].replay, a.profile)
+                print_step_table(f"{name} replay b{b}, {label}", events, a.profile)
         release(engine, sb)
         floor = step_bytes(cfg, 2, b, a.ctx, 2.0) / bw * 1e3
         first = statistics.median(times["cuBLAS"])
@@ -288,6 +308,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=40)
     ap.add_argument("--loop-steps", type=int, default=64)
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="part 2: profile STEPS batch-1 replays of each set and print what each "
+                         "kernel adds to the step (bench/kernel_trace.py); 0: none")
     a = ap.parse_args()
     names = a.models.split(",")
     unknown = [n for n in names if n not in SHAPES]
@@ -297,6 +320,8 @@ def main() -> int:
         rows, a.batches = ints(a.rows), ints(a.batches)
     except ValueError as e:
         ap.error(str(e))
+    if a.profile < 0:
+        ap.error("--profile takes a number of steps (0: none)")
     if not 1 <= a.gemv_rows <= 16:
         ap.error("--gemv-rows must be in 1..16")
     if a.sweep and a.no_kernels:

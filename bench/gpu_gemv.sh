@@ -7,7 +7,8 @@
 # check (the default): the shipped defaults. The GEMV's kernel and engine tests; the 8B
 #   shape's per-layer table at one row, then whole decode steps on cuBLAS and on the GEMV
 #   with the residual adds + norms in their own kernels or split between the GEMVs around
-#   them (bench/gemv.py --engine); then bench/gpu_decode.py's whole table.
+#   them (gate_up's registers capped or not), or with the early weight prefetch, each set's
+#   kernels profiled (bench/gemv.py --engine --profile); then bench/gpu_decode.py's table.
 # tune: the kernel tests; the 8B shape's per-layer table with a config sweep at 1 and 4
 #   rows, then whole decode steps on cuBLAS, the GEMV's defaults and the swept configs;
 #   SmolLM2's whole steps (the norms fused and apart); the engine test.
@@ -35,11 +36,11 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 run kernel_tests 110 python3 -m pytest -q -rf -m gpu tests/kernels/test_kernel_gemv.py
 case $mode in
 check)
-    run engine_tests 100 python3 -m pytest -q -rf -m gpu tests/gpu/test_gpu_engine.py -k gemv
-    TAIL=16 run gemv_8b 120 python3 bench/gemv.py --models llama3-8b --rows 1 --engine --batches 1 \
-        --rounds 5
-    GPU_DECODE_JSON="$out/decode.jsonl" TAIL=60 run decode 220 python3 bench/gpu_decode.py \
-        --time-budget-s 200 ;;
+    run engine_tests 90 python3 -m pytest -q -rf -m gpu tests/gpu/test_gpu_engine.py -k gemv
+    TAIL=16 run gemv_8b 150 python3 bench/gemv.py --models llama3-8b --rows 1 --engine --batches 1 \
+        --rounds 5 --profile 10
+    GPU_DECODE_JSON="$out/decode.jsonl" TAIL=60 run decode 200 python3 bench/gpu_decode.py \
+        --time-budget-s 180 ;;
 tune)
     TAIL=24 run llama 290 python3 bench/gemv.py --models llama3-8b --rows 1,4 --sweep \
         --sweep-budget-s 15 --engine --batches 1,4 --rounds 4
