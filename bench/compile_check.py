@@ -12,8 +12,9 @@ steps at 1, 3 and 32 sequences, with bf16 and int8 KV, the GEMV kernel on (gemv=
 batch 3 takes it too) and PDL as the engine picks it for the shape. Then, at the kernel
 level, what those steps do not reach on a CPU: the speculative-decoding verify kernel,
 the MoE kernels, the L2 prefetch, rotary on its own, the GEMVs of the split add + norm
-and with the early weight prefetch (kernels.gemv.SPLIT_NORM, EARLY_PREFETCH, both off by
-default), and decode attention's tile
+(and its variants) and with the early weight prefetch (kernels.gemv.SPLIT_NORM,
+EARLY_PREFETCH), decode attention's reduce kernel prefetching the o weight ahead
+(kernels.prefetch.AHEAD_BYTES), all off by default, and decode attention's tile
 options that only TUNING takes (FAST_I8 x I8_QK x LAZY on every partition size).
 
 Prints one row per kernel specialization built (registers, shared memory, stack and spill
@@ -83,10 +84,13 @@ def engine_steps(shape_name: str, layers: int, vocab: int | None, log=print) -> 
 def kernel_calls(log=print) -> None:
     """Kernels the CPU engine steps do not reach: spec verify, MoE, the L2 prefetch (the
     engine's runs only inside a decode-graph capture), rotary on its own, the GEMVs of the
-    split add + norm and with the early weight prefetch (kernels.gemv.SPLIT_NORM,
-    EARLY_PREFETCH, both off by default)."""
+    split add + norm (and its variants) and with the early weight prefetch
+    (kernels.gemv.SPLIT_NORM, EARLY_PREFETCH), decode attention's reduce kernel prefetching
+    the o weight (kernels.prefetch.AHEAD_BYTES); all off by default."""
     import kernels.gemv
+    import kernels.prefetch
     from kernels._triton import pdl_scope
+    from kernels.decode_attention import decode_attention
     from kernels.gemv import gemv, gemv_add, gemv_rmsnorm_sums
     from kernels.moe import moe_gather_sum, moe_pack_rows, moe_route
     from kernels.prefetch import l2_prefetch
@@ -142,6 +146,15 @@ def kernel_calls(log=print) -> None:
             gemv_rmsnorm_sums(h, sums, empty(4096), 1e-5, empty(28672, 4096), gated=True)
     finally:
         kernels.gemv.SPLIT_SCALE_AFTER = False
+    saved_ahead, kernels.prefetch.AHEAD_BYTES = kernels.prefetch.AHEAD_BYTES, 8 << 20  # off by default
+    try:  # decode attention's reduce kernel asking L2 for the o weight ahead (8B heads, int8 KV)
+        with pdl_scope(True), kernels.prefetch.ahead(empty(4096, 4096)):
+            for b in (1, 4):
+                decode_attention(empty(b, 32, 128), torch.zeros(2, 64, 16, 8, 128, dtype=torch.int8),
+                                 torch.ones(2, 64, 16, 8), torch.zeros(b, 16, dtype=torch.int32),
+                                 torch.full((b,), 200, dtype=torch.int32), partition_size=64)
+    finally:
+        kernels.prefetch.AHEAD_BYTES = saved_ahead
     saved = kernels.gemv.EARLY_PREFETCH  # off by default
     try:
         with pdl_scope(True):  # it prefetches only on PDL launches
@@ -153,7 +166,7 @@ def kernel_calls(log=print) -> None:
         kernels.gemv.EARLY_PREFETCH = saved
     log("  kernel-level calls: spec verify, MoE route / gather-sum / pack, L2 prefetch, rotary, "
         "split norm GEMVs (gate_up also capped at 80 registers; the scale after the loop), GEMVs "
-        "with the early prefetch (1 and 2 K steps)")
+        "with the early prefetch (1 and 2 K steps), decode attention with the o weight ahead")
 
 
 def tuning_variants(log=print) -> None:

@@ -18,7 +18,8 @@ around it), whatever the defaults; for wide models the split again with gate_up'
 registers capped at 80 (kernels.gemv.SPLIT_MAXNREG) and with the norm's scale after the
 GEMVs' loops (SPLIT_SCALE_AFTER), and, launched with PDL, one with the
 shipped norm mode and each GEMV's first weight tiles (one K step, then two) prefetched into
-L2 before its PDL wait (kernels.gemv.EARLY_PREFETCH); and with --sweep one with each layer's best swept config
+L2 before its PDL wait (kernels.gemv.EARLY_PREFETCH), then one step with decode attention's
+reduce kernel also asking for the o weight's first 8 MiB (kernels.prefetch.AHEAD_BYTES); and with --sweep one with each layer's best swept config
 (kernels.gemv.TUNED, filled for that capture only). Logits are compared with cuBLAS's (max
 abs difference, greedy agreement), then replays are timed interleaved, and the engine loop
 (run-ahead on, batch 1) per token with each set. --profile N also profiles N batch-1
@@ -217,6 +218,7 @@ def engine_rows(name: str, a, bw: float, tuned: dict | None = None) -> list[list
     the early weight prefetch; and (where `tuned` holds a sweep's best configs) on the GEMV
     with those; side by side (with a.profile, each batch-1 set's kernels too)."""
     import kernels.gemv
+    import kernels.prefetch
 
     cfg, model, engine = ab_engine(name, a.batches, a.ctx, a.loop_steps, gemv="off")
     max_bs = max(a.batches)
@@ -231,10 +233,12 @@ def engine_rows(name: str, a, bw: float, tuned: dict | None = None) -> list[list
     # gate_up's registers capped at 80 (6 programs an SM, not 5), and with the scale after
     # the loops (the plain GEMV's registers); and (their models launch with PDL: the
     # prefetch needs it) the shipped mode with each GEMV's first weight tile (or two) asked
-    # of L2 before its PDL wait
+    # of L2 before its PDL wait, and with that plus decode attention's reduce kernel asking
+    # for the o weight's first 8 MiB before its own (kernels.prefetch.AHEAD_BYTES)
     narrow = g.fuses_norm(cfg.hidden_size)
     plain = {"NORM_MAX_K": g.NORM_MAX_K, "SPLIT_NORM": False, "EARLY_PREFETCH": 0,
-             "SPLIT_MAXNREG": {}, "SPLIT_SCALE_AFTER": False}
+             "SPLIT_MAXNREG": {}, "SPLIT_SCALE_AFTER": False, "AHEAD_BYTES": 0}
+    home = {name: kernels.prefetch if name == "AHEAD_BYTES" else g for name in plain}
     apart, fused = {**plain, "NORM_MAX_K": 0}, {**plain, "SPLIT_NORM": not narrow}
     modes = {"norms apart": apart, "norms fused" if narrow else "norms split": fused}
     if not narrow:
@@ -244,16 +248,18 @@ def engine_rows(name: str, a, bw: float, tuned: dict | None = None) -> list[list
             shipped = fused if g.SPLIT_NORM else apart
             modes["shipped norms, early prefetch"] = {**shipped, "EARLY_PREFETCH": 1}
             modes["shipped norms, early prefetch x2"] = {**shipped, "EARLY_PREFETCH": 2}
+            modes["shipped norms, early prefetch, o ahead 8 MiB"] = {**shipped, "EARLY_PREFETCH": 1,
+                                                                     "AHEAD_BYTES": 8 << 20}
     variants = {"cuBLAS": base}
-    saved = {name: getattr(g, name) for name in plain}
+    saved = {name: getattr(home[name], name) for name in plain}
     try:
         for label, settings in modes.items():  # read at capture only
             for name, value in settings.items():
-                setattr(g, name, value)
+                setattr(home[name], name, value)
             variants[f"{gemv}, {label}"] = captured()
     finally:
         for name, value in saved.items():
-            setattr(g, name, value)
+            setattr(home[name], name, value)
     if tuned:
         kernels.gemv.TUNED.update(tuned)  # read at capture only: the graphs keep the launches
         try:

@@ -120,6 +120,9 @@ class AttentionBackend(ABC):
     # True: forward takes rotary=(positions, cos, sin) and applies rotary itself, q and k
     # unrotated on the way in (the decoder then skips its own rotary op)
     fuses_rotary: bool = False
+    # True: forward takes ahead=the weight the next kernels read (the o projection's), which
+    # its kernels may ask L2 for while they run (kernels.prefetch.ahead)
+    prefetches_ahead: bool = False
 
     @abstractmethod
     def forward(self, q, k, v, cache: KVCache, layer: int, meta: AttentionMetadata) -> torch.Tensor:
@@ -169,15 +172,23 @@ class TritonAttention(AttentionBackend):
 
     name = "triton"
     fuses_rotary = True
+    prefetches_ahead = True
 
     def __init__(self) -> None:
         import kernels.ops as k  # lazy, see engine.layers.TritonOps
+        import kernels.prefetch
 
         self._k = k
+        self._ahead = kernels.prefetch.ahead
 
-    def forward(self, q, k, v, cache, layer, meta, rotary=None):
+    def forward(self, q, k, v, cache, layer, meta, rotary=None, ahead=None):
         """rotary: (positions [T], cos, sin [max_position, D]) when q, k are not rotated yet;
-        one kernel then rotates q in place and stores rotated k (k itself stays unrotated)."""
+        one kernel then rotates q in place and stores rotated k (k itself stays unrotated).
+        ahead: the weight read next (kernels.prefetch.ahead; a hint, no value changes)."""
+        with self._ahead(ahead):
+            return self._forward(q, k, v, cache, layer, meta, rotary)
+
+    def _forward(self, q, k, v, cache, layer, meta, rotary):
         data = cache.data[layer]  # [2, P, S, Hkv, D]
         scales = cache.scales[layer] if cache.quantized else None
         if meta.is_decode and rotary is not None:

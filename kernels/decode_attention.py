@@ -41,6 +41,7 @@ from kernels.kv_store import (
     _store_row_halves,
     scales_by_reciprocal,
 )
+from kernels.prefetch import ahead_plan, prefetch_lanes
 from kernels.rotary import _load_cos_sin, _rotate_half, check_rotary_args
 
 LOG2E = 1.4426950408889634
@@ -556,14 +557,23 @@ def _decode_reduce_kernel(
     num_heads,
     num_parts,
     head_dim,
+    ahead_base,
+    ahead_bytes,
+    ahead_chunk,
     PARTITION_SIZE: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    AHEAD: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl_wait(PDL)
+    # AHEAD: lanes a program asks L2 for its share of the next kernels' bytes with, before
+    # the wait (kernels.prefetch.ahead: the o weight, fetched while the partitions run)
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
+    if AHEAD:
+        first = (tl.program_id(0) * tl.num_programs(1) + h) * AHEAD
+        prefetch_lanes(ahead_base, ahead_bytes, ahead_chunk, first + tl.arange(0, AHEAD))
+    pdl_wait(PDL)
     base = (b * num_heads + h) * num_parts
     d = tl.arange(0, BLOCK_D)
     d_mask = d < head_dim
@@ -806,6 +816,9 @@ def _run(q, data_layer, scales_layer, block_tables, ctx_lens, sm_scale, partitio
             SCALE_BY_RECIPROCAL=scales_by_reciprocal(q.device),
             ROTARY=new_kv is not None,
         )
+        pdl = pdl_args(q)
+        lanes = 32 * cfg["num_warps"]  # a program's threads
+        ahead_base, ahead_bytes, ahead_chunk = ahead_plan(q.device, pdl, b * h * lanes)
         _decode_reduce_kernel[(b, h)](
             mid_out,
             mid_max,
@@ -817,11 +830,15 @@ def _run(q, data_layer, scales_layer, block_tables, ctx_lens, sm_scale, partitio
             h,
             num_parts,
             d,
+            ahead_base,
+            ahead_bytes,
+            ahead_chunk,
             PARTITION_SIZE=partition_size,
             BLOCK_P=min(32, triton.next_power_of_2(num_parts)),
             BLOCK_D=block_d,
+            AHEAD=lanes if ahead_bytes else 0,
             num_warps=cfg["num_warps"],
-            **pdl_args(q),
+            **pdl,
         )
     return out
 

@@ -15,9 +15,17 @@ Two ways to ask:
   loads return.
 
 A prefetch changes no value anywhere (but `out`); it is only a hint to the memory system.
+
+Inside `ahead(t)`, a kernel launched with PDL that takes it (decode attention's reduce
+kernel) asks L2 for t's first AHEAD_BYTES before its PDL wait: the decoder hands it the o
+projection's weight, so those bytes move while the attention partitions run, the window
+that the o GEMV's own early prefetch (kernels.gemv.EARLY_PREFETCH) cannot reach.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 
@@ -33,6 +41,11 @@ from kernels._triton import (
 MODES = ("bulk", "loads")
 _LANES = 32  # bulk: one chunk a thread, one warp a program
 _BLOCK = 1024  # loads: words a program reads per iteration
+# ahead(): bytes of the tensor asked for (its first ones; whole 16-byte units). 0: off, until
+# a GPU has measured it
+AHEAD_BYTES = 0
+_AHEAD: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("miniinfer_ahead",
+                                                                             default=None)
 
 
 @triton.jit
@@ -52,11 +65,11 @@ def bulk_prefetch_l2(addr, nbytes):
 
 
 @triton.jit
-def _bulk_prefetch_kernel(base, nbytes, chunk, LANES: tl.constexpr):
-    """Thread i of program p asks for bytes [c, c + chunk) of [base, base + nbytes), with
-    c = (p * LANES + i) * chunk, cut at the end and to a multiple of 16 (the instruction's
-    unit). Threads past the end re-ask for the first 16 bytes: harmless, and no branch."""
-    lane = tl.program_id(0) * LANES + tl.arange(0, LANES)  # [LANES]
+def prefetch_lanes(base, nbytes, chunk, lane):
+    """Each lane i asks L2 for bytes [c, c + chunk) of [base, base + nbytes) (base an int64
+    address), with c = i * chunk, cut at the end and to a multiple of 16 (the bulk
+    instruction's unit). Lanes past the end re-ask for the first 16 bytes: harmless, and
+    no branch."""
     off = lane.to(tl.int64) * chunk
     size = tl.minimum(nbytes - off, chunk)
     size = size - size % 16
@@ -64,6 +77,12 @@ def _bulk_prefetch_kernel(base, nbytes, chunk, LANES: tl.constexpr):
     addr = tl.where(keep, base + off, base)  # int64 global addresses
     size = tl.where(keep, size, 16).to(tl.int32)
     bulk_prefetch_l2(addr, size)
+
+
+@triton.jit
+def _bulk_prefetch_kernel(base, nbytes, chunk, LANES: tl.constexpr):
+    """Thread i of program p takes lane p * LANES + i of prefetch_lanes."""
+    prefetch_lanes(base, nbytes, chunk, tl.program_id(0) * LANES + tl.arange(0, LANES))
 
 
 @triton.jit
@@ -85,6 +104,35 @@ def bulk_supported(device: torch.device) -> bool:
     kernels.aot.compile_only, a target of 9.0+."""
     cap = gpu_capability(device)
     return cap is not None and cap >= (9, 0)
+
+
+@contextlib.contextmanager
+def ahead(t: torch.Tensor | None):
+    """Kernels launched (or captured) inside that take it may ask L2 for t's first
+    AHEAD_BYTES before their PDL wait (`ahead_plan`); None: nothing."""
+    token = _AHEAD.set(t)
+    try:
+        yield
+    finally:
+        _AHEAD.reset(token)
+
+
+def ahead_plan(device: torch.device, pdl: dict, lanes: int) -> tuple[int, int, int]:
+    """(address, nbytes, chunk) of the prefetch a launch on `device` with `lanes` prefetching
+    threads in all (its programs x threads) asks for before its PDL wait, from `ahead`'s
+    tensor: each lane one chunk (`prefetch_lanes`); (0, 0, 0) for none. None unless
+    AHEAD_BYTES is set, a tensor is ahead on that device, contiguous and 16-byte aligned,
+    the launch has PDL (only then can it run before the kernel ahead of it ends) and the
+    bulk instruction exists there."""
+    t = _AHEAD.get()
+    if not (AHEAD_BYTES > 0 and t is not None and pdl.get("PDL") and t.device == device
+            and t.is_contiguous() and t.data_ptr() % 16 == 0 and bulk_supported(device)):
+        return 0, 0, 0
+    n = min(int(AHEAD_BYTES), t.numel() * t.element_size()) // 16 * 16
+    if n < 16:
+        return 0, 0, 0
+    chunk = -(-n // max(lanes, 1))
+    return t.data_ptr(), n, -(-chunk // 16) * 16
 
 
 def _prefix_bytes(name: str, t: torch.Tensor, nbytes: int | None) -> int:

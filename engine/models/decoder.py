@@ -50,12 +50,13 @@ class Attention(nn.Module):
         if c.qk_norm:
             q, k = self.q_norm(q, ops), self.k_norm(k, ops)
         attn = backend.attn
+        kw = {"ahead": self.o.weight} if attn.prefetches_ahead else {}  # o reads it next
         if attn.fuses_rotary:  # one kernel rotates q, k and stores K/V (k stays unrotated)
             rotary = (positions, rope.cos, rope.sin)
-            out = attn.forward(q, k, v, cache, self.layer, meta, rotary=rotary)  # [T, H, D]
+            out = attn.forward(q, k, v, cache, self.layer, meta, rotary=rotary, **kw)  # [T, H, D]
         else:
             q, k = rope(positions, q, k, ops)
-            out = attn.forward(q, k, v, cache, self.layer, meta)  # [T, H, D]
+            out = attn.forward(q, k, v, cache, self.layer, meta, **kw)  # [T, H, D]
         out = out.reshape(t, c.q_size)
         return self.o(out) if residual is None else then_add(self.o, out, residual)
 

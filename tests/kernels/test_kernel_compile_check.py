@@ -91,6 +91,7 @@ def test_every_engine_kernel_builds_for_hopper(tmp_path):
     assert [(b["maxnreg"], b["constants"]["NORM"], b["constants"]["GATED"]) for b in capped] == [(80, 2, True)]
     assert capped[0]["regs"] <= 80
     assert {c["LANES"] for c in consts("_bulk_prefetch_kernel")} == {32}
+    assert {c["AHEAD"] > 0 for c in consts("_decode_reduce_kernel")} == {True, False}  # o ahead
 
 
 BAD_KERNELS = '''

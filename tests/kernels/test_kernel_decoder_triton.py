@@ -204,3 +204,27 @@ def test_triton_decoder_sends_few_row_linears_to_the_gemv(rows, norms, device, m
     reference = _logits(model, TORCH_BACKEND, torch.float32, device)
     for a, b in zip(got, reference):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_triton_decoder_hands_attention_the_o_weight_ahead(device, monkeypatch):
+    """Each layer's decode attention runs inside kernels.prefetch.ahead(its o weight), so its
+    reduce kernel may ask L2 for it (AHEAD_BYTES); the prefill's attention has no reduce
+    kernel; nothing is ahead once the step is done; the logits are the torch backend's."""
+    import kernels.decode_attention as da
+    import kernels.prefetch as kp
+
+    seen = []
+
+    def plan(*args, _real=da.ahead_plan):
+        seen.append(kp._AHEAD.get())
+        return _real(*args)
+
+    monkeypatch.setattr(da, "ahead_plan", plan)
+    model = _model("llama", device)
+    got = _logits(model, select_backend(device, "triton"), torch.float32, device)
+    weights = [layer.attn.o.weight for layer in model.layers]
+    assert len(seen) == LAYERS * len(DECODE_TOKENS)
+    assert all(a is b for a, b in zip(seen, weights * len(DECODE_TOKENS)))
+    assert kp._AHEAD.get() is None
+    for a, b in zip(got, _logits(model, TORCH_BACKEND, torch.float32, device)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -190,3 +190,73 @@ def test_decode_graphs_with_prefetch_give_the_same_tokens(setting, monkeypatch):
             kernel = "_bulk_prefetch_kernel" if s.startswith(("bulk", "auto")) else "_loads_prefetch_kernel"
             assert any(kernel in n for n in names), sorted(names)[:20]
     assert runs["off"] == runs[setting]
+
+
+def test_ahead_plan_asks_for_the_first_bytes_only_where_it_can_help(monkeypatch):
+    """kernels.prefetch.ahead / ahead_plan: nothing unless AHEAD_BYTES is set, a tensor is
+    ahead (and only inside the block), the launch has PDL, and the bulk instruction exists;
+    then the tensor's first AHEAD_BYTES (at most all of it, whole 16-byte units) split into
+    one 16-byte-multiple chunk a lane."""
+    import kernels.prefetch as kp
+
+    cpu = torch.device("cpu")
+    pdl, no_pdl = {"PDL": True, "launch_pdl": True}, {"PDL": False}
+    w = torch.empty(4096, 4096, dtype=torch.bfloat16)  # the 8B shape's o weight, 32 MiB
+    with kp.ahead(w):
+        assert kp.ahead_plan(cpu, pdl, 1024) == (0, 0, 0)  # off by default
+    monkeypatch.setattr(kp, "AHEAD_BYTES", 8 * MIB)
+    with kp.ahead(w):
+        assert kp.ahead_plan(cpu, pdl, 1024) == (0, 0, 0)  # the interpreter: no bulk instruction
+    monkeypatch.setattr(kp, "bulk_supported", lambda device: True)
+    assert kp.ahead_plan(cpu, pdl, 1024) == (0, 0, 0)  # nothing ahead
+    with kp.ahead(w):
+        assert kp.ahead_plan(cpu, pdl, 1024) == (w.data_ptr(), 8 * MIB, 8192)  # 32 heads x 32 lanes
+        assert kp.ahead_plan(cpu, pdl, 3000) == (w.data_ptr(), 8 * MIB, 2800)  # chunks up to 16s
+        assert kp.ahead_plan(cpu, no_pdl, 1024) == (0, 0, 0)
+        with kp.ahead(None):
+            assert kp.ahead_plan(cpu, pdl, 1024) == (0, 0, 0)
+        assert kp.ahead_plan(cpu, pdl, 1024)[1] == 8 * MIB  # the outer block's again
+    small = torch.empty(1000, dtype=torch.uint8)
+    with kp.ahead(small):
+        assert kp.ahead_plan(cpu, pdl, 32) == (small.data_ptr(), 992, 32)  # all of it, cut to 16s
+    with kp.ahead(w.t()):
+        assert kp.ahead_plan(cpu, pdl, 1024) == (0, 0, 0)  # not contiguous
+    unaligned = torch.empty(4097, dtype=torch.bfloat16)[1:]
+    with kp.ahead(unaligned):
+        assert kp.ahead_plan(cpu, pdl, 1024) == (0, 0, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decode_attention_with_ahead_gives_the_same_bits(monkeypatch):
+    """Decode attention (the 8B shape's heads, int8 KV, batch 1 and 4) captured with PDL
+    inside kernels.prefetch.ahead(a 32 MiB weight), AHEAD_BYTES 8 MiB: the reduce kernel
+    takes the prefetch, and the output is the same bits as without."""
+    import kernels.prefetch as kp
+    from kernels._triton import pdl_scope
+    from kernels.decode_attention import decode_attention
+
+    if not bulk_supported(torch.device("cuda")):
+        pytest.skip("the bulk prefetch needs compute capability 9.0+")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    pages, page_size, hkv, d = 64, 16, 8, 128
+    data = torch.randint(-127, 128, (2, pages, page_size, hkv, d), dtype=torch.int8, device="cuda",
+                         generator=gen)
+    scales = torch.rand(2, pages, page_size, hkv, device="cuda", generator=gen) / 64
+    w = torch.randn(4096, 4096, dtype=torch.bfloat16, device="cuda", generator=gen)
+    monkeypatch.setattr(kp, "AHEAD_BYTES", 8 * MIB)
+    for b in (1, 4):
+        q = torch.randn(b, 32, d, dtype=torch.bfloat16, device="cuda", generator=gen)
+        tables = torch.arange(pages, dtype=torch.int32, device="cuda").view(4, -1)[:b]
+        ctx = torch.tensor([200, 256, 17, 131][:b], dtype=torch.int32, device="cuda")
+        outs = {}
+        for on in (False, True):
+            with pdl_scope(True), kp.ahead(w if on else None):
+                assert (kp.ahead_plan(q.device, {"PDL": True}, 32)[1] > 0) == on
+                decode_attention(q, data, scales, tables, ctx, partition_size=64)  # compile
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = decode_attention(q, data, scales, tables, ctx, partition_size=64)
+            graph.replay()
+            outs[on] = out.clone()
+        assert torch.equal(outs[True], outs[False]), b
