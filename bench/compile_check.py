@@ -132,20 +132,20 @@ def kernel_calls(log=print) -> None:
         gemv_add(empty(rows, 4096), empty(4096, 4096), h)  # o
         gemv_rmsnorm_sums(h, sums, empty(4096), 1e-5, empty(6144, 4096))  # qkv
         gemv_rmsnorm_sums(h, sums, empty(4096), 1e-5, empty(28672, 4096), gated=True)  # gate_up
-    kernels.gemv.SPLIT_MAXNREG[True] = 80  # the capped gate_up of the split's A/B (no cap by default)
+    saved_caps, kernels.gemv.SPLIT_MAXNREG = kernels.gemv.SPLIT_MAXNREG, {True: 80}  # the A/B's cap
     try:
         h, sums = gemv_add(empty(1, 14336), empty(4096, 14336), empty(1, 4096))
         gemv_rmsnorm_sums(h, sums, empty(4096), 1e-5, empty(28672, 4096), gated=True)
     finally:
-        del kernels.gemv.SPLIT_MAXNREG[True]
-    kernels.gemv.SPLIT_SCALE_AFTER = True  # the split's consumers with the scale after the loop
+        kernels.gemv.SPLIT_MAXNREG = saved_caps
+    saved_after, kernels.gemv.SPLIT_SCALE_AFTER = kernels.gemv.SPLIT_SCALE_AFTER, True  # scale after
     try:
         for rows in (1, 3):
             h, sums = gemv_add(empty(rows, 14336), empty(4096, 14336), empty(rows, 4096))
             gemv_rmsnorm_sums(h, sums, empty(4096), 1e-5, empty(6144, 4096))
             gemv_rmsnorm_sums(h, sums, empty(4096), 1e-5, empty(28672, 4096), gated=True)
     finally:
-        kernels.gemv.SPLIT_SCALE_AFTER = False
+        kernels.gemv.SPLIT_SCALE_AFTER = saved_after
     saved_ahead, kernels.prefetch.AHEAD_BYTES = kernels.prefetch.AHEAD_BYTES, 8 << 20  # off by default
     try:  # decode attention's reduce kernel asking L2 for the o weight ahead (8B heads, int8 KV)
         with pdl_scope(True), kernels.prefetch.ahead(empty(4096, 4096)):

@@ -211,12 +211,28 @@ def _graph_set(model, engine, backend, max_bs: int, prefetch):
     return g
 
 
+ENGINE_HEADERS = ["model", "step", "linear layers", "ms", "x floor", "speed-up", "logit diff / greedy agree"]
+
+
+def profile_sets(engine, variants: dict, name: str, ctx: int, steps: int) -> None:
+    """Each graph set's batch-1 replay, `steps` of them traced: what each kernel adds."""
+    sb = decode_batch(engine, 1, ctx)
+    try:
+        logits_of_each(engine, variants, sb)  # each set's inputs for this batch
+        for label, runner in variants.items():
+            events = trace_kernels(runner.graphs[runner.bucket_for(1)].replay, steps)
+            print_step_table(f"{name} replay b1, {label}", events, steps)
+    finally:
+        release(engine, sb)
+
+
 def engine_rows(name: str, a, bw: float, tuned: dict | None = None) -> list[list]:
     """Decode graphs with the linear layers on cuBLAS; on the GEMV with its default configs,
     the norms in their own kernels and then in the GEMVs (fused or split, as the model's
     width takes them; for wide rows the split's variants too), and for wide PDL models with
     the early weight prefetch; and (where `tuned` holds a sweep's best configs) on the GEMV
-    with those; side by side (with a.profile, each batch-1 set's kernels too)."""
+    with those; side by side, printed as a table (then, with a.profile, each batch-1 set's
+    kernels)."""
     import kernels.gemv
     import kernels.prefetch
 
@@ -238,7 +254,7 @@ def engine_rows(name: str, a, bw: float, tuned: dict | None = None) -> list[list
     narrow = g.fuses_norm(cfg.hidden_size)
     plain = {"NORM_MAX_K": g.NORM_MAX_K, "SPLIT_NORM": False, "EARLY_PREFETCH": 0,
              "SPLIT_MAXNREG": {}, "SPLIT_SCALE_AFTER": False, "AHEAD_BYTES": 0}
-    home = {name: kernels.prefetch if name == "AHEAD_BYTES" else g for name in plain}
+    home = {key: kernels.prefetch if key == "AHEAD_BYTES" else g for key in plain}
     apart, fused = {**plain, "NORM_MAX_K": 0}, {**plain, "SPLIT_NORM": not narrow}
     modes = {"norms apart": apart, "norms fused" if narrow else "norms split": fused}
     if not narrow:
@@ -251,15 +267,15 @@ def engine_rows(name: str, a, bw: float, tuned: dict | None = None) -> list[list
             modes["shipped norms, early prefetch, o ahead 8 MiB"] = {**shipped, "EARLY_PREFETCH": 1,
                                                                      "AHEAD_BYTES": 8 << 20}
     variants = {"cuBLAS": base}
-    saved = {name: getattr(home[name], name) for name in plain}
+    saved = {key: getattr(home[key], key) for key in plain}
     try:
         for label, settings in modes.items():  # read at capture only
-            for name, value in settings.items():
-                setattr(home[name], name, value)
+            for key, value in settings.items():
+                setattr(home[key], key, value)
             variants[f"{gemv}, {label}"] = captured()
     finally:
-        for name, value in saved.items():
-            setattr(home[name], name, value)
+        for key, value in saved.items():
+            setattr(home[key], key, value)
     if tuned:
         kernels.gemv.TUNED.update(tuned)  # read at capture only: the graphs keep the launches
         try:
@@ -272,10 +288,6 @@ def engine_rows(name: str, a, bw: float, tuned: dict | None = None) -> list[list
         logits = logits_of_each(engine, variants, sb)
         ref = logits["cuBLAS"]
         times = replay_rounds(variants, b, a.rounds, a.iters)
-        if a.profile and b == 1:  # each set's kernels, what each adds to the step
-            for label, runner in variants.items():
-                events = trace_kernels(runner.graphs[runner.bucket_for(b)].replay, a.profile)
-                print_step_table(f"{name} replay b{b}, {label}", events, a.profile)
         release(engine, sb)
         floor = step_bytes(cfg, 2, b, a.ctx, 2.0) / bw * 1e3
         first = statistics.median(times["cuBLAS"])
@@ -292,6 +304,9 @@ def engine_rows(name: str, a, bw: float, tuned: dict | None = None) -> list[list
     for label in variants:
         ms = statistics.median(loops[label])
         out.append([name, "loop b1", label, f"{ms:.4f}", f"{ms / floor:.3f}", f"{first / ms:.3f}", ""])
+    print(format_table(ENGINE_HEADERS, out), flush=True)  # before the profiles, which may be cut
+    if a.profile:  # last: the profiler may slow what runs after it
+        profile_sets(engine, variants, name, a.ctx, a.profile)
     del engine, model, base, variants, captured
     torch.cuda.empty_cache()
     return out
@@ -348,12 +363,9 @@ def main() -> int:
                            table), flush=True)
         if a.sweep:  # for kernels.gemv.TUNED / default_config
             print(f"# swept configs kept (2%+ faster than the defaults, retimed): {tuned}", flush=True)
-    if a.engine:
-        table = []
+    if a.engine:  # each model's table printed as it is done
         for name in names:
-            table += engine_rows(name, a, bw, tuned)
-            print(format_table(["model", "step", "linear layers", "ms", "x floor", "speed-up",
-                                "logit diff / greedy agree"], table), flush=True)
+            engine_rows(name, a, bw, tuned)
     return 0
 
 

@@ -9,7 +9,8 @@
 #   with the residual adds + norms in their own kernels or split between the GEMVs around
 #   them (gate_up's registers capped, or the scale after the loops), or with the early
 #   weight prefetch (one or two K steps; one plus the o weight ahead of attention's reduce),
-#   each set's kernels profiled (bench/gemv.py --engine --profile); then gpu_decode.py.
+#   each set's kernels profiled after the timings (bench/gemv.py --engine --profile); then
+#   bench/gpu_decode.py's whole table.
 # tune: the kernel tests; the 8B shape's per-layer table with a config sweep at 1 and 4
 #   rows, then whole decode steps on cuBLAS, the GEMV's defaults and the swept configs;
 #   SmolLM2's whole steps (the norms fused and apart); the engine test.
@@ -34,17 +35,18 @@ run() {  # run NAME TIMEOUT_S CMD...: stdout and stderr to OUT/NAME.txt (one fil
     recap+="$name: rc=$rc $(grep -E '^[0-9]+ (passed|failed)|^(FAILED|ERROR) ' "$out/$name.txt" | tr '\n' ';')"$'\n'
 }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-run kernel_tests 110 python3 -m pytest -q -rf -m gpu tests/kernels/test_kernel_gemv.py \
-    tests/kernels/test_kernel_prefetch.py::test_decode_attention_with_ahead_gives_the_same_bits
+run kernel_tests 120 python3 -m pytest -q -rf -m gpu \
+    tests/kernels/test_kernel_prefetch.py::test_decode_attention_with_ahead_gives_the_same_bits \
+    tests/kernels/test_kernel_gemv.py
 case $mode in
 check)
-    run engine_tests 90 python3 -m pytest -q -rf -m gpu tests/gpu/test_gpu_engine.py -k gemv
-    TAIL=20 run gemv_8b 170 python3 bench/gemv.py --models llama3-8b --rows 1 --engine --batches 1 \
+    run engine_tests 100 python3 -m pytest -q -rf -m gpu tests/gpu/test_gpu_engine.py -k gemv
+    TAIL=20 run gemv_8b 160 python3 bench/gemv.py --models llama3-8b --rows 1 --engine --batches 1 \
         --rounds 5 --profile 10
-    GPU_DECODE_JSON="$out/decode.jsonl" TAIL=60 run decode 180 python3 bench/gpu_decode.py \
-        --time-budget-s 160 ;;
+    GPU_DECODE_JSON="$out/decode.jsonl" TAIL=60 run decode 170 python3 bench/gpu_decode.py \
+        --time-budget-s 150 ;;
 tune)
-    TAIL=24 run llama 290 python3 bench/gemv.py --models llama3-8b --rows 1,4 --sweep \
+    TAIL=24 run llama 280 python3 bench/gemv.py --models llama3-8b --rows 1,4 --sweep \
         --sweep-budget-s 15 --engine --batches 1,4 --rounds 4
     TAIL=10 run smollm2 90 python3 bench/gemv.py --no-kernels --engine --models smollm2-135m \
         --batches 1,4 --rounds 4

@@ -9,7 +9,9 @@ runs and waits inside, so its duration counts time spent waiting, and the durati
 step add up to more than the step. What each kernel adds to the step is the time from the
 latest end before it to its own end ("adds"), which sums to the step's span exactly. A
 kernel (not a step) is told apart by name, grid, registers and the kernel before it, so
-the same GEMV kernel as qkv, o, gate_up and down shows as four rows.
+the same GEMV kernel as qkv, o, gate_up and down shows as four rows. Tracing may itself
+change how kernels overlap, so the steps' times come from untraced replays (bench/gemv.py
+traces after all its timings).
 """
 
 from __future__ import annotations
@@ -43,10 +45,11 @@ def trace_kernels(fn: Callable[[], object], steps: int) -> list[dict]:
 
 def kernel_events(trace: dict) -> list[dict]:
     """A chrome trace's kernel events as {name, ts, dur (us), grid, regs, occupancy}, in start
-    order (the fields the profiler left out are None)."""
+    order (the fields the profiler left out are None; records without a start time, which
+    the profiler sometimes leaves, are dropped)."""
     out = []
     for e in trace.get("traceEvents", []):
-        if e.get("cat") != "kernel" or e.get("ph") != "X":
+        if e.get("cat") != "kernel" or e.get("ph") != "X" or not e.get("ts"):
             continue
         args = e.get("args", {})
         grid = args.get("grid")

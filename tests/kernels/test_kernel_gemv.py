@@ -226,7 +226,7 @@ def test_gemv_add_is_the_two_steps(m, n, k, bias, dtype, device):
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 96, 64), (3, 130, 200), (16, 40, 48)])
-@pytest.mark.parametrize("gated,bias", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("gated,bias", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("scale_after", [False, True])
 def test_gemv_rmsnorm_sums_is_the_two_kernels(m, n, k, gated, bias, dtype, scale_after, device,

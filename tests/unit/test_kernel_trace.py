@@ -22,12 +22,14 @@ def _step(t0, gemv_late=0.0):
 
 def test_steps_group_by_kernel_and_what_ran_before():
     trace = {"traceEvents": [
-        {"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 0.0, "dur": 5.0},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 1.0, "dur": 5.0},
+        _kernel("_gemv_kernel", 0, 3.0),  # no start time: left out
         *_step(100.0), *_step(200.0, gemv_late=2.0), *_step(300.0),
     ]}
     events = kernel_events(trace)
     assert [e["name"] for e in events[:3]] == ["void rmsnorm_kernel<float>(float*)", "_gemv_kernel",
-                                              "_gemv_kernel"]  # the runtime call left out
+                                              "_gemv_kernel"]  # the runtime call, the record
+    # without a start left out
     rows, summary = step_table(events, 3)
     assert summary["kernels"] == 3
     # span: first start to last end, 19 us (the middle step 21); the medians
@@ -47,12 +49,12 @@ def test_steps_group_by_kernel_and_what_ran_before():
 
 
 def test_steps_that_differ_are_refused():
-    events = kernel_events({"traceEvents": _step(0.0) + _step(50.0)[:2]})
+    events = kernel_events({"traceEvents": _step(10.0) + _step(60.0)[:2]})
     with pytest.raises(ValueError, match="equal steps"):
         step_table(events, 2)
-    other = _step(50.0)
+    other = _step(60.0)
     other[1]["name"] = "nvjet_tst_128x8"
-    events = kernel_events({"traceEvents": _step(0.0) + other})
+    events = kernel_events({"traceEvents": _step(10.0) + other})
     with pytest.raises(ValueError, match="same kernels"):
         step_table(events, 2)
 
@@ -67,9 +69,9 @@ def test_short_names():
 def test_printed_table_and_steps_that_differ(capsys):
     from bench.kernel_trace import print_step_table
 
-    print_step_table("two steps", kernel_events({"traceEvents": _step(0.0) + _step(50.0)}), 2)
+    print_step_table("two steps", kernel_events({"traceEvents": _step(10.0) + _step(60.0)}), 2)
     out = capsys.readouterr().out
     assert out.startswith("# two steps: 3 kernels a step, span 19.0 us")
     assert "_gemv_kernel" in out and "1536" in out
-    print_step_table("cut", kernel_events({"traceEvents": _step(0.0)}), 2)
+    print_step_table("cut", kernel_events({"traceEvents": _step(10.0)}), 2)
     assert capsys.readouterr().out.startswith("# cut: no kernel table: 3 kernel events")
