@@ -18,22 +18,7 @@ set -u
 out=${1:?usage: gpu_gemv.sh OUT_DIR [check|tune]}
 mode=${2:-check}
 case $mode in check | tune) ;; *) echo "unknown mode $mode (check | tune)"; exit 2 ;; esac
-mkdir -p "$out"
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-unset MINIINFER_PDL MINIINFER_FUSE_ROTARY_STORE MINIINFER_WEIGHT_PREFETCH MINIINFER_GEMV
-start=$(date +%s)
-part() { echo "== [$(( $(date +%s) - start )) s] $*"; }
-recap=""
-run() {  # run NAME TIMEOUT_S CMD...: stdout and stderr to OUT/NAME.txt (one file a part: at
-    # most 8 files come back from a device call)
-    local name=$1 limit=$2 rc
-    shift 2
-    part "$name: $*"
-    timeout "$limit" "$@" >"$out/$name.txt" 2>&1
-    rc=$?
-    echo "rc=$rc"; tail -"${TAIL:-4}" "$out/$name.txt"
-    recap+="$name: rc=$rc $(grep -E '^[0-9]+ (passed|failed)|^(FAILED|ERROR) ' "$out/$name.txt" | tr '\n' ';')"$'\n'
-}
+source bench/gpu_parts.sh "$out"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 run kernel_tests 120 python3 -m pytest -q -rf -m gpu \
     tests/kernels/test_kernel_prefetch.py::test_decode_attention_with_ahead_gives_the_same_bits \
@@ -52,5 +37,4 @@ tune)
         --batches 1,4 --rounds 4
     run engine_tests 90 python3 -m pytest -q -rf -m gpu tests/gpu/test_gpu_engine.py -k gemv ;;
 esac
-part end
-printf '%s' "$recap"
+recap_parts
