@@ -106,6 +106,13 @@ def bulk_supported(device: torch.device) -> bool:
     return cap is not None and cap >= (9, 0)
 
 
+def _lane_chunk(nbytes: int, lanes: int) -> int:
+    """Bytes a lane asks for when `lanes` share nbytes: whole 16-byte units (the bulk
+    instruction's), rounded up so that the lanes cover all of it."""
+    chunk = -(-nbytes // max(lanes, 1))
+    return -(-chunk // 16) * 16
+
+
 @contextlib.contextmanager
 def ahead(t: torch.Tensor | None):
     """Kernels launched (or captured) inside that take it may ask L2 for t's first
@@ -131,8 +138,7 @@ def ahead_plan(device: torch.device, pdl: dict, lanes: int) -> tuple[int, int, i
     n = min(int(AHEAD_BYTES), t.numel() * t.element_size()) // 16 * 16
     if n < 16:
         return 0, 0, 0
-    chunk = -(-n // max(lanes, 1))
-    return t.data_ptr(), n, -(-chunk // 16) * 16
+    return t.data_ptr(), n, _lane_chunk(n, lanes)
 
 
 def _prefix_bytes(name: str, t: torch.Tensor, nbytes: int | None) -> int:
@@ -155,8 +161,7 @@ def _loads_op(words: torch.Tensor, n_words: int, out: torch.Tensor) -> None:
 # The engine calls it eagerly or under CUDA-graph capture, which record every launch.
 @kernel_op("l2_prefetch_bulk")
 def _bulk_op(t: torch.Tensor, nbytes: int, programs: int) -> None:
-    chunk = -(-nbytes // (programs * _LANES))
-    chunk = -(-chunk // 16) * 16  # whole 16-byte units
+    chunk = _lane_chunk(nbytes, programs * _LANES)
     grid = -(-nbytes // (chunk * _LANES))
     with device_guard(t):
         _bulk_prefetch_kernel[(grid,)](t.data_ptr(), nbytes, chunk, LANES=_LANES, num_warps=1)
