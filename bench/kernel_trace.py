@@ -25,16 +25,23 @@ from collections.abc import Callable, Sequence
 import torch
 
 
-def trace_kernels(fn: Callable[[], object], steps: int) -> list[dict]:
-    """The GPU kernel events of `steps` calls of fn (each its own step), in start order."""
+def profile_calls(fn: Callable[[], object], steps: int):
+    """A finished torch profile (CUDA activity) of `steps` calls of fn, after one untraced
+    call (the first call after the profiler starts may carry its set-up)."""
     from torch.profiler import ProfilerActivity, profile
 
-    fn()  # the first call after the profiler starts may carry its set-up
+    fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             fn()
         torch.cuda.synchronize()
+    return prof
+
+
+def trace_kernels(fn: Callable[[], object], steps: int) -> list[dict]:
+    """The GPU kernel events of `steps` calls of fn (each its own step), in start order."""
+    prof = profile_calls(fn, steps)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)

@@ -41,6 +41,7 @@ from bench.gpu_decode import (  # noqa: E402
     replay_rounds,
     step_bytes,
 )
+from bench.kernel_trace import profile_calls  # noqa: E402
 from bench.shapes import SHAPES  # noqa: E402
 from decode.prefetch import parse_setting  # noqa: E402
 
@@ -93,15 +94,7 @@ def capture_variant(engine, v: Variant, max_bs: int):
 
 def top_kernels(label: str, replay, steps: int = 20, top: int = 12) -> None:
     """Print the kernels of `steps` replays by GPU time per step (torch profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    replay()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            replay()
-        torch.cuda.synchronize()
-    print_top_kernels(prof, steps, label, top)
+    print_top_kernels(profile_calls(replay, steps), steps, label, top)
 
 
 def run_model(name: str, a, variants: list[Variant], bw: float) -> list[list]:
