@@ -33,6 +33,7 @@ import json
 import os
 import sys
 import time
+from unittest import mock
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -132,38 +133,26 @@ def kernel_calls(log=print) -> None:
         gemv_add(empty(rows, 4096), empty(4096, 4096), h)  # o
         gemv_rmsnorm_sums(h, sums, empty(4096), 1e-5, empty(6144, 4096))  # qkv
         gemv_rmsnorm_sums(h, sums, empty(4096), 1e-5, empty(28672, 4096), gated=True)  # gate_up
-    saved_caps, kernels.gemv.SPLIT_MAXNREG = kernels.gemv.SPLIT_MAXNREG, {True: 80}  # the A/B's cap
-    try:
+    with mock.patch.object(kernels.gemv, "SPLIT_MAXNREG", {True: 80}):  # the A/B's cap
         h, sums = gemv_add(empty(1, 14336), empty(4096, 14336), empty(1, 4096))
         gemv_rmsnorm_sums(h, sums, empty(4096), 1e-5, empty(28672, 4096), gated=True)
-    finally:
-        kernels.gemv.SPLIT_MAXNREG = saved_caps
-    saved_after, kernels.gemv.SPLIT_SCALE_AFTER = kernels.gemv.SPLIT_SCALE_AFTER, True  # scale after
-    try:
+    with mock.patch.object(kernels.gemv, "SPLIT_SCALE_AFTER", True):  # the scale after the loop
         for rows in (1, 3):
             h, sums = gemv_add(empty(rows, 14336), empty(4096, 14336), empty(rows, 4096))
             gemv_rmsnorm_sums(h, sums, empty(4096), 1e-5, empty(6144, 4096))
             gemv_rmsnorm_sums(h, sums, empty(4096), 1e-5, empty(28672, 4096), gated=True)
-    finally:
-        kernels.gemv.SPLIT_SCALE_AFTER = saved_after
-    saved_ahead, kernels.prefetch.AHEAD_BYTES = kernels.prefetch.AHEAD_BYTES, 8 << 20  # off by default
-    try:  # decode attention's reduce kernel asking L2 for the o weight ahead (8B heads, int8 KV)
-        with pdl_scope(True), kernels.prefetch.ahead(empty(4096, 4096)):
-            for b in (1, 4):
-                decode_attention(empty(b, 32, 128), torch.zeros(2, 64, 16, 8, 128, dtype=torch.int8),
-                                 torch.ones(2, 64, 16, 8), torch.zeros(b, 16, dtype=torch.int32),
-                                 torch.full((b,), 200, dtype=torch.int32), partition_size=64)
-    finally:
-        kernels.prefetch.AHEAD_BYTES = saved_ahead
-    saved = kernels.gemv.EARLY_PREFETCH  # off by default
-    try:
-        with pdl_scope(True):  # it prefetches only on PDL launches
-            for steps, rows in itertools.product((1, 2), (1, 3)):  # K steps asked for
-                kernels.gemv.EARLY_PREFETCH = steps
+    # decode attention's reduce kernel asking L2 for the o weight ahead (8B heads, int8 KV)
+    with (mock.patch.object(kernels.prefetch, "AHEAD_BYTES", 8 << 20), pdl_scope(True),
+          kernels.prefetch.ahead(empty(4096, 4096))):
+        for b in (1, 4):
+            decode_attention(empty(b, 32, 128), torch.zeros(2, 64, 16, 8, 128, dtype=torch.int8),
+                             torch.ones(2, 64, 16, 8), torch.zeros(b, 16, dtype=torch.int32),
+                             torch.full((b,), 200, dtype=torch.int32), partition_size=64)
+    with pdl_scope(True):  # the early prefetch happens only on PDL launches
+        for steps, rows in itertools.product((1, 2), (1, 3)):  # K steps asked for
+            with mock.patch.object(kernels.gemv, "EARLY_PREFETCH", steps):
                 gemv(empty(rows, 4096), empty(6144, 4096))
                 gemv(empty(rows, 4096), empty(28672, 4096), gated=True)
-    finally:
-        kernels.gemv.EARLY_PREFETCH = saved
     log("  kernel-level calls: spec verify, MoE route / gather-sum / pack, L2 prefetch, rotary, "
         "split norm GEMVs (gate_up also capped at 80 registers; the scale after the loop), GEMVs "
         "with the early prefetch (1 and 2 K steps), decode attention with the o weight ahead")

@@ -33,6 +33,7 @@ replays of each set and prints what each kernel adds to the step (bench/kernel_t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -41,6 +42,7 @@ import statistics
 import sys
 import time
 from functools import partial
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -267,15 +269,11 @@ def engine_rows(name: str, a, bw: float, tuned: dict | None = None) -> list[list
             modes["shipped norms, early prefetch, o ahead 8 MiB"] = {**shipped, "EARLY_PREFETCH": 1,
                                                                      "AHEAD_BYTES": 8 << 20}
     variants = {"cuBLAS": base}
-    saved = {key: getattr(home[key], key) for key in plain}
-    try:
-        for label, settings in modes.items():  # read at capture only
+    for label, settings in modes.items():  # read at capture only
+        with contextlib.ExitStack() as stack:
             for key, value in settings.items():
-                setattr(home[key], key, value)
+                stack.enter_context(mock.patch.object(home[key], key, value))
             variants[f"{gemv}, {label}"] = captured()
-    finally:
-        for key, value in saved.items():
-            setattr(home[key], key, value)
     if tuned:
         kernels.gemv.TUNED.update(tuned)  # read at capture only: the graphs keep the launches
         try:
